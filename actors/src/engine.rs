@@ -1,0 +1,93 @@
+//! Starts the actor system: shard actors under supervisors, spread over a
+//! few arbiter threads (each shard's RocksDB writes block only its thread),
+//! on a thread of their own so that any tokio runtime (axum's, a CLI's)
+//! can talk to them through the router.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use actix::{Arbiter, Supervisor, System};
+use tally_state::Store;
+
+use crate::router::{ShardEndpoint, ShardRouter};
+use crate::shard::{Shard, ShardConfig};
+use crate::Error;
+
+pub struct Engine {
+    router: ShardRouter,
+    system: System,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Starts one supervised shard per partition of `store`.
+    pub fn start(store: Arc<Store>, config: ShardConfig, threads: usize) -> Result<Engine, Error> {
+        let partitions = store.partitions();
+        let threads = threads.clamp(1, usize::from(partitions));
+        let config = Arc::new(config);
+        let capacity = config.mailbox_capacity;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("tally-actors".into())
+            .spawn(move || {
+                let system = actix_rt::System::new();
+                system.block_on(async move {
+                    let arbiters: Vec<Arbiter> = (0..threads).map(|_| Arbiter::new()).collect();
+                    let shards = (0..partitions)
+                        .map(|p| {
+                            let queued = Arc::new(AtomicUsize::new(0));
+                            let (store, config, q) =
+                                (store.clone(), config.clone(), queued.clone());
+                            let arbiter = &arbiters[usize::from(p) % threads];
+                            let addr = Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
+                                Shard::new(p, store, config, q)
+                            });
+                            ShardEndpoint {
+                                apply: addr.clone().recipient(),
+                                flush: addr.recipient(),
+                                queued,
+                            }
+                        })
+                        .collect::<Vec<_>>();
+                    let _ = tx.send((System::current(), shards));
+                });
+                if let Err(e) = system.run() {
+                    tracing::error!(error = %e, "actor system stopped with an error");
+                }
+            })
+            .map_err(|e| Error::Startup(e.to_string()))?;
+        let (system, shards) = rx
+            .recv()
+            .map_err(|_| Error::Startup("actor system did not start".into()))?;
+        Ok(Engine {
+            router: ShardRouter::new(shards, capacity),
+            system,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn router(&self) -> ShardRouter {
+        self.router.clone()
+    }
+
+    /// Flushes every shard, then stops the actor system.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        let flushed = self.router.flush_all(None).await;
+        self.stop();
+        flushed
+    }
+
+    fn stop(&mut self) {
+        self.system.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

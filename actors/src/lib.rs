@@ -1,0 +1,45 @@
+//! Concurrency of Tally: who holds which state and who talks to whom.
+//!
+//! - [`shard`]: the shard actor, sole owner of one partition's hot state,
+//!   flushing it atomically with source positions; supervised.
+//! - [`router`]: partitioning, admission and back-pressure.
+//! - [`engine`]: starts the actor system and the supervised shards.
+//! - [`messages`]: batches and acknowledgements.
+//! - [`telemetry`]: metric names and typed internal events.
+
+pub mod engine;
+pub mod messages;
+pub mod router;
+pub mod shard;
+pub mod telemetry;
+
+pub use engine::Engine;
+pub use messages::{BatchOutcome, Source};
+pub use router::ShardRouter;
+pub use shard::ShardConfig;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    #[error("shard {shard} is behind; retry later")]
+    Overloaded { shard: u16 },
+    #[error("shard {shard} is unavailable")]
+    ShardUnavailable { shard: u16 },
+    #[error("shard {shard} restarted before the batch was durable; retry")]
+    ShardRestarted { shard: u16 },
+    #[error("shard {shard} lost unflushed events of this source in a restart; resume from the stored position")]
+    SourceGap { shard: u16 },
+    #[error("no partition {0}")]
+    NoSuchPartition(u16),
+    #[error("invalid batch: {0}")]
+    InvalidBatch(String),
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("cannot start the engine: {0}")]
+    Startup(String),
+}
+
+impl From<tally_state::Error> for Error {
+    fn from(e: tally_state::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}

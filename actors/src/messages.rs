@@ -1,0 +1,89 @@
+//! Messages between sources and shards. Every message carries a batch:
+//! per-message overhead must not dominate at a million events per second.
+
+use actix::Message;
+use tally_pipelines::event::RequestEvent;
+use tokio::sync::oneshot;
+
+use crate::Error;
+
+/// Where a batch came from: the label of its metrics, and for positioned
+/// sources the key under which a shard stores how far it has applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// `POST /v1/events`: durable on acknowledgement, no position.
+    Http,
+    /// A file replay; `id` identifies the file, positions are line numbers.
+    Replay { id: String },
+}
+
+impl Source {
+    /// Bounded metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Source::Http => "http",
+            Source::Replay { .. } => "replay",
+        }
+    }
+
+    pub fn position_key(&self) -> Option<&str> {
+        match self {
+            Source::Http => None,
+            Source::Replay { id } => Some(id),
+        }
+    }
+}
+
+/// What a shard did with a batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub late: u64,
+    /// Events at or before the source position the shard had already
+    /// applied (a resumed replay re-reading its last batch).
+    pub already_applied: u64,
+}
+
+impl BatchOutcome {
+    pub fn add(&mut self, other: &BatchOutcome) {
+        self.accepted += other.accepted;
+        self.duplicates += other.duplicates;
+        self.late += other.late;
+        self.already_applied += other.already_applied;
+    }
+}
+
+pub type Ack = oneshot::Sender<Result<BatchOutcome, Error>>;
+
+/// How soon the sender needs the acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    /// Flush as soon as the mailbox is drained (group commit): a client is
+    /// waiting for its 202.
+    FlushSoon,
+    /// Acknowledge at the next regular flush.
+    NextFlush,
+}
+
+/// A batch of events for one partition, in source order.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ApplyBatch {
+    pub source: Source,
+    pub events: Vec<RequestEvent>,
+    /// Source positions of `events`, ascending (positioned sources only).
+    pub positions: Option<Vec<u64>>,
+    /// Answered once the batch's effects are durable.
+    pub ack: Option<(Ack, Urgency)>,
+}
+
+/// Flush now and answer when durable. With a `source`, also fail if the
+/// shard lost unflushed events of that source in a restart (the source must
+/// then resume from the stored position).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FlushNow {
+    pub source: Option<Source>,
+    pub ack: oneshot::Sender<Result<(), Error>>,
+}

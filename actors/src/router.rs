@@ -1,0 +1,182 @@
+//! Routes events to the shard that owns their partition and applies
+//! back-pressure: replay waits for mailbox room, HTTP ingest is refused
+//! (503) when any shard it needs is at capacity, all-or-nothing, so a
+//! refused request changed nothing and can simply be retried.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use actix::Recipient;
+use futures::future::join_all;
+use tally_pipelines::event::RequestEvent;
+use tally_pipelines::partitioner::partition_for;
+use tokio::sync::oneshot;
+
+use crate::messages::{ApplyBatch, BatchOutcome, FlushNow, Source, Urgency};
+use crate::telemetry::IngestOverloaded;
+use crate::Error;
+
+pub struct ShardEndpoint {
+    pub apply: Recipient<ApplyBatch>,
+    pub flush: Recipient<FlushNow>,
+    pub queued: Arc<AtomicUsize>,
+}
+
+#[derive(Clone)]
+pub struct ShardRouter {
+    shards: Arc<Vec<ShardEndpoint>>,
+    capacity: usize,
+}
+
+/// Events split by partition, keeping source order within each.
+pub struct Routed {
+    pub per_partition: Vec<(u16, Vec<RequestEvent>, Vec<u64>)>,
+}
+
+impl ShardRouter {
+    pub fn new(shards: Vec<ShardEndpoint>, capacity: usize) -> Self {
+        Self {
+            shards: Arc::new(shards),
+            capacity,
+        }
+    }
+
+    pub fn partitions(&self) -> u16 {
+        self.shards.len() as u16
+    }
+
+    pub fn partition_of(&self, client_id: &str) -> u16 {
+        partition_for(client_id, self.partitions())
+    }
+
+    /// Splits events (with their positions) by partition.
+    pub fn split(&self, events: Vec<RequestEvent>, positions: Option<Vec<u64>>) -> Routed {
+        let n = self.shards.len();
+        let mut buckets: Vec<(Vec<RequestEvent>, Vec<u64>)> =
+            (0..n).map(|_| (Vec::new(), Vec::new())).collect();
+        let mut positions = positions.map(Vec::into_iter);
+        for event in events {
+            let p = usize::from(self.partition_of(&event.client_id));
+            if let Some(pos) = positions.as_mut().and_then(Iterator::next) {
+                buckets[p].1.push(pos);
+            }
+            buckets[p].0.push(event);
+        }
+        Routed {
+            per_partition: buckets
+                .into_iter()
+                .enumerate()
+                .filter(|(_, (e, _))| !e.is_empty())
+                .map(|(p, (e, pos))| (p as u16, e, pos))
+                .collect(),
+        }
+    }
+
+    fn shard(&self, partition: u16) -> Result<&ShardEndpoint, Error> {
+        self.shards
+            .get(usize::from(partition))
+            .ok_or(Error::NoSuchPartition(partition))
+    }
+
+    /// Ingests events and answers once their effects are durable. Refuses
+    /// the whole batch with [`Error::Overloaded`] if any shard it needs has
+    /// a full mailbox.
+    pub async fn ingest_durable(
+        &self,
+        events: Vec<RequestEvent>,
+        source: Source,
+    ) -> Result<BatchOutcome, Error> {
+        let routed = self.split(events, None);
+        // Reserve mailbox room on every shard first; release on refusal.
+        let mut reserved = Vec::with_capacity(routed.per_partition.len());
+        for (p, _, _) in &routed.per_partition {
+            let shard = self.shard(*p)?;
+            let before = shard.queued.fetch_add(1, Ordering::Relaxed);
+            reserved.push(*p);
+            if before >= self.capacity {
+                IngestOverloaded { shard: *p }.emit();
+                for r in reserved {
+                    self.shard(r)?.queued.fetch_sub(1, Ordering::Relaxed);
+                }
+                return Err(Error::Overloaded { shard: *p });
+            }
+        }
+        let mut acks = Vec::with_capacity(routed.per_partition.len());
+        for (p, events, _) in routed.per_partition {
+            let (tx, rx) = oneshot::channel();
+            let msg = ApplyBatch {
+                source: source.clone(),
+                events,
+                positions: None,
+                ack: Some((tx, Urgency::FlushSoon)),
+            };
+            let shard = self.shard(p)?;
+            if shard.apply.send(msg).await.is_err() {
+                shard.queued.fetch_sub(1, Ordering::Relaxed);
+                return Err(Error::ShardUnavailable { shard: p });
+            }
+            acks.push((p, rx));
+        }
+        let mut total = BatchOutcome::default();
+        for (p, rx) in acks {
+            let outcome = rx
+                .await
+                .map_err(|_| Error::ShardUnavailable { shard: p })??;
+            total.add(&outcome);
+        }
+        Ok(total)
+    }
+
+    /// Sends one partition's batch, waiting for mailbox room (back-pressure
+    /// for sources that can wait, such as a file replay). The returned
+    /// receiver answers at the shard's next flush.
+    pub async fn send_positioned(
+        &self,
+        partition: u16,
+        source: Source,
+        events: Vec<RequestEvent>,
+        positions: Vec<u64>,
+    ) -> Result<oneshot::Receiver<Result<BatchOutcome, Error>>, Error> {
+        let shard = self.shard(partition)?;
+        let (tx, rx) = oneshot::channel();
+        shard.queued.fetch_add(1, Ordering::Relaxed);
+        let msg = ApplyBatch {
+            source,
+            events,
+            positions: Some(positions),
+            ack: Some((tx, Urgency::NextFlush)),
+        };
+        if shard.apply.send(msg).await.is_err() {
+            shard.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(Error::ShardUnavailable { shard: partition });
+        }
+        Ok(rx)
+    }
+
+    /// Flushes every shard and waits until all are durable.
+    pub async fn flush_all(&self, source: Option<Source>) -> Result<(), Error> {
+        let results = join_all(self.shards.iter().enumerate().map(|(p, shard)| {
+            let source = source.clone();
+            async move {
+                let (tx, rx) = oneshot::channel();
+                let p = p as u16;
+                shard
+                    .flush
+                    .send(FlushNow { source, ack: tx })
+                    .await
+                    .map_err(|_| Error::ShardUnavailable { shard: p })?;
+                rx.await.map_err(|_| Error::ShardUnavailable { shard: p })?
+            }
+        }))
+        .await;
+        results.into_iter().collect()
+    }
+
+    /// Messages waiting per shard.
+    pub fn mailbox_depths(&self) -> Vec<usize> {
+        self.shards
+            .iter()
+            .map(|s| s.queued.load(Ordering::Relaxed))
+            .collect()
+    }
+}

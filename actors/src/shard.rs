@@ -1,0 +1,335 @@
+//! The shard actor: sole owner of one partition's hot state.
+//!
+//! A shard applies batches in arrival order (dedupe, watermark, rollups in
+//! `tally_pipelines::ingest`) and flushes its dirty state, dedupe claims,
+//! dead letters and source positions in one RocksDB WriteBatch. Acks wait
+//! for the flush. A batch whose sender waits (HTTP) schedules a flush
+//! right after the mailbox is drained, so concurrent requests share one
+//! commit (group commit).
+//!
+//! Under its supervisor, a shard whose flush fails stops and is restarted
+//! from its last flush: unflushed events are lost to the shard but were
+//! never acknowledged, and positioned sources learn about the gap (their
+//! next batch or flush fails) so they resume from the stored position.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, Supervised};
+use tally_pipelines::aggregate::ComputeWeights;
+use tally_pipelines::event::RequestEvent;
+use tally_pipelines::ingest::{PartitionIngest, PartitionRules, Verdict};
+use tally_state::{Checkpoint, Store};
+
+use crate::messages::{Ack, ApplyBatch, BatchOutcome, FlushNow, Source, Urgency};
+use crate::telemetry::{BatchApplied, FlushCompleted, FlushFailed, MailboxDepth, ShardRestarted};
+use crate::Error;
+
+/// Settings every shard shares.
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    pub rules: PartitionRules,
+    pub weights: Arc<ComputeWeights>,
+    /// Flush at least this often while dirty.
+    pub flush_interval: Duration,
+    /// Flush once this many events are pending (bounds memory).
+    pub flush_max_events: usize,
+    /// Bounded mailbox: senders wait (or get 503) beyond this.
+    pub mailbox_capacity: usize,
+    /// fsync acknowledged flushes (durable against power loss, not only
+    /// against a process crash).
+    pub sync_writes: bool,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        Self {
+            rules: PartitionRules::default(),
+            weights: Arc::default(),
+            flush_interval: Duration::from_secs(1),
+            flush_max_events: 200_000,
+            mailbox_capacity: 64,
+            sync_writes: true,
+        }
+    }
+}
+
+pub struct Shard {
+    partition: u16,
+    store: Arc<Store>,
+    config: Arc<ShardConfig>,
+    ingest: PartitionIngest,
+    /// What is durable.
+    checkpoint: Checkpoint,
+    /// What is applied (durable after the next flush).
+    positions: BTreeMap<String, u64>,
+    /// Positioned sources that lost applied-but-unflushed events in a
+    /// restart; they must resume from the stored position.
+    broken_sources: BTreeSet<String>,
+    waiters: Vec<(Ack, BatchOutcome)>,
+    urgent_flush_scheduled: bool,
+    /// A waiter needs an fsync'd flush (HTTP acks), not only a WAL write.
+    sync_needed: bool,
+    dirty: bool,
+    /// Messages sent but not yet handled (shared with the router, which
+    /// refuses HTTP batches when it is at capacity).
+    queued: Arc<AtomicUsize>,
+}
+
+/// Internal: flush once the mailbox is drained.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct GroupCommit;
+
+impl Shard {
+    pub fn new(
+        partition: u16,
+        store: Arc<Store>,
+        config: Arc<ShardConfig>,
+        queued: Arc<AtomicUsize>,
+    ) -> Self {
+        let mut shard = Shard {
+            partition,
+            ingest: PartitionIngest::new(config.rules, config.weights.clone(), None),
+            store,
+            config,
+            checkpoint: Checkpoint::default(),
+            positions: BTreeMap::new(),
+            broken_sources: BTreeSet::new(),
+            waiters: Vec::new(),
+            urgent_flush_scheduled: false,
+            sync_needed: false,
+            dirty: false,
+            queued,
+        };
+        shard.reload();
+        shard
+    }
+
+    /// Resets the hot state to the last flush.
+    fn reload(&mut self) {
+        let checkpoint = match self.store.load_checkpoint(self.partition) {
+            Ok(c) => c,
+            Err(e) => {
+                // The checkpoint was readable when the store opened; if it
+                // is not now, start empty rather than crash-loop, and say so.
+                tracing::error!(shard = self.partition, error = %e, "cannot read checkpoint");
+                Checkpoint::default()
+            }
+        };
+        self.ingest = PartitionIngest::new(
+            self.config.rules,
+            self.config.weights.clone(),
+            checkpoint.max_event_ms,
+        );
+        self.positions = checkpoint.positions.clone();
+        self.checkpoint = checkpoint;
+        self.dirty = false;
+    }
+
+    fn apply(
+        &mut self,
+        source: &Source,
+        events: &[RequestEvent],
+        positions: Option<&[u64]>,
+    ) -> Result<BatchOutcome, Error> {
+        let mut outcome = BatchOutcome::default();
+        let mut start = 0;
+        let position_key = source.position_key();
+        if let (Some(key), Some(positions)) = (position_key, positions) {
+            if self.broken_sources.contains(key) {
+                return Err(Error::SourceGap {
+                    shard: self.partition,
+                });
+            }
+            if positions.len() != events.len() {
+                return Err(Error::InvalidBatch(
+                    "positions and events differ in length".into(),
+                ));
+            }
+            if let Some(&applied) = self.positions.get(key) {
+                start = positions.partition_point(|&p| p <= applied);
+            }
+            outcome.already_applied = start as u64;
+        }
+        let events = &events[start..];
+        let ids = self.ingest.ids_to_look_up(events);
+        let claims: HashMap<&str, i64> = if ids.is_empty() {
+            HashMap::new()
+        } else {
+            let found = self.store.dedupe_claims(self.partition, &ids)?;
+            ids.iter()
+                .zip(found)
+                .filter_map(|(id, claim)| claim.map(|c| (*id, c)))
+                .collect()
+        };
+        for event in events {
+            let claim = event
+                .event_id
+                .as_deref()
+                .and_then(|id| claims.get(id).copied());
+            match self.ingest.apply(event, claim) {
+                Verdict::Accepted => outcome.accepted += 1,
+                Verdict::Duplicate => outcome.duplicates += 1,
+                Verdict::Late { .. } => outcome.late += 1,
+            }
+        }
+        if let (Some(key), Some(&last)) = (position_key, positions.and_then(|p| p.last())) {
+            if !events.is_empty() {
+                self.positions.insert(key.to_string(), last);
+            }
+        }
+        if !events.is_empty() {
+            self.dirty = true;
+        }
+        BatchApplied {
+            shard: self.partition,
+            source: source.label(),
+            accepted: outcome.accepted,
+            duplicates: outcome.duplicates,
+            late: outcome.late,
+        }
+        .emit();
+        Ok(outcome)
+    }
+
+    fn flush(&mut self, ctx: &mut Context<Self>) -> Result<(), Error> {
+        if !self.dirty {
+            self.answer_waiters(Ok(()));
+            return Ok(());
+        }
+        let started = Instant::now();
+        let content = self.ingest.take_flush();
+        let mut next = self.checkpoint.clone();
+        next.positions = self.positions.clone();
+        let sync = self.config.sync_writes && self.sync_needed;
+        match self.store.commit(self.partition, &content, &mut next, sync) {
+            Ok(stats) => {
+                self.checkpoint = next;
+                self.dirty = false;
+                self.sync_needed = false;
+                FlushCompleted {
+                    shard: self.partition,
+                    duration: started.elapsed(),
+                    bytes: stats.bytes,
+                    records: stats.records,
+                }
+                .emit();
+                self.answer_waiters(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                let error = Error::Storage(e.to_string());
+                FlushFailed {
+                    shard: self.partition,
+                    error: &error.to_string(),
+                }
+                .emit();
+                self.answer_waiters(Err(error.clone()));
+                // The supervisor restarts the shard from its last flush.
+                ctx.stop();
+                Err(error)
+            }
+        }
+    }
+
+    fn answer_waiters(&mut self, result: Result<(), Error>) {
+        for (ack, outcome) in self.waiters.drain(..) {
+            // A sender that gave up (client disconnected) is not an error.
+            let _ = ack.send(result.clone().map(|()| outcome));
+        }
+    }
+}
+
+impl Actor for Shard {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.config.mailbox_capacity);
+        ctx.run_interval(self.config.flush_interval, |shard, ctx| {
+            if shard.dirty || !shard.waiters.is_empty() {
+                let _ = shard.flush(ctx);
+            }
+            MailboxDepth {
+                shard: shard.partition,
+                depth: shard.queued.load(Ordering::Relaxed),
+            }
+            .emit();
+        });
+    }
+}
+
+impl Supervised for Shard {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        ShardRestarted {
+            shard: self.partition,
+        }
+        .emit();
+        for (source, applied) in &self.positions {
+            if self.checkpoint.positions.get(source) != Some(applied) {
+                self.broken_sources.insert(source.clone());
+            }
+        }
+        self.answer_waiters(Err(Error::ShardRestarted {
+            shard: self.partition,
+        }));
+        self.urgent_flush_scheduled = false;
+        self.reload();
+    }
+}
+
+impl Handler<ApplyBatch> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: ApplyBatch, ctx: &mut Context<Self>) {
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        let result = self.apply(&msg.source, &msg.events, msg.positions.as_deref());
+        match (result, msg.ack) {
+            (Ok(outcome), Some((ack, urgency))) => {
+                self.waiters.push((ack, outcome));
+                if urgency == Urgency::FlushSoon {
+                    self.sync_needed = true;
+                }
+                if urgency == Urgency::FlushSoon && !self.urgent_flush_scheduled {
+                    self.urgent_flush_scheduled = true;
+                    ctx.notify(GroupCommit);
+                }
+            }
+            (Ok(_), None) => {}
+            (Err(e), Some((ack, _))) => {
+                let _ = ack.send(Err(e));
+            }
+            (Err(e), None) => tracing::error!(shard = self.partition, error = %e, "batch refused"),
+        }
+        if self.ingest.pending_events() >= self.config.flush_max_events {
+            let _ = self.flush(ctx);
+        }
+    }
+}
+
+impl Handler<GroupCommit> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, _: GroupCommit, ctx: &mut Context<Self>) {
+        self.urgent_flush_scheduled = false;
+        let _ = self.flush(ctx);
+    }
+}
+
+impl Handler<FlushNow> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: FlushNow, ctx: &mut Context<Self>) {
+        let result = self.flush(ctx).and_then(|()| {
+            match msg.source.as_ref().and_then(Source::position_key) {
+                Some(key) if self.broken_sources.contains(key) => Err(Error::SourceGap {
+                    shard: self.partition,
+                }),
+                _ => Ok(()),
+            }
+        });
+        let _ = msg.ack.send(result);
+    }
+}

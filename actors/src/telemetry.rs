@@ -1,0 +1,139 @@
+//! Internal telemetry: metric names in one place, and one struct per
+//! internal event whose `emit` writes both the log line and the metrics.
+//! Label values come from bounded sets (source kind, shard number, route
+//! template), never from client ids.
+
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+
+pub const EVENTS_ACCEPTED: &str = "tally_events_accepted_total";
+pub const EVENTS_REJECTED: &str = "tally_events_rejected_total";
+pub const EVENTS_LATE: &str = "tally_events_late_total";
+pub const EVENTS_DUPLICATE: &str = "tally_events_duplicate_total";
+pub const BATCH_DURATION: &str = "tally_ingest_batch_duration_seconds";
+pub const MAILBOX_DEPTH: &str = "tally_shard_mailbox_depth";
+pub const FLUSH_DURATION: &str = "tally_flush_duration_seconds";
+pub const FLUSH_BYTES: &str = "tally_flush_bytes_total";
+pub const SHARD_RESTARTS: &str = "tally_shard_restarts_total";
+pub const ROCKSDB_SIZE: &str = "tally_rocksdb_size_bytes";
+pub const INGEST_OVERLOADED: &str = "tally_ingest_overloaded_total";
+pub const HTTP_REQUESTS: &str = "tally_http_requests_total";
+pub const HTTP_DURATION: &str = "tally_http_request_duration_seconds";
+
+/// Histogram buckets (seconds) shared by the latency histograms.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// A shard applied a batch.
+pub struct BatchApplied {
+    pub shard: u16,
+    pub source: &'static str,
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub late: u64,
+}
+
+impl BatchApplied {
+    pub fn emit(&self) {
+        let source = self.source;
+        counter!(EVENTS_ACCEPTED, "source" => source).increment(self.accepted);
+        if self.duplicates > 0 {
+            counter!(EVENTS_DUPLICATE, "source" => source).increment(self.duplicates);
+        }
+        if self.late > 0 {
+            counter!(EVENTS_LATE, "source" => source).increment(self.late);
+            tracing::debug!(
+                shard = self.shard,
+                late = self.late,
+                "late events set aside in dead letters"
+            );
+        }
+    }
+}
+
+/// Events failed validation before reaching a shard.
+pub struct EventsRejected {
+    pub source: &'static str,
+    pub count: u64,
+}
+
+impl EventsRejected {
+    pub fn emit(&self) {
+        if self.count > 0 {
+            counter!(EVENTS_REJECTED, "source" => self.source).increment(self.count);
+        }
+    }
+}
+
+/// A shard wrote one flush.
+pub struct FlushCompleted {
+    pub shard: u16,
+    pub duration: Duration,
+    pub bytes: usize,
+    pub records: usize,
+}
+
+impl FlushCompleted {
+    pub fn emit(&self) {
+        histogram!(FLUSH_DURATION).record(self.duration.as_secs_f64());
+        counter!(FLUSH_BYTES).increment(self.bytes as u64);
+        tracing::trace!(
+            shard = self.shard,
+            records = self.records,
+            bytes = self.bytes,
+            "flushed"
+        );
+    }
+}
+
+/// A shard's flush failed; it will be restarted from its last flush.
+pub struct FlushFailed<'a> {
+    pub shard: u16,
+    pub error: &'a str,
+}
+
+impl FlushFailed<'_> {
+    pub fn emit(&self) {
+        tracing::error!(
+            shard = self.shard,
+            error = self.error,
+            "flush failed; restarting shard from its last flush"
+        );
+    }
+}
+
+pub struct ShardRestarted {
+    pub shard: u16,
+}
+
+impl ShardRestarted {
+    pub fn emit(&self) {
+        counter!(SHARD_RESTARTS, "shard" => self.shard.to_string()).increment(1);
+        tracing::warn!(shard = self.shard, "shard restarted from its last flush");
+    }
+}
+
+pub struct MailboxDepth {
+    pub shard: u16,
+    pub depth: usize,
+}
+
+impl MailboxDepth {
+    pub fn emit(&self) {
+        gauge!(MAILBOX_DEPTH, "shard" => self.shard.to_string()).set(self.depth as f64);
+    }
+}
+
+/// Ingest refused a batch because shards are behind.
+pub struct IngestOverloaded {
+    pub shard: u16,
+}
+
+impl IngestOverloaded {
+    pub fn emit(&self) {
+        counter!(INGEST_OVERLOADED).increment(1);
+        tracing::warn!(shard = self.shard, "shard mailbox full; answering 503");
+    }
+}

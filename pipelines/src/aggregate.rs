@@ -1,0 +1,191 @@
+//! Usage aggregates of one client in one time bucket, per endpoint.
+//!
+//! Client-level numbers (totals, distinct endpoints, latency quantiles) are
+//! derived from the per-endpoint ones, so each event touches one cell and one
+//! sketch. Every field merges exactly and independently of order — counts
+//! and sums are integers (latency is summed in nanoseconds) — so a bucket
+//! assembled from any grouping of flush deltas is bit-identical.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::RequestEvent;
+use crate::sketch::LatencySketch;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointStats {
+    pub requests: u64,
+    /// status >= 400
+    pub failed: u64,
+    /// status >= 500
+    pub server_errors: u64,
+    /// request + response bytes
+    pub bytes: u128,
+    pub latency_ns: u128,
+    pub compute_units: u128,
+    pub latency: LatencySketch,
+}
+
+impl EndpointStats {
+    pub fn record(&mut self, event: &RequestEvent, compute_units: u64) {
+        self.requests = self.requests.saturating_add(1);
+        if event.status >= 400 {
+            self.failed = self.failed.saturating_add(1);
+        }
+        if event.status >= 500 {
+            self.server_errors = self.server_errors.saturating_add(1);
+        }
+        self.bytes += u128::from(event.request_bytes) + u128::from(event.response_bytes);
+        self.latency_ns += latency_ns(event.latency_ms);
+        self.compute_units += u128::from(compute_units);
+        self.latency.insert(event.latency_ms);
+    }
+
+    pub fn merge(&mut self, other: &EndpointStats) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.failed = self.failed.saturating_add(other.failed);
+        self.server_errors = self.server_errors.saturating_add(other.server_errors);
+        self.bytes = self.bytes.saturating_add(other.bytes);
+        self.latency_ns = self.latency_ns.saturating_add(other.latency_ns);
+        self.compute_units = self.compute_units.saturating_add(other.compute_units);
+        self.latency.merge(&other.latency);
+    }
+
+    pub fn average_latency_ms(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.latency_ns as f64 / self.requests as f64 / 1e6
+        }
+    }
+}
+
+/// Latency in whole nanoseconds, so that sums are exact and order-free.
+pub fn latency_ns(latency_ms: f64) -> u128 {
+    (latency_ms * 1e6).round() as u128
+}
+
+/// One client's usage in one bucket.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketStats {
+    pub endpoints: BTreeMap<String, EndpointStats>,
+}
+
+impl BucketStats {
+    pub fn record(&mut self, event: &RequestEvent, compute_units: u64) {
+        if let Some(stats) = self.endpoints.get_mut(event.endpoint.as_str()) {
+            stats.record(event, compute_units);
+        } else {
+            let mut stats = EndpointStats::default();
+            stats.record(event, compute_units);
+            self.endpoints.insert(event.endpoint.clone(), stats);
+        }
+    }
+
+    pub fn merge(&mut self, other: &BucketStats) {
+        for (endpoint, stats) in &other.endpoints {
+            match self.endpoints.get_mut(endpoint) {
+                Some(mine) => mine.merge(stats),
+                None => {
+                    self.endpoints.insert(endpoint.clone(), stats.clone());
+                }
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.values().all(|s| s.requests == 0)
+    }
+
+    /// The client-level totals of this bucket.
+    pub fn totals(&self) -> EndpointStats {
+        let mut total = EndpointStats::default();
+        for stats in self.endpoints.values() {
+            total.merge(stats);
+        }
+        total
+    }
+}
+
+/// Compute units of an event: its own `compute_units`, else the configured
+/// weight of its endpoint, else 1.
+#[derive(Debug, Clone, Default)]
+pub struct ComputeWeights {
+    pub per_endpoint: HashMap<String, u64>,
+}
+
+impl ComputeWeights {
+    pub fn units_for(&self, event: &RequestEvent) -> u64 {
+        event
+            .compute_units
+            .or_else(|| self.per_endpoint.get(&event.endpoint).copied())
+            .unwrap_or(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(endpoint: &str, status: u16, latency: f64, bytes: u64) -> RequestEvent {
+        RequestEvent {
+            event_id: None,
+            client_id: "c".into(),
+            api_key_id: None,
+            endpoint: endpoint.into(),
+            method: None,
+            status,
+            request_bytes: bytes,
+            response_bytes: bytes,
+            latency_ms: latency,
+            compute_units: None,
+            timestamp_ms: 0,
+            metadata: None,
+        }
+    }
+
+    #[test]
+    fn hand_worked_bucket() {
+        let mut b = BucketStats::default();
+        b.record(&event("/a", 200, 10.0, 5), 1);
+        b.record(&event("/a", 404, 20.0, 5), 1);
+        b.record(&event("/b", 503, 30.0, 5), 3);
+        let t = b.totals();
+        assert_eq!(t.requests, 3);
+        assert_eq!(t.failed, 2);
+        assert_eq!(t.server_errors, 1);
+        assert_eq!(t.bytes, 30);
+        assert_eq!(t.compute_units, 5);
+        assert!((t.average_latency_ms() - 20.0).abs() < 1e-9);
+        assert_eq!(b.endpoints.len(), 2);
+        assert_eq!(b.endpoints["/a"].failed, 1);
+    }
+
+    #[test]
+    fn bytes_do_not_overflow_u64() {
+        let mut b = BucketStats::default();
+        b.record(&event("/a", 200, 1.0, u64::MAX), 1);
+        b.record(&event("/a", 200, 1.0, u64::MAX), 1);
+        assert_eq!(b.totals().bytes, 4 * u128::from(u64::MAX));
+    }
+
+    #[test]
+    fn merge_is_order_independent() {
+        let events = [
+            event("/a", 200, 1.25, 1),
+            event("/b", 500, 7.5, 2),
+            event("/a", 201, 0.1, 3),
+        ];
+        let mut whole = BucketStats::default();
+        for e in &events {
+            whole.record(e, 1);
+        }
+        let (mut x, mut y) = (BucketStats::default(), BucketStats::default());
+        x.record(&events[2], 1);
+        y.record(&events[0], 1);
+        y.record(&events[1], 1);
+        x.merge(&y);
+        assert_eq!(x, whole);
+    }
+}

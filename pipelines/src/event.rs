@@ -1,0 +1,501 @@
+//! The request event (DESIGN §2) and its validation.
+//!
+//! Decoding happens in two layers: [`RawEvent`] is what serde reads from the
+//! wire (borrowing strings from the input where it can), and
+//! [`RawEvent::validate`] turns it into a [`RequestEvent`] or a
+//! [`Rejection`] that says exactly what to fix.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize};
+
+use crate::time::{format_rfc3339_ms, parse_rfc3339_ms};
+
+pub const MAX_CLIENT_ID_BYTES: usize = 256;
+pub const MAX_ENDPOINT_BYTES: usize = 1024;
+pub const MAX_EVENT_ID_BYTES: usize = 256;
+/// The only request-event schema version so far.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A validated request event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestEvent {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    pub client_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key_id: Option<String>,
+    pub endpoint: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    pub status: u16,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub latency_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compute_units: Option<u64>,
+    /// Event time, epoch milliseconds UTC.
+    pub timestamp_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+impl RequestEvent {
+    pub fn is_failure(&self) -> bool {
+        self.status >= 400
+    }
+
+    /// The event as the JSON a gateway would send (for dead letters).
+    pub fn to_wire_json(&self) -> String {
+        let mut value = serde_json::json!({
+            "client_id": self.client_id,
+            "endpoint": self.endpoint,
+            "status": self.status,
+            "request_bytes": self.request_bytes,
+            "response_bytes": self.response_bytes,
+            "latency_ms": self.latency_ms,
+            "timestamp": format_rfc3339_ms(self.timestamp_ms),
+        });
+        if let Some(obj) = value.as_object_mut() {
+            let optional = [
+                (
+                    "event_id",
+                    self.event_id.clone().map(serde_json::Value::from),
+                ),
+                (
+                    "api_key_id",
+                    self.api_key_id.clone().map(serde_json::Value::from),
+                ),
+                ("method", self.method.clone().map(serde_json::Value::from)),
+                (
+                    "compute_units",
+                    self.compute_units.map(serde_json::Value::from),
+                ),
+            ];
+            for (k, v) in optional {
+                if let Some(v) = v {
+                    obj.insert(k.to_string(), v);
+                }
+            }
+            if let Some(meta) = &self.metadata {
+                obj.insert("metadata".into(), serde_json::json!(meta));
+            }
+        }
+        value.to_string()
+    }
+}
+
+/// Why an event was not accepted. The text is what the API reports.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    #[error("event must be a JSON object, got {0}")]
+    NotAnObject(&'static str),
+    #[error("missing required field `{0}`")]
+    MissingField(&'static str),
+    #[error("wrong type for `{field}`: expected {expected}, got {got}")]
+    WrongType {
+        field: String,
+        expected: &'static str,
+        got: &'static str,
+    },
+    #[error("`{0}` must not be empty")]
+    Empty(&'static str),
+    #[error("`{field}` is {len} bytes, the limit is {limit}")]
+    TooLong {
+        field: &'static str,
+        len: usize,
+        limit: usize,
+    },
+    #[error("`status` {0} is outside 100..=599")]
+    StatusOutOfRange(i64),
+    #[error("`latency_ms` must be finite and >= 0, got {0}")]
+    InvalidLatency(f64),
+    #[error("`{field}` must be >= 0, got {value}")]
+    Negative { field: &'static str, value: i64 },
+    #[error("`timestamp` {0}")]
+    InvalidTimestamp(String),
+    #[error("`timestamp` is {ahead_ms} ms ahead of the ingest clock (limit {limit_ms} ms)")]
+    FromTheFuture { ahead_ms: i64, limit_ms: i64 },
+    #[error("unsupported `schema_version` {0} (supported: 1)")]
+    UnsupportedSchema(u64),
+    #[error("CloudEvents: {0}")]
+    CloudEvent(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The timestamp as sent: epoch milliseconds or an RFC 3339 string.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawTimestamp {
+    EpochMs(i64),
+    /// A non-integral epoch-ms number (kept to give a precise error or to
+    /// truncate sub-millisecond precision).
+    EpochMsFloat(f64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for RawTimestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawTimestamp;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("epoch milliseconds or an RFC 3339 string")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawTimestamp, E> {
+                Ok(RawTimestamp::EpochMs(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawTimestamp, E> {
+                Ok(RawTimestamp::EpochMs(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawTimestamp, E> {
+                Ok(RawTimestamp::EpochMsFloat(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawTimestamp, E> {
+                Ok(RawTimestamp::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// An event as read from the wire, before validation. Numbers that have a
+/// range are read wide (`i64`) so that validation can name the bad value.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawEvent<'a> {
+    #[serde(default)]
+    pub schema_version: Option<u64>,
+    #[serde(default, borrow)]
+    pub event_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub client_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub api_key_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub endpoint: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub method: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub status: Option<i64>,
+    #[serde(default)]
+    pub request_bytes: Option<i64>,
+    #[serde(default)]
+    pub response_bytes: Option<i64>,
+    #[serde(default)]
+    pub latency_ms: Option<f64>,
+    #[serde(default)]
+    pub compute_units: Option<i64>,
+    #[serde(default)]
+    pub timestamp: Option<RawTimestamp>,
+    #[serde(default)]
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// Limits that validation needs from the outside.
+#[derive(Debug, Clone, Copy)]
+pub struct ValidationContext {
+    /// The ingest clock (epoch ms), only used to refuse far-future event
+    /// times, which would otherwise drag a partition's watermark ahead and
+    /// make every honest event late.
+    pub now_ms: i64,
+    pub max_future_ms: i64,
+}
+
+impl ValidationContext {
+    /// No future check (for tools that validate offline).
+    pub fn lenient() -> Self {
+        Self {
+            now_ms: i64::MAX / 2,
+            max_future_ms: i64::MAX / 2,
+        }
+    }
+}
+
+fn required_text(
+    value: Option<Cow<'_, str>>,
+    field: &'static str,
+    limit: usize,
+) -> Result<String, Rejection> {
+    let value = value.ok_or(Rejection::MissingField(field))?;
+    if value.is_empty() {
+        return Err(Rejection::Empty(field));
+    }
+    if value.len() > limit {
+        return Err(Rejection::TooLong {
+            field,
+            len: value.len(),
+            limit,
+        });
+    }
+    Ok(value.into_owned())
+}
+
+fn non_negative(value: Option<i64>, field: &'static str) -> Result<Option<u64>, Rejection> {
+    match value {
+        None => Ok(None),
+        Some(v) if v < 0 => Err(Rejection::Negative { field, value: v }),
+        Some(v) => Ok(Some(v as u64)),
+    }
+}
+
+impl RawTimestamp {
+    pub fn to_epoch_ms(&self) -> Result<i64, Rejection> {
+        let ms = match self {
+            RawTimestamp::EpochMs(ms) => *ms,
+            RawTimestamp::EpochMsFloat(f) if f.is_finite() => f.trunc() as i64,
+            RawTimestamp::EpochMsFloat(f) => {
+                return Err(Rejection::InvalidTimestamp(format!(
+                    "{f} is not a finite number"
+                )))
+            }
+            RawTimestamp::Text(s) => parse_rfc3339_ms(s).map_err(|e| {
+                Rejection::InvalidTimestamp(format!(
+                    "{s:?} is neither RFC 3339 nor epoch milliseconds ({e})"
+                ))
+            })?,
+        };
+        if !(0..=crate::time::MAX_EPOCH_MS).contains(&ms) {
+            return Err(Rejection::InvalidTimestamp(format!(
+                "{ms} is outside 1970-01-01..=9999-12-31"
+            )));
+        }
+        Ok(ms)
+    }
+}
+
+impl RawEvent<'_> {
+    pub fn validate(self, ctx: &ValidationContext) -> Result<RequestEvent, Rejection> {
+        if let Some(v) = self.schema_version {
+            if v != u64::from(SCHEMA_VERSION) {
+                return Err(Rejection::UnsupportedSchema(v));
+            }
+        }
+        let client_id = required_text(self.client_id, "client_id", MAX_CLIENT_ID_BYTES)?;
+        let endpoint = required_text(self.endpoint, "endpoint", MAX_ENDPOINT_BYTES)?;
+        let event_id = match self.event_id {
+            None => None,
+            Some(id) => Some(required_text(Some(id), "event_id", MAX_EVENT_ID_BYTES)?),
+        };
+        let status = self.status.ok_or(Rejection::MissingField("status"))?;
+        if !(100..=599).contains(&status) {
+            return Err(Rejection::StatusOutOfRange(status));
+        }
+        let latency_ms = self
+            .latency_ms
+            .ok_or(Rejection::MissingField("latency_ms"))?;
+        if !latency_ms.is_finite() || latency_ms < 0.0 {
+            return Err(Rejection::InvalidLatency(latency_ms));
+        }
+        let timestamp_ms = self
+            .timestamp
+            .ok_or(Rejection::MissingField("timestamp"))?
+            .to_epoch_ms()?;
+        let ahead_ms = timestamp_ms.saturating_sub(ctx.now_ms);
+        if ahead_ms > ctx.max_future_ms {
+            return Err(Rejection::FromTheFuture {
+                ahead_ms,
+                limit_ms: ctx.max_future_ms,
+            });
+        }
+        Ok(RequestEvent {
+            event_id,
+            client_id,
+            api_key_id: self.api_key_id.map(Cow::into_owned),
+            endpoint,
+            method: self.method.map(Cow::into_owned),
+            status: status as u16,
+            request_bytes: non_negative(self.request_bytes, "request_bytes")?.unwrap_or(0),
+            response_bytes: non_negative(self.response_bytes, "response_bytes")?.unwrap_or(0),
+            latency_ms,
+            compute_units: non_negative(self.compute_units, "compute_units")?,
+            timestamp_ms,
+            metadata: self.metadata,
+        })
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
+    }
+}
+
+/// Explains why `json` did not deserialize as a [`RawEvent`]: names the
+/// field and the expected type, which serde's own message does not. Only
+/// called on the slow path, for bad input.
+pub fn explain_decode_failure(json: &str, serde_error: &serde_json::Error) -> Rejection {
+    let value: serde_json::Value = match serde_json::from_str(json) {
+        Ok(v) => v,
+        Err(e) => return Rejection::MalformedJson(e.to_string()),
+    };
+    let serde_json::Value::Object(map) = &value else {
+        return Rejection::NotAnObject(json_kind(&value));
+    };
+    const STRINGS: [&str; 5] = ["event_id", "client_id", "api_key_id", "endpoint", "method"];
+    const INTEGERS: [&str; 5] = [
+        "status",
+        "request_bytes",
+        "response_bytes",
+        "compute_units",
+        "schema_version",
+    ];
+    for (field, v) in map {
+        let expected = if STRINGS.contains(&field.as_str()) {
+            (!v.is_string() && !v.is_null()).then_some("string")
+        } else if INTEGERS.contains(&field.as_str()) {
+            (!v.is_i64() && !v.is_u64() && !v.is_null()).then_some("integer")
+        } else if field == "latency_ms" {
+            (!v.is_number() && !v.is_null()).then_some("number")
+        } else if field == "timestamp" {
+            (!v.is_number() && !v.is_string() && !v.is_null())
+                .then_some("epoch milliseconds or RFC 3339 string")
+        } else if field == "metadata" {
+            let ok = v.is_null()
+                || v.as_object()
+                    .is_some_and(|m| m.values().all(serde_json::Value::is_string));
+            (!ok).then_some("object of string values")
+        } else {
+            None
+        };
+        if let Some(expected) = expected {
+            return Rejection::WrongType {
+                field: field.clone(),
+                expected,
+                got: json_kind(v),
+            };
+        }
+    }
+    Rejection::Other(serde_error.to_string())
+}
+
+/// Decodes and validates one JSON event.
+pub fn decode_event(json: &str, ctx: &ValidationContext) -> Result<RequestEvent, Rejection> {
+    crate::decode::decode_event_bytes(json.as_bytes(), ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> ValidationContext {
+        ValidationContext::lenient()
+    }
+
+    const GOOD: &str = r#"{"client_id":"c1","endpoint":"/v1/x","status":200,"latency_ms":12.5,"timestamp":1700000000000,"request_bytes":10,"response_bytes":20}"#;
+
+    #[test]
+    fn good_event_decodes() {
+        let e = decode_event(GOOD, &ctx()).unwrap();
+        assert_eq!(e.client_id, "c1");
+        assert_eq!(e.status, 200);
+        assert_eq!(e.timestamp_ms, 1_700_000_000_000);
+        assert_eq!(e.request_bytes + e.response_bytes, 30);
+    }
+
+    #[test]
+    fn rfc3339_timestamp_is_accepted() {
+        let json = GOOD.replace("1700000000000", "\"2023-11-14T22:13:20.000Z\"");
+        assert_eq!(
+            decode_event(&json, &ctx()).unwrap().timestamp_ms,
+            1_700_000_000_000
+        );
+        let json = GOOD.replace("1700000000000", "\"2023-11-15T00:13:20+02:00\"");
+        assert_eq!(
+            decode_event(&json, &ctx()).unwrap().timestamp_ms,
+            1_700_000_000_000
+        );
+    }
+
+    fn reason(json: &str) -> String {
+        decode_event(json, &ctx()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn each_bad_input_gets_its_own_reason() {
+        assert!(reason("{\"client_id\":").starts_with("malformed JSON"));
+        assert_eq!(reason("[1]"), "event must be a JSON object, got array");
+        assert_eq!(
+            reason(&GOOD.replace("\"client_id\":\"c1\",", "")),
+            "missing required field `client_id`"
+        );
+        assert_eq!(
+            reason(&GOOD.replace("\"c1\"", "\"\"")),
+            "`client_id` must not be empty"
+        );
+        let long = "x".repeat(257);
+        assert_eq!(
+            reason(&GOOD.replace("\"c1\"", &format!("\"{long}\""))),
+            "`client_id` is 257 bytes, the limit is 256"
+        );
+        assert_eq!(
+            reason(&GOOD.replace("\"status\":200", "\"status\":600")),
+            "`status` 600 is outside 100..=599"
+        );
+        assert_eq!(
+            reason(&GOOD.replace("\"status\":200", "\"status\":99")),
+            "`status` 99 is outside 100..=599"
+        );
+        assert_eq!(
+            reason(&GOOD.replace("12.5", "-1")),
+            "`latency_ms` must be finite and >= 0, got -1"
+        );
+        assert_eq!(
+            reason(&GOOD.replace("\"status\":200", "\"status\":\"200\"")),
+            "wrong type for `status`: expected integer, got string"
+        );
+        assert_eq!(
+            reason(&GOOD.replace("\"c1\"", "42")),
+            "wrong type for `client_id`: expected string, got number"
+        );
+        assert!(reason(&GOOD.replace("1700000000000", "\"yesterday\"")).starts_with("`timestamp`"));
+        assert_eq!(
+            reason(&GOOD.replace("\"request_bytes\":10", "\"request_bytes\":-5")),
+            "`request_bytes` must be >= 0, got -5"
+        );
+    }
+
+    #[test]
+    fn non_finite_latency_is_rejected() {
+        let raw = RawEvent {
+            client_id: Some("c".into()),
+            endpoint: Some("/".into()),
+            status: Some(200),
+            latency_ms: Some(f64::NAN),
+            timestamp: Some(RawTimestamp::EpochMs(1)),
+            ..RawEvent::default()
+        };
+        assert!(matches!(
+            raw.validate(&ctx()),
+            Err(Rejection::InvalidLatency(_))
+        ));
+    }
+
+    #[test]
+    fn far_future_events_are_refused() {
+        let ctx = ValidationContext {
+            now_ms: 1_699_000_000_000,
+            max_future_ms: 60_000,
+        };
+        assert!(matches!(
+            decode_event(GOOD, &ctx),
+            Err(Rejection::FromTheFuture { .. })
+        ));
+    }
+
+    #[test]
+    fn wire_json_round_trips() {
+        let e = decode_event(GOOD, &ctx()).unwrap();
+        let again = decode_event(&e.to_wire_json(), &ctx()).unwrap();
+        assert_eq!(e, again);
+    }
+}

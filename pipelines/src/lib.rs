@@ -1,0 +1,35 @@
+//! Pure stream logic of Tally: no I/O, no clocks, no actors.
+//!
+//! - [`event`]: the request event, its wire form and validation reasons.
+//! - [`decode`]: request bodies (JSON, NDJSON, CloudEvents) into events.
+//! - [`partitioner`]: Kafka's default partitioner, so every source agrees
+//!   on a client's partition.
+//! - [`sketch`]: the sparse, mergeable latency sketch (≤ 0.5 % error).
+//! - [`aggregate`]: per-client, per-endpoint bucket statistics.
+//! - [`ingest`]: per-partition watermark, dedupe and minute/hour/day rollup.
+//! - [`time`]: bucket and period boundaries in UTC.
+//! - [`synthetic`]: deterministic synthetic traffic.
+//!
+//! Time is always passed in, so every behaviour is testable and replayable.
+
+pub mod aggregate;
+pub mod decode;
+pub mod event;
+pub mod ingest;
+pub mod partitioner;
+pub mod sketch;
+pub mod synthetic;
+pub mod time;
+
+/// Errors of the pure layer that are not per-event rejections.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    #[error("malformed JSON body: {0}")]
+    MalformedBody(String),
+    #[error("unsupported content type `{0}`; use application/json, application/x-ndjson, application/cloudevents+json or application/cloudevents-batch+json")]
+    UnsupportedMediaType(String),
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,114 @@
+//! `tally serve`: the engine plus the HTTP API, with graceful shutdown on
+//! SIGTERM/SIGINT: stop accepting, drain in-flight requests, flush every
+//! shard, sync RocksDB, exit — within 30 seconds.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use tally_actors::Engine;
+use tally_state::Store;
+
+use crate::config::{Config, EngineArgs, ServeArgs};
+use crate::http::{app, AppState};
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeCommand {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+const SHUTDOWN_BUDGET: Duration = Duration::from_secs(30);
+
+pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
+    let config = Config::resolve(&cmd.engine, &cmd.serve).map_err(|problems| {
+        anyhow::anyhow!("invalid configuration:\n  {}", problems.join("\n  "))
+    })?;
+    crate::observability::init_logging(config.log_format);
+    let prometheus = crate::observability::install_prometheus()?;
+    let store = Arc::new(
+        Store::open(&config.data_dir, config.store_options())
+            .with_context(|| format!("cannot open state in {}", config.data_dir.display()))?,
+    );
+    let engine = Engine::start(store.clone(), config.shard_config(), config.shard_threads)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let local = listener.local_addr()?;
+        let ready = Arc::new(AtomicBool::new(true));
+        let state = AppState {
+            shards: engine.router(),
+            store: store.clone(),
+            config: Arc::new(config.clone()),
+            prometheus: prometheus.clone(),
+            ready: ready.clone(),
+        };
+        let upkeep = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                prometheus.run_upkeep();
+            }
+        });
+        tracing::info!(listen = %local, data_dir = %config.data_dir.display(), partitions = config.partitions, "tally serving");
+        // Tests and scripts read this line to learn the bound port.
+        println!("listening on http://{local}");
+        let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            shutdown_signal().await;
+            ready.store(false, Ordering::Relaxed);
+            tracing::info!("shutdown requested: draining requests");
+            let _ = signalled_tx.send(());
+        };
+        let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown);
+        let served = tokio::spawn(async move { server.await });
+        // Drain within the budget; after the signal, a stuck connection must
+        // not keep the state from being flushed.
+        let drained = async {
+            let _ = signalled_rx.await;
+            tokio::time::sleep(SHUTDOWN_BUDGET - Duration::from_secs(5)).await;
+        };
+        tokio::select! {
+            result = served => { result??; }
+            _ = drained => tracing::warn!("requests still open after the drain budget; closing"),
+        }
+        upkeep.abort();
+        tokio::time::timeout(Duration::from_secs(5), engine.shutdown())
+            .await
+            .context("flushing shards timed out")??;
+        store.sync()?;
+        tracing::info!("state flushed; bye");
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

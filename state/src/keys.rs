@@ -1,0 +1,200 @@
+//! Every key Tally writes, in one place.
+//!
+//! All state keys start with the partition (u16, big-endian) so that a
+//! partition's state is one contiguous range and can move as a unit.
+//! Integers are big-endian so that byte order equals logical order.
+//!
+//! | CF            | key                                                      | value              |
+//! |---------------|----------------------------------------------------------|--------------------|
+//! | `stats`       | partition, granularity, client len (u16), client, bucket start (u64 ms) | bucket stats |
+//! | `dedupe`      | partition, event id                                      | event time (i64)   |
+//! | `dead_letter` | partition, sequence (u64)                                | dead-letter record |
+//! | `meta`        | partition, `0x01`                                        | checkpoint         |
+//! | `meta`        | `0xFFFF`, name                                           | store settings     |
+
+use tally_pipelines::time::Granularity;
+
+pub const CF_STATS: &str = "stats";
+pub const CF_DEDUPE: &str = "dedupe";
+pub const CF_DEAD_LETTER: &str = "dead_letter";
+pub const CF_META: &str = "meta";
+pub const ALL_CFS: [&str; 4] = [CF_STATS, CF_DEDUPE, CF_DEAD_LETTER, CF_META];
+
+const META_CHECKPOINT: u8 = 0x01;
+/// Partition slot for store-wide settings; no real partition reaches it.
+const GLOBAL: u16 = u16::MAX;
+
+fn granularity_tag(g: Granularity) -> u8 {
+    match g {
+        Granularity::Minute => 1,
+        Granularity::Hour => 2,
+        Granularity::Day => 3,
+    }
+}
+
+fn granularity_from_tag(tag: u8) -> Option<Granularity> {
+    match tag {
+        1 => Some(Granularity::Minute),
+        2 => Some(Granularity::Hour),
+        3 => Some(Granularity::Day),
+        _ => None,
+    }
+}
+
+/// A decoded `stats` key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsKey {
+    pub partition: u16,
+    pub granularity: Granularity,
+    pub client_id: String,
+    pub bucket_start_ms: i64,
+}
+
+/// The prefix shared by all buckets of one client at one granularity.
+pub fn stats_prefix(partition: u16, granularity: Granularity, client_id: &str) -> Vec<u8> {
+    let client = client_id.as_bytes();
+    let len = u16::try_from(client.len()).unwrap_or(u16::MAX);
+    let mut key = Vec::with_capacity(2 + 1 + 2 + client.len() + 8);
+    key.extend_from_slice(&partition.to_be_bytes());
+    key.push(granularity_tag(granularity));
+    key.extend_from_slice(&len.to_be_bytes());
+    key.extend_from_slice(&client[..usize::from(len)]);
+    key
+}
+
+pub fn stats_key(
+    partition: u16,
+    granularity: Granularity,
+    client_id: &str,
+    bucket_start_ms: i64,
+) -> Vec<u8> {
+    let mut key = stats_prefix(partition, granularity, client_id);
+    key.extend_from_slice(&time_bytes(bucket_start_ms));
+    key
+}
+
+/// Event times are validated to be >= 0; clamp defensively so order holds.
+fn time_bytes(ms: i64) -> [u8; 8] {
+    (ms.max(0) as u64).to_be_bytes()
+}
+
+pub fn decode_stats_key(key: &[u8]) -> Option<StatsKey> {
+    let partition = u16::from_be_bytes(key.get(0..2)?.try_into().ok()?);
+    let granularity = granularity_from_tag(*key.get(2)?)?;
+    let len = usize::from(u16::from_be_bytes(key.get(3..5)?.try_into().ok()?));
+    let client = key.get(5..5 + len)?;
+    let ts = key.get(5 + len..5 + len + 8)?;
+    if key.len() != 5 + len + 8 {
+        return None;
+    }
+    Some(StatsKey {
+        partition,
+        granularity,
+        client_id: String::from_utf8(client.to_vec()).ok()?,
+        bucket_start_ms: i64::try_from(u64::from_be_bytes(ts.try_into().ok()?)).ok()?,
+    })
+}
+
+pub fn dedupe_key(partition: u16, event_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + event_id.len());
+    key.extend_from_slice(&partition.to_be_bytes());
+    key.extend_from_slice(event_id.as_bytes());
+    key
+}
+
+pub fn dead_letter_key(partition: u16, sequence: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(10);
+    key.extend_from_slice(&partition.to_be_bytes());
+    key.extend_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+pub fn checkpoint_key(partition: u16) -> Vec<u8> {
+    let mut key = partition.to_be_bytes().to_vec();
+    key.push(META_CHECKPOINT);
+    key
+}
+
+pub fn setting_key(name: &str) -> Vec<u8> {
+    let mut key = GLOBAL.to_be_bytes().to_vec();
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+/// The partition every state key starts with.
+pub fn partition_of(key: &[u8]) -> Option<u16> {
+    Some(u16::from_be_bytes(key.get(0..2)?.try_into().ok()?))
+}
+
+/// The first key after every key that starts with `prefix` (an exclusive
+/// upper bound for a prefix scan).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![u8::MAX; prefix.len() + 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_granularity() -> impl Strategy<Value = Granularity> {
+        prop_oneof![
+            Just(Granularity::Minute),
+            Just(Granularity::Hour),
+            Just(Granularity::Day)
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn stats_key_round_trips(p in 0u16..u16::MAX, g in any_granularity(), client in "\\PC{1,40}", ts in 0i64..=tally_pipelines::time::MAX_EPOCH_MS) {
+            let key = stats_key(p, g, &client, ts);
+            let decoded = decode_stats_key(&key).unwrap();
+            prop_assert_eq!(decoded, StatsKey { partition: p, granularity: g, client_id: client.clone(), bucket_start_ms: ts });
+            prop_assert_eq!(partition_of(&key), Some(p));
+            prop_assert!(key.starts_with(&stats_prefix(p, g, &client)));
+        }
+
+        #[test]
+        fn byte_order_is_time_order(client in "\\PC{1,20}", a in 0i64..1_000_000_000_000_000, b in 0i64..1_000_000_000_000_000) {
+            let (ka, kb) = (stats_key(3, Granularity::Minute, &client, a), stats_key(3, Granularity::Minute, &client, b));
+            prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+        }
+
+        #[test]
+        fn dead_letter_keys_sort_by_sequence(a: u64, b: u64) {
+            prop_assert_eq!(dead_letter_key(1, a).cmp(&dead_letter_key(1, b)), a.cmp(&b));
+        }
+    }
+
+    #[test]
+    fn a_client_prefix_never_captures_a_longer_client() {
+        // "ab" and "abc" differ in the length field, so prefixes cannot collide.
+        let short = stats_prefix(0, Granularity::Day, "ab");
+        let long = stats_key(0, Granularity::Day, "abc", 0);
+        assert!(!long.starts_with(&short));
+    }
+
+    #[test]
+    fn partitions_are_contiguous_ranges() {
+        let p1 = stats_key(1, Granularity::Day, "zzz", i64::MAX);
+        let p2 = dedupe_key(2, "");
+        assert!(p1 < p2);
+        assert!(setting_key("partitions") > checkpoint_key(u16::MAX - 1));
+    }
+
+    #[test]
+    fn prefix_end_bounds_the_prefix() {
+        assert_eq!(prefix_end(&[1, 2]), vec![1, 3]);
+        assert_eq!(prefix_end(&[1, 255]), vec![2]);
+        let prefix = stats_prefix(0, Granularity::Hour, "c");
+        assert!(stats_key(0, Granularity::Hour, "c", i64::MAX) < prefix_end(&prefix));
+    }
+}

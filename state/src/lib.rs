@@ -1,0 +1,31 @@
+//! RocksDB-backed state of Tally. This crate owns every byte on disk.
+//!
+//! - [`keys`]: column families and key encoding (partition first).
+//! - [`codec`]: versioned value encoding.
+//! - [`retention`]: event-time retention and the partition clocks.
+//! - [`store`]: the RocksDB store: atomic flush commits (state deltas,
+//!   dedupe claims, dead letters and positions in one WriteBatch), reads.
+
+pub mod codec;
+pub mod keys;
+pub mod retention;
+pub mod store;
+
+pub use retention::Retention;
+pub use store::{Checkpoint, CommitStats, DeadLetterRecord, Store, StoreOptions};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("encoding: {0}")]
+    Codec(String),
+    #[error("corrupt state: {0}")]
+    Corrupt(String),
+    #[error("invalid store options: {0}")]
+    InvalidOptions(String),
+    #[error("the data directory was created with {stored} partitions, but {configured} are configured; use --partitions {stored} or a new data directory")]
+    PartitionMismatch { stored: u16, configured: u16 },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

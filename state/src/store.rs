@@ -1,0 +1,446 @@
+//! The RocksDB store. This is the only module that touches RocksDB types;
+//! everything above it talks to [`Store`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::compaction_filter::Decision;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
+    IteratorMode, MergeOperands, Options, ReadOptions, WriteBatch, WriteOptions, DB,
+};
+use serde::{Deserialize, Serialize};
+use tally_pipelines::aggregate::BucketStats;
+use tally_pipelines::ingest::FlushContent;
+use tally_pipelines::time::Granularity;
+
+use crate::codec::{decode, encode};
+use crate::keys::{self, CF_DEAD_LETTER, CF_DEDUPE, CF_META, CF_STATS};
+use crate::retention::{wall_clock_ms, PartitionClocks, Retention};
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub partitions: u16,
+    pub retention: Retention,
+    pub block_cache_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            partitions: 12,
+            retention: Retention::default(),
+            block_cache_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What a partition has durably applied: written in the same batch as the
+/// state it describes, read back on (re)start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Highest accepted event time (the watermark is this minus lateness).
+    pub max_event_ms: Option<i64>,
+    /// Next dead-letter sequence number.
+    pub dead_letter_seq: u64,
+    /// Last applied position per positioned source (file replays, later
+    /// Kafka topics).
+    pub positions: BTreeMap<String, u64>,
+}
+
+/// A late event as kept in the dead-letter column family.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetterRecord {
+    pub partition: u16,
+    pub sequence: u64,
+    pub reason: String,
+    pub event_json: String,
+    pub event_ms: i64,
+    pub recorded_at_ms: i64,
+}
+
+/// What one commit wrote, for metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommitStats {
+    pub bytes: usize,
+    pub records: usize,
+}
+
+pub struct Store {
+    db: DB,
+    partitions: u16,
+    retention: Retention,
+    clocks: Arc<PartitionClocks>,
+}
+
+fn rocks(e: rocksdb::Error) -> Error {
+    Error::Storage(e.into_string())
+}
+
+/// Merges stored bucket stats with deltas. A value that fails to decode is
+/// logged and skipped instead of failing every read of the key.
+fn merge_buckets(key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    let mut acc = match existing.map(decode::<BucketStats>) {
+        Some(Ok(b)) => b,
+        Some(Err(e)) => {
+            tracing::error!(error = %e, key = ?key, "dropping undecodable stored bucket");
+            BucketStats::default()
+        }
+        None => BucketStats::default(),
+    };
+    for op in operands.iter() {
+        match decode::<BucketStats>(op) {
+            Ok(delta) => acc.merge(&delta),
+            Err(e) => tracing::error!(error = %e, key = ?key, "dropping undecodable bucket delta"),
+        }
+    }
+    encode(&acc).ok()
+}
+
+impl Store {
+    pub fn open(path: &Path, options: StoreOptions) -> Result<Store> {
+        if options.partitions == 0 || options.partitions == u16::MAX {
+            return Err(Error::InvalidOptions(format!(
+                "partitions must be within 1..{}",
+                u16::MAX
+            )));
+        }
+        std::fs::create_dir_all(path)
+            .map_err(|e| Error::Storage(format!("create {}: {e}", path.display())))?;
+        let clocks = Arc::new(PartitionClocks::new(options.partitions));
+        let retention = options.retention;
+        let cache = Cache::new_lru_cache(options.block_cache_bytes);
+
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.increase_parallelism(2);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_keep_log_file_num(4);
+
+        let table = |bloom: bool| {
+            let mut t = BlockBasedOptions::default();
+            t.set_block_cache(&cache);
+            if bloom {
+                t.set_bloom_filter(10.0, false);
+            }
+            t
+        };
+        let base = |bloom: bool| {
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&table(bloom));
+            o.set_compression_type(DBCompressionType::Lz4);
+            // Files that age without compaction are still rewritten, so
+            // retention filters run even on idle data.
+            o.set_periodic_compaction_seconds(86_400);
+            o
+        };
+
+        let mut stats = base(true);
+        stats.set_merge_operator_associative("tally.bucket_stats.v1", merge_buckets);
+        let stats_clocks = clocks.clone();
+        stats.set_compaction_filter(
+            "tally.stats_retention",
+            move |_level: u32, key: &[u8], _value: &[u8]| match keys::decode_stats_key(key) {
+                Some(k)
+                    if retention.bucket_expired(
+                        k.granularity,
+                        k.bucket_start_ms,
+                        stats_clocks.get(k.partition),
+                    ) =>
+                {
+                    Decision::Remove
+                }
+                _ => Decision::Keep,
+            },
+        );
+
+        let mut dedupe = base(true);
+        let dedupe_clocks = clocks.clone();
+        dedupe.set_compaction_filter(
+            "tally.dedupe_window",
+            move |_level: u32, key: &[u8], value: &[u8]| {
+                let claimed = value.try_into().map(i64::from_be_bytes);
+                let clock = keys::partition_of(key).and_then(|p| dedupe_clocks.get(p));
+                match (claimed, clock) {
+                    (Ok(ts), Some(now)) if ts < now.saturating_sub(retention.dedupe_window_ms) => {
+                        Decision::Remove
+                    }
+                    _ => Decision::Keep,
+                }
+            },
+        );
+
+        let mut dead = base(false);
+        dead.set_compaction_filter(
+            "tally.dead_letter_retention",
+            move |_level: u32, _key: &[u8], value: &[u8]| match decode::<DeadLetterRecord>(value) {
+                Ok(r)
+                    if r.recorded_at_ms
+                        < wall_clock_ms().saturating_sub(retention.dead_letter_ms) =>
+                {
+                    Decision::Remove
+                }
+                _ => Decision::Keep,
+            },
+        );
+
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_STATS, stats),
+            ColumnFamilyDescriptor::new(CF_DEDUPE, dedupe),
+            ColumnFamilyDescriptor::new(CF_DEAD_LETTER, dead),
+            ColumnFamilyDescriptor::new(CF_META, base(false)),
+        ];
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(rocks)?;
+        let store = Store {
+            db,
+            partitions: options.partitions,
+            retention,
+            clocks,
+        };
+        store.check_partition_count()?;
+        for p in 0..store.partitions {
+            if let Some(ms) = store.load_checkpoint(p)?.max_event_ms {
+                store.clocks.advance(p, ms);
+            }
+        }
+        Ok(store)
+    }
+
+    /// State is laid out by partition; reading it with another partition
+    /// count would misplace every client, so refuse.
+    fn check_partition_count(&self) -> Result<()> {
+        let key = keys::setting_key("partitions");
+        let meta = self.cf(CF_META)?;
+        match self.db.get_cf(meta, &key).map_err(rocks)? {
+            Some(v) => {
+                let stored: u16 = decode(&v)?;
+                if stored != self.partitions {
+                    return Err(Error::PartitionMismatch {
+                        stored,
+                        configured: self.partitions,
+                    });
+                }
+            }
+            None => self
+                .db
+                .put_cf(meta, &key, encode(&self.partitions)?)
+                .map_err(rocks)?,
+        }
+        Ok(())
+    }
+
+    fn cf(&self, name: &'static str) -> Result<&ColumnFamily> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| Error::Storage(format!("column family {name} missing")))
+    }
+
+    pub fn partitions(&self) -> u16 {
+        self.partitions
+    }
+
+    pub fn retention(&self) -> Retention {
+        self.retention
+    }
+
+    pub fn load_checkpoint(&self, partition: u16) -> Result<Checkpoint> {
+        match self
+            .db
+            .get_cf(self.cf(CF_META)?, keys::checkpoint_key(partition))
+            .map_err(rocks)?
+        {
+            Some(v) => decode(&v),
+            None => Ok(Checkpoint::default()),
+        }
+    }
+
+    /// Stored dedupe claims (event times) for `event_ids`, in order.
+    pub fn dedupe_claims(&self, partition: u16, event_ids: &[&str]) -> Result<Vec<Option<i64>>> {
+        if event_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<Vec<u8>> = event_ids
+            .iter()
+            .map(|id| keys::dedupe_key(partition, id))
+            .collect();
+        self.db
+            .batched_multi_get_cf(self.cf(CF_DEDUPE)?, &keys, false)
+            .into_iter()
+            .map(|r| {
+                let v = r.map_err(rocks)?;
+                Ok(v.and_then(|v| <[u8; 8]>::try_from(&v[..]).ok().map(i64::from_be_bytes)))
+            })
+            .collect()
+    }
+
+    /// Writes one flush of one partition atomically: stats deltas (merged),
+    /// dedupe claims, dead letters and the checkpoint. `sync` makes the
+    /// write durable against power loss, not only against a process crash.
+    pub fn commit(
+        &self,
+        partition: u16,
+        content: &FlushContent,
+        checkpoint: &mut Checkpoint,
+        sync: bool,
+    ) -> Result<CommitStats> {
+        let mut batch = WriteBatch::default();
+        let stats_cf = self.cf(CF_STATS)?;
+        for delta in &content.stats {
+            let key = keys::stats_key(
+                partition,
+                delta.granularity,
+                &delta.client_id,
+                delta.bucket_start_ms,
+            );
+            batch.merge_cf(stats_cf, key, encode(&delta.stats)?);
+        }
+        let dedupe_cf = self.cf(CF_DEDUPE)?;
+        for (id, ts) in &content.dedupe_records {
+            batch.put_cf(dedupe_cf, keys::dedupe_key(partition, id), ts.to_be_bytes());
+        }
+        let dead_cf = self.cf(CF_DEAD_LETTER)?;
+        let now = wall_clock_ms();
+        let mut next = checkpoint.clone();
+        for dl in &content.dead_letters {
+            let record = DeadLetterRecord {
+                partition,
+                sequence: next.dead_letter_seq,
+                reason: dl.reason.clone(),
+                event_json: dl.event_json.clone(),
+                event_ms: dl.event_ms,
+                recorded_at_ms: now,
+            };
+            batch.put_cf(
+                dead_cf,
+                keys::dead_letter_key(partition, record.sequence),
+                encode(&record)?,
+            );
+            next.dead_letter_seq += 1;
+        }
+        next.max_event_ms = content.max_event_ms.max(next.max_event_ms);
+        batch.put_cf(
+            self.cf(CF_META)?,
+            keys::checkpoint_key(partition),
+            encode(&next)?,
+        );
+        let stats = CommitStats {
+            bytes: batch.size_in_bytes(),
+            records: batch.len(),
+        };
+        let mut opts = WriteOptions::default();
+        opts.set_sync(sync);
+        self.db.write_opt(batch, &opts).map_err(rocks)?;
+        *checkpoint = next;
+        if let Some(ms) = checkpoint.max_event_ms {
+            self.clocks.advance(partition, ms);
+        }
+        Ok(stats)
+    }
+
+    /// Buckets of one client at one granularity with start in `[from, to)`,
+    /// ascending, excluding buckets past retention.
+    pub fn read_buckets(
+        &self,
+        partition: u16,
+        client_id: &str,
+        granularity: Granularity,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<(i64, BucketStats)>> {
+        if to_ms <= from_ms {
+            return Ok(Vec::new());
+        }
+        let start = keys::stats_key(partition, granularity, client_id, from_ms);
+        let end = keys::stats_key(partition, granularity, client_id, to_ms);
+        let mut read = ReadOptions::default();
+        read.set_iterate_upper_bound(end);
+        let clock = self.clocks.get(partition);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(
+            self.cf(CF_STATS)?,
+            read,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            let (key, value) = item.map_err(rocks)?;
+            let Some(k) = keys::decode_stats_key(&key) else {
+                return Err(Error::Corrupt(format!("undecodable stats key {key:?}")));
+            };
+            if self
+                .retention
+                .bucket_expired(granularity, k.bucket_start_ms, clock)
+            {
+                continue;
+            }
+            let stats: BucketStats = decode(&value)?;
+            if !stats.is_empty() {
+                out.push((k.bucket_start_ms, stats));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The most recent dead letters of a partition, newest first.
+    pub fn dead_letters(&self, partition: u16, limit: usize) -> Result<Vec<DeadLetterRecord>> {
+        let start = keys::dead_letter_key(partition, 0);
+        let end = keys::dead_letter_key(partition, u64::MAX);
+        let mut read = ReadOptions::default();
+        read.set_iterate_lower_bound(start);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf_opt(
+                self.cf(CF_DEAD_LETTER)?,
+                read,
+                IteratorMode::From(&end, Direction::Reverse),
+            )
+            .take(limit)
+        {
+            let (_, value) = item.map_err(rocks)?;
+            out.push(decode(&value)?);
+        }
+        Ok(out)
+    }
+
+    /// Approximate bytes on disk and in memtables, for `/metrics`.
+    pub fn size_bytes(&self) -> u64 {
+        let mut total = 0;
+        for name in keys::ALL_CFS {
+            if let Ok(cf) = self.cf(name) {
+                for prop in [
+                    "rocksdb.total-sst-files-size",
+                    "rocksdb.size-all-mem-tables",
+                ] {
+                    total += self
+                        .db
+                        .property_int_value_cf(cf, prop)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0);
+                }
+            }
+        }
+        total
+    }
+
+    /// Makes everything written so far durable (used at the end of a replay
+    /// and at shutdown).
+    pub fn sync(&self) -> Result<()> {
+        self.db.flush_wal(true).map_err(rocks)
+    }
+
+    /// Forces a full compaction (retention tests, maintenance).
+    pub fn compact(&self) -> Result<()> {
+        for name in keys::ALL_CFS {
+            self.db
+                .compact_range_cf(self.cf(name)?, None::<&[u8]>, None::<&[u8]>);
+        }
+        Ok(())
+    }
+
+    pub fn partition_clock(&self, partition: u16) -> Option<i64> {
+        self.clocks.get(partition)
+    }
+}

@@ -1,0 +1,205 @@
+//! The RocksDB store against a real database on disk.
+
+use tally_pipelines::aggregate::BucketStats;
+use tally_pipelines::event::RequestEvent;
+use tally_pipelines::ingest::{DeadLetter, FlushContent, StatsDelta};
+use tally_pipelines::time::{Granularity, DAY_MS, HOUR_MS, MINUTE_MS};
+use tally_state::{Checkpoint, Error, Retention, Store, StoreOptions};
+
+fn event(client: &str, status: u16, latency: f64, ts: i64) -> RequestEvent {
+    RequestEvent {
+        event_id: None,
+        client_id: client.into(),
+        api_key_id: None,
+        endpoint: "/v1/x".into(),
+        method: None,
+        status,
+        request_bytes: 10,
+        response_bytes: 90,
+        latency_ms: latency,
+        compute_units: None,
+        timestamp_ms: ts,
+        metadata: None,
+    }
+}
+
+fn delta(client: &str, g: Granularity, start: i64, events: &[RequestEvent]) -> StatsDelta {
+    let mut stats = BucketStats::default();
+    for e in events {
+        stats.record(e, 1);
+    }
+    StatsDelta {
+        client_id: client.into(),
+        granularity: g,
+        bucket_start_ms: start,
+        stats,
+    }
+}
+
+fn open(dir: &std::path::Path) -> Store {
+    Store::open(dir, StoreOptions::default()).unwrap()
+}
+
+#[test]
+fn commits_merge_into_the_stored_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut cp = Checkpoint::default();
+    let t = 10 * DAY_MS;
+    for status in [200, 500] {
+        let content = FlushContent {
+            stats: vec![delta(
+                "c",
+                Granularity::Minute,
+                t,
+                &[event("c", status, 5.0, t)],
+            )],
+            max_event_ms: Some(t),
+            ..Default::default()
+        };
+        store.commit(3, &content, &mut cp, false).unwrap();
+    }
+    let buckets = store
+        .read_buckets(3, "c", Granularity::Minute, t, t + MINUTE_MS)
+        .unwrap();
+    assert_eq!(buckets.len(), 1);
+    let totals = buckets[0].1.totals();
+    assert_eq!(
+        (totals.requests, totals.server_errors, totals.bytes),
+        (2, 1, 200)
+    );
+    // Other partitions and clients see nothing.
+    assert!(store
+        .read_buckets(4, "c", Granularity::Minute, 0, i64::MAX / 2)
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .read_buckets(3, "cc", Granularity::Minute, 0, i64::MAX / 2)
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn checkpoint_dedupe_and_dead_letters_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = 100 * DAY_MS;
+    {
+        let store = open(dir.path());
+        let mut cp = Checkpoint::default();
+        cp.positions.insert("file:/x".into(), 41);
+        let content = FlushContent {
+            dedupe_records: vec![("ev-1".into(), t)],
+            dead_letters: vec![DeadLetter {
+                reason: "late: test".into(),
+                event_json: "{}".into(),
+                event_ms: t - HOUR_MS,
+            }],
+            max_event_ms: Some(t),
+            ..Default::default()
+        };
+        store.commit(0, &content, &mut cp, true).unwrap();
+        assert_eq!(cp.dead_letter_seq, 1);
+    }
+    let store = open(dir.path());
+    let cp = store.load_checkpoint(0).unwrap();
+    assert_eq!(cp.max_event_ms, Some(t));
+    assert_eq!(cp.positions.get("file:/x"), Some(&41));
+    assert_eq!(
+        store.dedupe_claims(0, &["ev-1", "ev-2"]).unwrap(),
+        vec![Some(t), None]
+    );
+    assert_eq!(store.dedupe_claims(1, &["ev-1"]).unwrap(), vec![None]);
+    let dl = store.dead_letters(0, 10).unwrap();
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].reason, "late: test");
+    assert_eq!(store.partition_clock(0), Some(t));
+}
+
+#[test]
+fn reopening_with_another_partition_count_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    let err = Store::open(
+        dir.path(),
+        StoreOptions {
+            partitions: 6,
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(
+        err,
+        Error::PartitionMismatch {
+            stored: 12,
+            configured: 6
+        }
+    ));
+}
+
+#[test]
+fn expired_minute_buckets_are_excluded_before_and_after_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        dir.path(),
+        StoreOptions {
+            retention: Retention {
+                minute_ms: 2 * HOUR_MS,
+                ..Retention::default()
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut cp = Checkpoint::default();
+    let old = 50 * DAY_MS;
+    let content = FlushContent {
+        stats: vec![
+            delta("c", Granularity::Minute, old, &[event("c", 200, 1.0, old)]),
+            delta("c", Granularity::Hour, old, &[event("c", 200, 1.0, old)]),
+        ],
+        max_event_ms: Some(old),
+        ..Default::default()
+    };
+    store.commit(0, &content, &mut cp, false).unwrap();
+    assert_eq!(
+        store
+            .read_buckets(0, "c", Granularity::Minute, 0, i64::MAX / 2)
+            .unwrap()
+            .len(),
+        1
+    );
+    // Three hours of event time later the minute bucket is past retention;
+    // the hour bucket (90 days) is not.
+    let later = old + 3 * HOUR_MS;
+    let content = FlushContent {
+        stats: vec![delta(
+            "c",
+            Granularity::Minute,
+            later,
+            &[event("c", 200, 1.0, later)],
+        )],
+        max_event_ms: Some(later),
+        ..Default::default()
+    };
+    store.commit(0, &content, &mut cp, false).unwrap();
+    let minutes = store
+        .read_buckets(0, "c", Granularity::Minute, 0, i64::MAX / 2)
+        .unwrap();
+    assert_eq!(
+        minutes.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+        vec![later]
+    );
+    assert_eq!(
+        store
+            .read_buckets(0, "c", Granularity::Hour, 0, i64::MAX / 2)
+            .unwrap()
+            .len(),
+        1
+    );
+    store.compact().unwrap();
+    let minutes = store
+        .read_buckets(0, "c", Granularity::Minute, 0, i64::MAX / 2)
+        .unwrap();
+    assert_eq!(minutes.len(), 1);
+}
