@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use tally_pipelines::decode::decode_event_bytes;
+use tally_pipelines::dedupe::DedupeIndex;
 use tally_pipelines::event::{RequestEvent, ValidationContext};
 use tally_pipelines::ingest::{PartitionIngest, PartitionRules};
 use tally_pipelines::sketch::LatencySketch;
@@ -28,10 +29,17 @@ fn aggregate(c: &mut Criterion) {
     group.throughput(Throughput::Elements(events.len() as u64));
     group.bench_function("apply_10k_events", |b| {
         b.iter_batched(
-            || PartitionIngest::new(PartitionRules::default(), Arc::default(), None),
+            || {
+                PartitionIngest::new(
+                    PartitionRules::default(),
+                    Arc::default(),
+                    None,
+                    DedupeIndex::new(1_000_000),
+                )
+            },
             |mut p| {
                 for e in &events {
-                    p.apply(e, None);
+                    p.apply(e);
                 }
                 p
             },
@@ -40,10 +48,17 @@ fn aggregate(c: &mut Criterion) {
     });
     group.bench_function("apply_and_flush_10k_events", |b| {
         b.iter_batched(
-            || PartitionIngest::new(PartitionRules::default(), Arc::default(), None),
+            || {
+                PartitionIngest::new(
+                    PartitionRules::default(),
+                    Arc::default(),
+                    None,
+                    DedupeIndex::new(1_000_000),
+                )
+            },
             |mut p| {
                 for e in &events {
-                    p.apply(e, None);
+                    p.apply(e);
                 }
                 p.take_flush()
             },

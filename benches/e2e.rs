@@ -4,6 +4,7 @@
 //!   1. `tally replay` events/s and peak RSS, RocksDB on;
 //!   2. `POST /v1/events` NDJSON events/s over loopback and the server's
 //!      peak RSS, with several concurrent connections.
+//!
 //! Knobs: TALLY_BENCH_EVENTS, TALLY_BENCH_CLIENTS, TALLY_BENCH_BATCH,
 //! TALLY_BENCH_CONNECTIONS.
 

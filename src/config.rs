@@ -43,6 +43,9 @@ pub struct EngineArgs {
     /// De-duplication window of event time [default: 1h].
     #[arg(long, env = "TALLY_DEDUPE_WINDOW")]
     pub dedupe_window: Option<String>,
+    /// Memory cap of each partition's dedupe index, in event ids [default: 1000000].
+    #[arg(long, env = "TALLY_DEDUPE_MAX_IDS")]
+    pub dedupe_max_ids: Option<usize>,
     /// Refuse events dated further ahead of the ingest clock [default: 15m].
     #[arg(long, env = "TALLY_MAX_FUTURE")]
     pub max_future: Option<String>,
@@ -76,6 +79,7 @@ pub struct FileConfig {
     pub sync_writes: Option<bool>,
     pub allowed_lateness: Option<String>,
     pub dedupe_window: Option<String>,
+    pub dedupe_max_ids: Option<usize>,
     pub max_future: Option<String>,
     pub max_body_bytes: Option<usize>,
     pub log_format: Option<String>,
@@ -114,6 +118,7 @@ pub struct Config {
     pub sync_writes: bool,
     pub allowed_lateness: Duration,
     pub dedupe_window: Duration,
+    pub dedupe_max_ids: usize,
     pub max_future: Duration,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
@@ -212,9 +217,14 @@ impl Config {
             .mailbox_capacity
             .or(file.mailbox_capacity)
             .unwrap_or(64);
+        let dedupe_max_ids = engine
+            .dedupe_max_ids
+            .or(file.dedupe_max_ids)
+            .unwrap_or(1_000_000);
         for (name, v) in [
             ("flush_max_events", flush_max_events),
             ("mailbox_capacity", mailbox_capacity),
+            ("dedupe_max_ids", dedupe_max_ids),
         ] {
             if v == 0 {
                 problems.push(format!("{name}: must be at least 1"));
@@ -257,6 +267,7 @@ impl Config {
             sync_writes: engine.sync_writes.or(file.sync_writes).unwrap_or(true),
             allowed_lateness,
             dedupe_window,
+            dedupe_max_ids,
             max_future,
             max_body_bytes,
             request_timeout,
@@ -299,6 +310,7 @@ impl Config {
             flush_max_events: self.flush_max_events,
             mailbox_capacity: self.mailbox_capacity,
             sync_writes: self.sync_writes,
+            dedupe_max_ids: self.dedupe_max_ids,
         }
     }
 

@@ -12,13 +12,14 @@
 //! never acknowledged, and positioned sources learn about the gap (their
 //! next batch or flush fails) so they resume from the stored position.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, Supervised};
 use tally_pipelines::aggregate::ComputeWeights;
+use tally_pipelines::dedupe::DedupeIndex;
 use tally_pipelines::event::RequestEvent;
 use tally_pipelines::ingest::{PartitionIngest, PartitionRules, Verdict};
 use tally_state::{Checkpoint, Store};
@@ -41,6 +42,8 @@ pub struct ShardConfig {
     /// fsync acknowledged flushes (durable against power loss, not only
     /// against a process crash).
     pub sync_writes: bool,
+    /// Memory cap of a shard's dedupe index (event ids in the window).
+    pub dedupe_max_ids: usize,
 }
 
 impl Default for ShardConfig {
@@ -52,6 +55,7 @@ impl Default for ShardConfig {
             flush_max_events: 200_000,
             mailbox_capacity: 64,
             sync_writes: true,
+            dedupe_max_ids: 1_000_000,
         }
     }
 }
@@ -92,7 +96,12 @@ impl Shard {
     ) -> Self {
         let mut shard = Shard {
             partition,
-            ingest: PartitionIngest::new(config.rules, config.weights.clone(), None),
+            ingest: PartitionIngest::new(
+                config.rules,
+                config.weights.clone(),
+                None,
+                DedupeIndex::new(1),
+            ),
             store,
             config,
             checkpoint: Checkpoint::default(),
@@ -119,10 +128,21 @@ impl Shard {
                 Checkpoint::default()
             }
         };
+        let mut dedupe = DedupeIndex::new(self.config.dedupe_max_ids);
+        let cutoff = checkpoint
+            .max_event_ms
+            .map(|m| m.saturating_sub(self.config.rules.dedupe_window_ms));
+        match self.store.load_dedupe_claims(self.partition, cutoff) {
+            Ok(claims) => dedupe.restore(claims),
+            Err(e) => {
+                tracing::error!(shard = self.partition, error = %e, "cannot read dedupe claims")
+            }
+        }
         self.ingest = PartitionIngest::new(
             self.config.rules,
             self.config.weights.clone(),
             checkpoint.max_event_ms,
+            dedupe,
         );
         self.positions = checkpoint.positions.clone();
         self.checkpoint = checkpoint;
@@ -155,22 +175,8 @@ impl Shard {
             outcome.already_applied = start as u64;
         }
         let events = &events[start..];
-        let ids = self.ingest.ids_to_look_up(events);
-        let claims: HashMap<&str, i64> = if ids.is_empty() {
-            HashMap::new()
-        } else {
-            let found = self.store.dedupe_claims(self.partition, &ids)?;
-            ids.iter()
-                .zip(found)
-                .filter_map(|(id, claim)| claim.map(|c| (*id, c)))
-                .collect()
-        };
         for event in events {
-            let claim = event
-                .event_id
-                .as_deref()
-                .and_then(|id| claims.get(id).copied());
-            match self.ingest.apply(event, claim) {
+            match self.ingest.apply(event) {
                 Verdict::Accepted => outcome.accepted += 1,
                 Verdict::Duplicate => outcome.duplicates += 1,
                 Verdict::Late { .. } => outcome.late += 1,

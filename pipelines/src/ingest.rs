@@ -3,15 +3,16 @@
 //! duplicates by `event_id`, set late events aside, and aggregate the rest
 //! into one-minute buckets with hour and day rollups.
 //!
-//! The caller (a shard) does the I/O: it looks up stored dedupe records for
-//! a batch before applying it and writes [`FlushContent`] in one atomic
-//! batch. Everything here is deterministic in the order of events, so a
+//! The caller (a shard) does the I/O: it restores the dedupe index and the
+//! event-time clock from the last flush and writes [`FlushContent`] in one
+//! atomic batch. Everything here is deterministic in the order of events, so a
 //! replay from a stored position reproduces the same state.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::aggregate::{BucketStats, ComputeWeights};
+use crate::dedupe::{fingerprint, DedupeIndex, Fingerprint};
 use crate::event::RequestEvent;
 use crate::time::{format_rfc3339_ms, Granularity};
 
@@ -63,8 +64,10 @@ pub struct StatsDelta {
 #[derive(Debug, Default)]
 pub struct FlushContent {
     pub stats: Vec<StatsDelta>,
-    /// `(event_id, event time)` claimed since the last flush.
-    pub dedupe_records: Vec<(String, i64)>,
+    /// `(event id fingerprint, event time)` claimed since the last flush.
+    pub dedupe_claims: Vec<(Fingerprint, i64)>,
+    /// Claims with event time before this are expired and may be deleted.
+    pub dedupe_cutoff_ms: Option<i64>,
     pub dead_letters: Vec<DeadLetter>,
     pub max_event_ms: Option<i64>,
 }
@@ -75,7 +78,7 @@ pub struct PartitionIngest {
     rules: PartitionRules,
     weights: Arc<ComputeWeights>,
     max_event_ms: Option<i64>,
-    pending_ids: HashMap<String, i64>,
+    dedupe: DedupeIndex,
     /// client -> (minute start, stats), a handful of minutes per client.
     minutes: HashMap<String, Vec<(i64, BucketStats)>>,
     dead_letters: Vec<DeadLetter>,
@@ -83,16 +86,18 @@ pub struct PartitionIngest {
 }
 
 impl PartitionIngest {
+    /// `max_event_ms` and `dedupe` come from the last flush.
     pub fn new(
         rules: PartitionRules,
         weights: Arc<ComputeWeights>,
         max_event_ms: Option<i64>,
+        dedupe: DedupeIndex,
     ) -> Self {
         Self {
             rules,
             weights,
             max_event_ms,
-            pending_ids: HashMap::new(),
+            dedupe,
             minutes: HashMap::new(),
             dead_letters: Vec::new(),
             pending_events: 0,
@@ -120,28 +125,23 @@ impl PartitionIngest {
         self.pending_events
     }
 
-    /// The event ids of `events` that only durable state can answer for.
-    pub fn ids_to_look_up<'a>(&self, events: &'a [RequestEvent]) -> Vec<&'a str> {
-        events
-            .iter()
-            .filter_map(|e| e.event_id.as_deref())
-            .filter(|id| !self.pending_ids.contains_key(*id))
-            .collect()
+    /// Claims held by the dedupe index, and claims evicted early by its cap.
+    pub fn dedupe_stats(&self) -> (usize, u64) {
+        (self.dedupe.len(), self.dedupe.evicted())
     }
 
-    /// Applies one event. `stored_claim` is the event time of a stored
-    /// dedupe record for its id, if any.
-    pub fn apply(&mut self, event: &RequestEvent, stored_claim: Option<i64>) -> Verdict {
+    /// Applies one event.
+    pub fn apply(&mut self, event: &RequestEvent) -> Verdict {
         self.pending_events += 1;
-        if let Some(id) = event.event_id.as_deref() {
-            let claim = self.pending_ids.get(id).copied().or(stored_claim);
-            if let Some(claimed_ms) = claim {
-                let live = self
-                    .dedupe_cutoff_ms()
-                    .is_none_or(|cutoff| claimed_ms >= cutoff);
-                if live {
-                    return Verdict::Duplicate;
-                }
+        let fp = event.event_id.as_deref().map(fingerprint);
+        if let Some(claimed_ms) = fp.and_then(|fp| self.dedupe.claim_of(fp)) {
+            // A claim older than the window no longer counts, whether or not
+            // the index has dropped it yet.
+            if self
+                .dedupe_cutoff_ms()
+                .is_none_or(|cutoff| claimed_ms >= cutoff)
+            {
+                return Verdict::Duplicate;
             }
         }
         if let Some(watermark_ms) = self.watermark_ms() {
@@ -163,8 +163,8 @@ impl PartitionIngest {
             self.max_event_ms
                 .map_or(event.timestamp_ms, |m| m.max(event.timestamp_ms)),
         );
-        if let Some(id) = &event.event_id {
-            self.pending_ids.insert(id.clone(), event.timestamp_ms);
+        if let Some(fp) = fp {
+            self.dedupe.claim(fp, event.timestamp_ms);
         }
         let minute = Granularity::Minute.bucket_start(event.timestamp_ms);
         let units = self.weights.units_for(event);
@@ -221,9 +221,14 @@ impl PartitionIngest {
             }
         }
         self.pending_events = 0;
+        let dedupe_cutoff_ms = self.dedupe_cutoff_ms();
+        if let Some(cutoff) = dedupe_cutoff_ms {
+            self.dedupe.expire(cutoff);
+        }
         FlushContent {
             stats,
-            dedupe_records: self.pending_ids.drain().collect(),
+            dedupe_claims: self.dedupe.take_new_claims(),
+            dedupe_cutoff_ms,
             dead_letters: std::mem::take(&mut self.dead_letters),
             max_event_ms: self.max_event_ms,
         }
@@ -252,21 +257,23 @@ mod tests {
     }
 
     fn ingest() -> PartitionIngest {
-        PartitionIngest::new(PartitionRules::default(), Arc::default(), None)
+        PartitionIngest::new(
+            PartitionRules::default(),
+            Arc::default(),
+            None,
+            DedupeIndex::new(1000),
+        )
     }
 
     #[test]
     fn late_event_beyond_allowed_lateness_goes_to_dead_letter() {
         let mut p = ingest();
         let t = 10 * 3_600_000;
-        assert_eq!(p.apply(&ev(None, "c", t), None), Verdict::Accepted);
+        assert_eq!(p.apply(&ev(None, "c", t)), Verdict::Accepted);
         // Exactly at the watermark is on time; one ms before is late.
+        assert_eq!(p.apply(&ev(None, "c", t - 300_000)), Verdict::Accepted);
         assert_eq!(
-            p.apply(&ev(None, "c", t - 300_000), None),
-            Verdict::Accepted
-        );
-        assert_eq!(
-            p.apply(&ev(None, "c", t - 300_001), None),
+            p.apply(&ev(None, "c", t - 300_001)),
             Verdict::Late {
                 watermark_ms: t - 300_000
             }
@@ -277,41 +284,45 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_in_batch_and_in_store_counts_once() {
-        let mut p = ingest();
-        assert_eq!(p.apply(&ev(Some("x"), "c", 1000), None), Verdict::Accepted);
-        assert_eq!(p.apply(&ev(Some("x"), "c", 1000), None), Verdict::Duplicate);
-        assert_eq!(
-            p.apply(&ev(Some("y"), "c", 1000), Some(900)),
-            Verdict::Duplicate
+    fn duplicate_in_batch_and_from_restored_claims_counts_once() {
+        let mut restored = DedupeIndex::new(1000);
+        restored.restore([(fingerprint("y"), 900)]);
+        let mut p = PartitionIngest::new(
+            PartitionRules::default(),
+            Arc::default(),
+            Some(1000),
+            restored,
         );
+        assert_eq!(p.apply(&ev(Some("x"), "c", 1000)), Verdict::Accepted);
+        assert_eq!(p.apply(&ev(Some("x"), "c", 1000)), Verdict::Duplicate);
+        assert_eq!(p.apply(&ev(Some("y"), "c", 1000)), Verdict::Duplicate);
         let flush = p.take_flush();
-        assert_eq!(flush.dedupe_records.len(), 1);
+        assert_eq!(flush.dedupe_claims, vec![(fingerprint("x"), 1000)]);
     }
 
     #[test]
-    fn dedupe_record_expires_after_the_window() {
-        let mut p = ingest();
+    fn dedupe_claim_expires_after_the_window() {
         let t = 5 * 3_600_000;
-        p.apply(&ev(None, "c", t), None);
-        // Stored claim 2 h before the max event time: expired, so the event
-        // is judged on its own (and is late here).
+        let mut restored = DedupeIndex::new(1000);
+        restored.restore([(fingerprint("z"), t - 7_200_000)]);
+        let mut p = PartitionIngest::new(PartitionRules::default(), Arc::default(), None, restored);
+        p.apply(&ev(None, "c", t));
+        // The claim is 2 h before the max event time: expired, so the event
+        // is judged on its own (late here, accepted when on time).
         assert!(matches!(
-            p.apply(&ev(Some("z"), "c", t - 7_200_000), Some(t - 7_200_000)),
+            p.apply(&ev(Some("z"), "c", t - 7_200_000)),
             Verdict::Late { .. }
         ));
-        assert_eq!(
-            p.apply(&ev(Some("z"), "c", t), Some(t - 7_200_000)),
-            Verdict::Accepted
-        );
+        assert_eq!(p.apply(&ev(Some("z"), "c", t)), Verdict::Accepted);
+        assert_eq!(p.apply(&ev(Some("z"), "c", t)), Verdict::Duplicate);
     }
 
     #[test]
     fn flush_rolls_minutes_up_to_hour_and_day() {
         let mut p = ingest();
-        p.apply(&ev(None, "c", 0), None);
-        p.apply(&ev(None, "c", 61_000), None);
-        p.apply(&ev(None, "d", 3_600_000), None);
+        p.apply(&ev(None, "c", 0));
+        p.apply(&ev(None, "c", 61_000));
+        p.apply(&ev(None, "d", 3_600_000));
         let flush = p.take_flush();
         let count = |client: &str, g: Granularity| -> u64 {
             flush

@@ -54,7 +54,8 @@ impl LatencySketch {
     }
 
     pub fn insert_n(&mut self, value_ms: f64, n: u64) {
-        if !(value_ms >= MIN_TRACKED) || !value_ms.is_finite() {
+        // NaN fails both comparisons and lands here too.
+        if value_ms.is_nan() || value_ms < MIN_TRACKED || value_ms.is_infinite() {
             self.zero = self.zero.saturating_add(n);
             return;
         }

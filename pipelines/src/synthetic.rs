@@ -79,7 +79,7 @@ pub fn endpoint_name(i: u32) -> String {
     } else {
         format!("v{}", round + 1)
     };
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         format!("/{version}/{resource}")
     } else {
         format!("/{version}/{resource}/{{id}}")
@@ -103,7 +103,7 @@ impl Generator {
         if config.clients == 0 || config.endpoints == 0 {
             return Err(bad("clients and endpoints must be at least 1"));
         }
-        if !(config.events_per_second > 0.0) {
+        if config.events_per_second.is_nan() || config.events_per_second <= 0.0 {
             return Err(bad("events_per_second must be > 0"));
         }
         for (name, rate) in [

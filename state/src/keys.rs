@@ -7,7 +7,7 @@
 //! | CF            | key                                                      | value              |
 //! |---------------|----------------------------------------------------------|--------------------|
 //! | `stats`       | partition, granularity, client len (u16), client, bucket start (u64 ms) | bucket stats |
-//! | `dedupe`      | partition, event id                                      | event time (i64)   |
+//! | `dedupe`      | partition, newest claim time (u64 ms), sequence (u64)   | claims of a flush  |
 //! | `dead_letter` | partition, sequence (u64)                                | dead-letter record |
 //! | `meta`        | partition, `0x01`                                        | checkpoint         |
 //! | `meta`        | `0xFFFF`, name                                           | store settings     |
@@ -95,11 +95,25 @@ pub fn decode_stats_key(key: &[u8]) -> Option<StatsKey> {
     })
 }
 
-pub fn dedupe_key(partition: u16, event_id: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(2 + event_id.len());
+/// One flush's dedupe claims, ordered by the newest claim's event time so
+/// that every segment wholly past the window is one key range.
+pub fn dedupe_segment_key(partition: u16, newest_claim_ms: i64, sequence: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(18);
     key.extend_from_slice(&partition.to_be_bytes());
-    key.extend_from_slice(event_id.as_bytes());
+    key.extend_from_slice(&time_bytes(newest_claim_ms));
+    key.extend_from_slice(&sequence.to_be_bytes());
     key
+}
+
+/// The start of the partition's segments whose newest claim is at or after
+/// `ms` (and the end of those before it).
+pub fn dedupe_segments_from(partition: u16, ms: i64) -> Vec<u8> {
+    dedupe_segment_key(partition, ms, 0)
+}
+
+/// The first key after every key of `partition`.
+pub fn partition_end(partition: u16) -> Vec<u8> {
+    prefix_end(&partition.to_be_bytes())
 }
 
 pub fn dead_letter_key(partition: u16, sequence: u64) -> Vec<u8> {
@@ -185,9 +199,17 @@ mod tests {
     #[test]
     fn partitions_are_contiguous_ranges() {
         let p1 = stats_key(1, Granularity::Day, "zzz", i64::MAX);
-        let p2 = dedupe_key(2, "");
+        let p2 = dedupe_segment_key(2, 0, 0);
         assert!(p1 < p2);
         assert!(setting_key("partitions") > checkpoint_key(u16::MAX - 1));
+    }
+
+    #[test]
+    fn dedupe_segments_sort_by_newest_claim() {
+        assert!(dedupe_segment_key(1, 5, 9) < dedupe_segment_key(1, 6, 0));
+        assert!(dedupe_segment_key(1, 6, 0) < dedupe_segment_key(1, 6, 1));
+        assert!(dedupe_segment_key(1, i64::MAX, u64::MAX) < partition_end(1));
+        assert!(dedupe_segments_from(1, 6) <= dedupe_segment_key(1, 6, 0));
     }
 
     #[test]

@@ -48,6 +48,10 @@ pub struct Checkpoint {
     /// Last applied position per positioned source (file replays, later
     /// Kafka topics).
     pub positions: BTreeMap<String, u64>,
+    /// Next dedupe segment sequence number.
+    pub dedupe_seq: u64,
+    /// Dedupe segments with newest claim before this are deleted.
+    pub dedupe_deleted_below_ms: i64,
 }
 
 /// A late event as kept in the dead-letter column family.
@@ -157,21 +161,7 @@ impl Store {
             },
         );
 
-        let mut dedupe = base(true);
-        let dedupe_clocks = clocks.clone();
-        dedupe.set_compaction_filter(
-            "tally.dedupe_window",
-            move |_level: u32, key: &[u8], value: &[u8]| {
-                let claimed = value.try_into().map(i64::from_be_bytes);
-                let clock = keys::partition_of(key).and_then(|p| dedupe_clocks.get(p));
-                match (claimed, clock) {
-                    (Ok(ts), Some(now)) if ts < now.saturating_sub(retention.dedupe_window_ms) => {
-                        Decision::Remove
-                    }
-                    _ => Decision::Keep,
-                }
-            },
-        );
+        let dedupe = base(false);
 
         let mut dead = base(false);
         dead.set_compaction_filter(
@@ -257,23 +247,28 @@ impl Store {
         }
     }
 
-    /// Stored dedupe claims (event times) for `event_ids`, in order.
-    pub fn dedupe_claims(&self, partition: u16, event_ids: &[&str]) -> Result<Vec<Option<i64>>> {
-        if event_ids.is_empty() {
-            return Ok(Vec::new());
+    /// Dedupe claims of a partition with event time at or after
+    /// `cutoff_ms`, to rebuild its in-memory index.
+    pub fn load_dedupe_claims(
+        &self,
+        partition: u16,
+        cutoff_ms: Option<i64>,
+    ) -> Result<Vec<(u128, i64)>> {
+        let cutoff = cutoff_ms.unwrap_or(0);
+        let mut read = ReadOptions::default();
+        read.set_iterate_upper_bound(keys::partition_end(partition));
+        let start = keys::dedupe_segments_from(partition, cutoff);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(
+            self.cf(CF_DEDUPE)?,
+            read,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            let (_, value) = item.map_err(rocks)?;
+            let claims: Vec<(u128, i64)> = decode(&value)?;
+            out.extend(claims.into_iter().filter(|&(_, ts)| ts >= cutoff));
         }
-        let keys: Vec<Vec<u8>> = event_ids
-            .iter()
-            .map(|id| keys::dedupe_key(partition, id))
-            .collect();
-        self.db
-            .batched_multi_get_cf(self.cf(CF_DEDUPE)?, &keys, false)
-            .into_iter()
-            .map(|r| {
-                let v = r.map_err(rocks)?;
-                Ok(v.and_then(|v| <[u8; 8]>::try_from(&v[..]).ok().map(i64::from_be_bytes)))
-            })
-            .collect()
+        Ok(out)
     }
 
     /// Writes one flush of one partition atomically: stats deltas (merged),
@@ -297,13 +292,27 @@ impl Store {
             );
             batch.merge_cf(stats_cf, key, encode(&delta.stats)?);
         }
+        let mut next = checkpoint.clone();
         let dedupe_cf = self.cf(CF_DEDUPE)?;
-        for (id, ts) in &content.dedupe_records {
-            batch.put_cf(dedupe_cf, keys::dedupe_key(partition, id), ts.to_be_bytes());
+        if let Some(newest) = content.dedupe_claims.iter().map(|&(_, ts)| ts).max() {
+            let key = keys::dedupe_segment_key(partition, newest, next.dedupe_seq);
+            batch.put_cf(dedupe_cf, key, encode(&content.dedupe_claims)?);
+            next.dedupe_seq += 1;
+        }
+        // Segments wholly before the window go in one range delete, at most
+        // once per minute of event time (each is a range tombstone).
+        if let Some(cutoff) = content.dedupe_cutoff_ms {
+            if cutoff >= next.dedupe_deleted_below_ms.saturating_add(60_000) {
+                batch.delete_range_cf(
+                    dedupe_cf,
+                    keys::dedupe_segments_from(partition, 0),
+                    keys::dedupe_segments_from(partition, cutoff),
+                );
+                next.dedupe_deleted_below_ms = cutoff;
+            }
         }
         let dead_cf = self.cf(CF_DEAD_LETTER)?;
         let now = wall_clock_ms();
-        let mut next = checkpoint.clone();
         for dl in &content.dead_letters {
             let record = DeadLetterRecord {
                 partition,

@@ -88,7 +88,8 @@ fn checkpoint_dedupe_and_dead_letters_survive_reopen() {
         let mut cp = Checkpoint::default();
         cp.positions.insert("file:/x".into(), 41);
         let content = FlushContent {
-            dedupe_records: vec![("ev-1".into(), t)],
+            dedupe_claims: vec![(11, t), (12, t - 2 * HOUR_MS)],
+            dedupe_cutoff_ms: Some(t - HOUR_MS),
             dead_letters: vec![DeadLetter {
                 reason: "late: test".into(),
                 event_json: "{}".into(),
@@ -104,15 +105,40 @@ fn checkpoint_dedupe_and_dead_letters_survive_reopen() {
     let cp = store.load_checkpoint(0).unwrap();
     assert_eq!(cp.max_event_ms, Some(t));
     assert_eq!(cp.positions.get("file:/x"), Some(&41));
+    // Claims before the cutoff are not restored; other partitions have none.
     assert_eq!(
-        store.dedupe_claims(0, &["ev-1", "ev-2"]).unwrap(),
-        vec![Some(t), None]
+        store.load_dedupe_claims(0, Some(t - HOUR_MS)).unwrap(),
+        vec![(11, t)]
     );
-    assert_eq!(store.dedupe_claims(1, &["ev-1"]).unwrap(), vec![None]);
+    assert_eq!(store.load_dedupe_claims(0, None).unwrap().len(), 2);
+    assert!(store.load_dedupe_claims(1, None).unwrap().is_empty());
     let dl = store.dead_letters(0, 10).unwrap();
     assert_eq!(dl.len(), 1);
     assert_eq!(dl[0].reason, "late: test");
     assert_eq!(store.partition_clock(0), Some(t));
+}
+
+#[test]
+fn expired_dedupe_segments_are_deleted_by_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut cp = Checkpoint::default();
+    let t = 200 * DAY_MS;
+    for (i, ts) in [t, t + HOUR_MS, t + 3 * HOUR_MS].into_iter().enumerate() {
+        let content = FlushContent {
+            dedupe_claims: vec![(i as u128, ts)],
+            dedupe_cutoff_ms: Some(ts - HOUR_MS),
+            max_event_ms: Some(ts),
+            ..Default::default()
+        };
+        store.commit(5, &content, &mut cp, false).unwrap();
+    }
+    // The last commit's cutoff (t + 2h) deleted the segments of t and t + 1h.
+    assert_eq!(
+        store.load_dedupe_claims(5, None).unwrap(),
+        vec![(2, t + 3 * HOUR_MS)]
+    );
+    assert_eq!(cp.dedupe_seq, 3);
 }
 
 #[test]
