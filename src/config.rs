@@ -31,7 +31,7 @@ pub struct EngineArgs {
     /// Flush a shard once this many events are pending [default: 200000].
     #[arg(long, env = "TALLY_FLUSH_MAX_EVENTS")]
     pub flush_max_events: Option<usize>,
-    /// Bounded shard mailbox, in batches [default: 64].
+    /// Bounded shard mailbox, in batches [default: 16].
     #[arg(long, env = "TALLY_MAILBOX_CAPACITY")]
     pub mailbox_capacity: Option<usize>,
     /// fsync acknowledged writes [default: true].
@@ -216,7 +216,7 @@ impl Config {
         let mailbox_capacity = engine
             .mailbox_capacity
             .or(file.mailbox_capacity)
-            .unwrap_or(64);
+            .unwrap_or(16);
         let dedupe_max_ids = engine
             .dedupe_max_ids
             .or(file.dedupe_max_ids)

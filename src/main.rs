@@ -20,11 +20,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-// Millions of small, short-lived allocations per second (event strings,
-// bucket maps) are where the system allocator shows up in profiles.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "tally",

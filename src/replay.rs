@@ -5,7 +5,7 @@
 //! durable state ends and reaches exactly the state of an uninterrupted run.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,7 +16,8 @@ use serde::Serialize;
 use tally_actors::messages::BatchOutcome as Outcome;
 use tally_actors::telemetry::EventsRejected;
 use tally_actors::{Engine, ShardRouter, Source};
-use tally_pipelines::decode::decode_event_bytes;
+use tally_pipelines::decode::{decode_event_bytes, ndjson_lines};
+use tally_pipelines::event::ValidationContext;
 use tally_state::retention::wall_clock_ms;
 use tally_state::Store;
 use tokio::sync::oneshot;
@@ -112,6 +113,84 @@ fn resume_line(store: &Store, source: &Source) -> anyhow::Result<u64> {
     Ok(lowest.unwrap_or(0))
 }
 
+/// Lines longer than this are rejected without being buffered whole.
+const MAX_LINE_BYTES: u64 = 1 << 20;
+
+/// A run of whole lines read from the file, decoded off the async thread.
+struct Chunk {
+    first_line: u64,
+    /// Lines, each ending in `\n` (an over-long line is left empty).
+    bytes: Vec<u8>,
+    lines: u64,
+    oversized: Vec<u64>,
+}
+
+/// Reads up to `max_lines` lines. `None` at end of file.
+fn read_chunk(
+    reader: &mut impl BufRead,
+    first_line: u64,
+    max_lines: usize,
+) -> std::io::Result<Option<Chunk>> {
+    let mut chunk = Chunk {
+        first_line,
+        bytes: Vec::with_capacity(max_lines * 256),
+        lines: 0,
+        oversized: Vec::new(),
+    };
+    let mut lines = 0;
+    while lines < max_lines {
+        let start = chunk.bytes.len();
+        let n = (&mut *reader)
+            .take(MAX_LINE_BYTES + 1)
+            .read_until(b'\n', &mut chunk.bytes)?;
+        if n == 0 {
+            break;
+        }
+        if chunk.bytes.last() != Some(&b'\n') {
+            if n as u64 > MAX_LINE_BYTES {
+                reader.skip_until(b'\n')?;
+                chunk.bytes.truncate(start);
+                chunk.oversized.push(first_line + lines as u64);
+            }
+            chunk.bytes.push(b'\n');
+        }
+        lines += 1;
+    }
+    chunk.lines = lines as u64;
+    Ok((lines > 0).then_some(chunk))
+}
+
+struct DecodedChunk {
+    lines: u64,
+    routed: Vec<(u16, Vec<tally_pipelines::event::RequestEvent>, Vec<u64>)>,
+    rejected: Vec<(u64, String)>,
+}
+
+fn decode_chunk(chunk: Chunk, router: &ShardRouter, ctx: &ValidationContext) -> DecodedChunk {
+    let mut events = Vec::new();
+    let mut positions = Vec::new();
+    let mut rejected: Vec<(u64, String)> = chunk
+        .oversized
+        .iter()
+        .map(|&n| (n, format!("line exceeds {MAX_LINE_BYTES} bytes")))
+        .collect();
+    for (index, line) in ndjson_lines(&chunk.bytes) {
+        let n = chunk.first_line + index as u64;
+        match decode_event_bytes(line, ctx) {
+            Ok(event) => {
+                events.push(event);
+                positions.push(n);
+            }
+            Err(reason) => rejected.push((n, reason.to_string())),
+        }
+    }
+    DecodedChunk {
+        lines: chunk.lines,
+        routed: router.split(events, Some(positions)).per_partition,
+        rejected,
+    }
+}
+
 async fn feed(
     router: &ShardRouter,
     config: &Config,
@@ -127,70 +206,67 @@ async fn feed(
     };
     let mut reader = BufReader::with_capacity(4 << 20, file);
     let mut line_no: u64 = 0;
-    let mut buf = Vec::with_capacity(1024);
     while line_no < resume_line {
-        buf.clear();
-        if reader.read_until(b'\n', &mut buf)? == 0 {
+        if reader.skip_until(b'\n')? == 0 {
             break;
         }
         line_no += 1;
     }
-    let mut pending: VecDeque<oneshot::Receiver<Result<Outcome, tally_actors::Error>>> =
+    let decoders = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let batch_lines = args.batch_lines.max(1);
+    let mut decoding: VecDeque<tokio::task::JoinHandle<DecodedChunk>> = VecDeque::new();
+    let mut acks: VecDeque<oneshot::Receiver<Result<Outcome, tally_actors::Error>>> =
         VecDeque::new();
     let mut outcome = Outcome::default();
     let mut next_progress = args.progress_every.map(|n| line_no + n.max(1));
-    let batch_lines = args.batch_lines.max(1);
+    let mut eof = false;
+    let mut lines_done = line_no;
     loop {
-        let ctx = config.validation(wall_clock_ms());
-        let mut events = Vec::with_capacity(batch_lines);
-        let mut positions = Vec::with_capacity(batch_lines);
-        let mut rejected = 0;
-        let mut eof = false;
-        while events.len() + rejected < batch_lines {
-            buf.clear();
-            if reader.read_until(b'\n', &mut buf)? == 0 {
-                eof = true;
-                break;
-            }
-            let n = line_no;
-            line_no += 1;
-            let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if line.trim_ascii().is_empty() {
-                continue;
-            }
-            match decode_event_bytes(line, &ctx) {
-                Ok(event) => {
-                    events.push(event);
-                    positions.push(n);
+        // Keep every core decoding while batches go to the shards in file
+        // order (shards need ascending positions per source).
+        while !eof && decoding.len() < decoders + 1 {
+            match read_chunk(&mut reader, line_no, batch_lines)? {
+                Some(chunk) => {
+                    line_no += chunk.lines;
+                    let (router, ctx) = (router.clone(), config.validation(wall_clock_ms()));
+                    decoding.push_back(tokio::task::spawn_blocking(move || {
+                        decode_chunk(chunk, &router, &ctx)
+                    }));
                 }
-                Err(reason) => {
-                    rejected += 1;
-                    if summary.first_errors.len() < FIRST_ERRORS {
-                        summary.first_errors.push(format!("line {n}: {reason}"));
-                    }
-                }
+                None => eof = true,
             }
         }
-        summary.rejected += rejected as u64;
+        let Some(next) = decoding.pop_front() else {
+            break;
+        };
+        let decoded = next.await?;
+        lines_done += decoded.lines;
+        summary.rejected += decoded.rejected.len() as u64;
         EventsRejected {
             source: source.label(),
-            count: rejected as u64,
+            count: decoded.rejected.len() as u64,
         }
         .emit();
-        for (partition, events, positions) in router.split(events, Some(positions)).per_partition {
-            pending.push_back(
+        for (n, reason) in decoded.rejected {
+            if summary.first_errors.len() < FIRST_ERRORS {
+                summary.first_errors.push(format!("line {n}: {reason}"));
+            }
+        }
+        for (partition, events, positions) in decoded.routed {
+            acks.push_back(
                 router
                     .send_positioned(partition, source.clone(), events, positions)
                     .await?,
             );
         }
         // Collect acknowledgements that have arrived, keeping the list short.
-        while let Some(rx) = pending.front_mut() {
+        while let Some(rx) = acks.front_mut() {
             match rx.try_recv() {
                 Ok(result) => {
                     outcome.add(&result?);
-                    pending.pop_front();
+                    acks.pop_front();
                 }
                 Err(oneshot::error::TryRecvError::Empty) => break,
                 Err(oneshot::error::TryRecvError::Closed) => {
@@ -199,23 +275,20 @@ async fn feed(
             }
         }
         if let Some(next) = next_progress.as_mut() {
-            if line_no >= *next {
-                eprintln!("progress: {line_no} lines");
-                *next = line_no + args.progress_every.unwrap_or(1).max(1);
+            if lines_done >= *next {
+                eprintln!("progress: {lines_done} lines");
+                *next = lines_done + args.progress_every.unwrap_or(1).max(1);
             }
-        }
-        if eof {
-            break;
         }
     }
     router.flush_all(Some(source)).await?;
-    for rx in pending {
+    for rx in acks {
         outcome.add(
             &rx.await
                 .map_err(|_| anyhow::anyhow!("a shard stopped during the replay"))??,
         );
     }
-    summary.lines_read = line_no - resume_line;
+    summary.lines_read = lines_done - resume_line;
     summary.accepted = outcome.accepted;
     summary.duplicates = outcome.duplicates;
     summary.late = outcome.late;

@@ -53,7 +53,7 @@ impl Default for ShardConfig {
             weights: Arc::default(),
             flush_interval: Duration::from_secs(1),
             flush_max_events: 200_000,
-            mailbox_capacity: 64,
+            mailbox_capacity: 16,
             sync_writes: true,
             dedupe_max_ids: 1_000_000,
         }

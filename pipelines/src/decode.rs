@@ -94,11 +94,7 @@ pub fn decode_body(
     let mut out = DecodedBody::default();
     match format {
         BodyFormat::Ndjson => {
-            for (index, line) in body.split(|&b| b == b'\n').enumerate() {
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                if line.trim_ascii().is_empty() {
-                    continue;
-                }
+            for (index, line) in ndjson_lines(body) {
                 out.push(index, decode_event_bytes(line, ctx));
             }
         }
@@ -119,6 +115,21 @@ pub fn decode_body(
         }
     }
     Ok(out)
+}
+
+/// Non-blank lines of an NDJSON body with their 0-based line numbers
+/// (blank lines count, so numbers match what an editor shows minus one).
+pub fn ndjson_lines(body: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+    let mut start = 0;
+    let mut ends = memchr::memchr_iter(b'\n', body).chain(std::iter::once(body.len()));
+    std::iter::from_fn(move || {
+        let end = ends.next()?;
+        let line = &body[start.min(end)..end];
+        start = end + 1;
+        Some(line.strip_suffix(b"\r").unwrap_or(line))
+    })
+    .enumerate()
+    .filter(|(_, line)| !line.trim_ascii().is_empty())
 }
 
 fn top_level<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Error> {

@@ -8,7 +8,7 @@
 //! atomic batch. Everything here is deterministic in the order of events, so a
 //! replay from a stored position reproduces the same state.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
 use crate::aggregate::{BucketStats, ComputeWeights};
@@ -50,12 +50,14 @@ pub struct DeadLetter {
     pub event_ms: i64,
 }
 
-/// One stats delta to merge into stored state.
+/// One client's usage in one minute since the last flush. The store merges
+/// it into the minute, hour and day buckets that contain the minute: the
+/// same delta, encoded once, rolls up by RocksDB's merge operator instead
+/// of by cloning and merging bucket maps here.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatsDelta {
     pub client_id: String,
-    pub granularity: Granularity,
-    pub bucket_start_ms: i64,
+    pub minute_start_ms: i64,
     pub stats: BucketStats,
 }
 
@@ -80,7 +82,7 @@ pub struct PartitionIngest {
     max_event_ms: Option<i64>,
     dedupe: DedupeIndex,
     /// client -> (minute start, stats), a handful of minutes per client.
-    minutes: HashMap<String, Vec<(i64, BucketStats)>>,
+    minutes: FxHashMap<String, Vec<(i64, BucketStats)>>,
     dead_letters: Vec<DeadLetter>,
     pending_events: usize,
 }
@@ -98,7 +100,7 @@ impl PartitionIngest {
             weights,
             max_event_ms,
             dedupe,
-            minutes: HashMap::new(),
+            minutes: FxHashMap::default(),
             dead_letters: Vec::new(),
             pending_events: 0,
         }
@@ -183,41 +185,17 @@ impl PartitionIngest {
         Verdict::Accepted
     }
 
-    /// Takes what the next flush must write, with minute deltas rolled up to
-    /// hour and day, and leaves the hot state empty (closed buckets leave
-    /// memory at flush).
+    /// Takes what the next flush must write and leaves the hot state empty
+    /// (closed buckets leave memory at flush).
     pub fn take_flush(&mut self) -> FlushContent {
         let mut stats = Vec::new();
         for (client_id, minutes) in self.minutes.drain() {
-            let mut hours: Vec<(i64, BucketStats)> = Vec::new();
-            let mut days: Vec<(i64, BucketStats)> = Vec::new();
-            for (minute, bucket) in minutes {
-                for (granularity, rollup) in [
-                    (Granularity::Hour, &mut hours),
-                    (Granularity::Day, &mut days),
-                ] {
-                    let start = granularity.bucket_start(minute);
-                    match rollup.iter_mut().find(|(s, _)| *s == start) {
-                        Some((_, b)) => b.merge(&bucket),
-                        None => rollup.push((start, bucket.clone())),
-                    }
-                }
+            for (minute_start_ms, bucket) in minutes {
                 stats.push(StatsDelta {
                     client_id: client_id.clone(),
-                    granularity: Granularity::Minute,
-                    bucket_start_ms: minute,
+                    minute_start_ms,
                     stats: bucket,
                 });
-            }
-            for (granularity, rollup) in [(Granularity::Hour, hours), (Granularity::Day, days)] {
-                for (start, bucket) in rollup {
-                    stats.push(StatsDelta {
-                        client_id: client_id.clone(),
-                        granularity,
-                        bucket_start_ms: start,
-                        stats: bucket,
-                    });
-                }
             }
         }
         self.pending_events = 0;
@@ -318,31 +296,31 @@ mod tests {
     }
 
     #[test]
-    fn flush_rolls_minutes_up_to_hour_and_day() {
+    fn flush_hands_out_one_delta_per_client_minute() {
         let mut p = ingest();
         p.apply(&ev(None, "c", 0));
+        p.apply(&ev(None, "c", 1_000));
         p.apply(&ev(None, "c", 61_000));
         p.apply(&ev(None, "d", 3_600_000));
-        let flush = p.take_flush();
-        let count = |client: &str, g: Granularity| -> u64 {
-            flush
-                .stats
-                .iter()
-                .filter(|d| d.client_id == client && d.granularity == g)
-                .map(|d| d.stats.totals().requests)
-                .sum()
-        };
+        let mut flush = p.take_flush();
+        flush.stats.sort_by(|a, b| {
+            (&a.client_id, a.minute_start_ms).cmp(&(&b.client_id, b.minute_start_ms))
+        });
+        let got: Vec<(&str, i64, u64)> = flush
+            .stats
+            .iter()
+            .map(|d| {
+                (
+                    d.client_id.as_str(),
+                    d.minute_start_ms,
+                    d.stats.totals().requests,
+                )
+            })
+            .collect();
         assert_eq!(
-            flush
-                .stats
-                .iter()
-                .filter(|d| d.client_id == "c" && d.granularity == Granularity::Minute)
-                .count(),
-            2
+            got,
+            vec![("c", 0, 2), ("c", 60_000, 1), ("d", 3_600_000, 1)]
         );
-        assert_eq!(count("c", Granularity::Hour), 2);
-        assert_eq!(count("c", Granularity::Day), 2);
-        assert_eq!(count("d", Granularity::Day), 1);
         assert_eq!(p.pending_events(), 0);
         assert!(p.take_flush().stats.is_empty());
     }

@@ -139,6 +139,10 @@ impl Store {
             // Files that age without compaction are still rewritten, so
             // retention filters run even on idle data.
             o.set_periodic_compaction_seconds(86_400);
+            // Bounded memtables: peak memory matters more than write
+            // amplification at this size.
+            o.set_write_buffer_size(32 << 20);
+            o.set_max_write_buffer_number(2);
             o
         };
 
@@ -284,13 +288,17 @@ impl Store {
         let mut batch = WriteBatch::default();
         let stats_cf = self.cf(CF_STATS)?;
         for delta in &content.stats {
-            let key = keys::stats_key(
-                partition,
-                delta.granularity,
-                &delta.client_id,
-                delta.bucket_start_ms,
-            );
-            batch.merge_cf(stats_cf, key, encode(&delta.stats)?);
+            // One encoded delta is merged into its minute, hour and day.
+            let value = encode(&delta.stats)?;
+            for g in Granularity::ALL {
+                let key = keys::stats_key(
+                    partition,
+                    g,
+                    &delta.client_id,
+                    g.bucket_start(delta.minute_start_ms),
+                );
+                batch.merge_cf(stats_cf, key, &value);
+            }
         }
         let mut next = checkpoint.clone();
         let dedupe_cf = self.cf(CF_DEDUPE)?;

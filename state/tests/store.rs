@@ -23,15 +23,14 @@ fn event(client: &str, status: u16, latency: f64, ts: i64) -> RequestEvent {
     }
 }
 
-fn delta(client: &str, g: Granularity, start: i64, events: &[RequestEvent]) -> StatsDelta {
+fn delta(client: &str, minute: i64, events: &[RequestEvent]) -> StatsDelta {
     let mut stats = BucketStats::default();
     for e in events {
         stats.record(e, 1);
     }
     StatsDelta {
         client_id: client.into(),
-        granularity: g,
-        bucket_start_ms: start,
+        minute_start_ms: minute,
         stats,
     }
 }
@@ -48,12 +47,7 @@ fn commits_merge_into_the_stored_bucket() {
     let t = 10 * DAY_MS;
     for status in [200, 500] {
         let content = FlushContent {
-            stats: vec![delta(
-                "c",
-                Granularity::Minute,
-                t,
-                &[event("c", status, 5.0, t)],
-            )],
+            stats: vec![delta("c", t, &[event("c", status, 5.0, t)])],
             max_event_ms: Some(t),
             ..Default::default()
         };
@@ -180,10 +174,7 @@ fn expired_minute_buckets_are_excluded_before_and_after_compaction() {
     let mut cp = Checkpoint::default();
     let old = 50 * DAY_MS;
     let content = FlushContent {
-        stats: vec![
-            delta("c", Granularity::Minute, old, &[event("c", 200, 1.0, old)]),
-            delta("c", Granularity::Hour, old, &[event("c", 200, 1.0, old)]),
-        ],
+        stats: vec![delta("c", old, &[event("c", 200, 1.0, old)])],
         max_event_ms: Some(old),
         ..Default::default()
     };
@@ -199,12 +190,7 @@ fn expired_minute_buckets_are_excluded_before_and_after_compaction() {
     // the hour bucket (90 days) is not.
     let later = old + 3 * HOUR_MS;
     let content = FlushContent {
-        stats: vec![delta(
-            "c",
-            Granularity::Minute,
-            later,
-            &[event("c", 200, 1.0, later)],
-        )],
+        stats: vec![delta("c", later, &[event("c", 200, 1.0, later)])],
         max_event_ms: Some(later),
         ..Default::default()
     };
@@ -216,13 +202,18 @@ fn expired_minute_buckets_are_excluded_before_and_after_compaction() {
         minutes.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
         vec![later]
     );
+    let hours = store
+        .read_buckets(0, "c", Granularity::Hour, 0, i64::MAX / 2)
+        .unwrap();
     assert_eq!(
-        store
-            .read_buckets(0, "c", Granularity::Hour, 0, i64::MAX / 2)
-            .unwrap()
-            .len(),
-        1
+        hours.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+        vec![old, later]
     );
+    let days = store
+        .read_buckets(0, "c", Granularity::Day, 0, i64::MAX / 2)
+        .unwrap();
+    assert_eq!(days.len(), 1);
+    assert_eq!(days[0].1.totals().requests, 2);
     store.compact().unwrap();
     let minutes = store
         .read_buckets(0, "c", Granularity::Minute, 0, i64::MAX / 2)
