@@ -6,7 +6,7 @@
 //! and sums are integers (latency is summed in nanoseconds) — so a bucket
 //! assembled from any grouping of flush deltas is bit-identical.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -66,42 +66,75 @@ pub fn latency_ns(latency_ms: f64) -> u128 {
     (latency_ms * 1e6).round() as u128
 }
 
-/// One client's usage in one bucket.
+/// One client's usage in one bucket: endpoint stats sorted by endpoint.
+///
+/// A sorted vector rather than a `BTreeMap`: most cells hold one or two
+/// endpoints, and a B-tree leaf allocates room for eleven entries up front
+/// (kilobytes per sparse cell), where a vector costs what it holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BucketStats {
-    pub endpoints: BTreeMap<String, EndpointStats>,
+    endpoints: Vec<(String, EndpointStats)>,
 }
 
 impl BucketStats {
     pub fn record(&mut self, event: &RequestEvent, compute_units: u64) {
-        if let Some(stats) = self.endpoints.get_mut(event.endpoint.as_str()) {
-            stats.record(event, compute_units);
-        } else {
-            let mut stats = EndpointStats::default();
-            stats.record(event, compute_units);
-            self.endpoints.insert(event.endpoint.clone(), stats);
+        match self
+            .endpoints
+            .binary_search_by(|(e, _)| e.as_str().cmp(event.endpoint.as_str()))
+        {
+            Ok(i) => self.endpoints[i].1.record(event, compute_units),
+            Err(i) => {
+                let mut stats = EndpointStats::default();
+                stats.record(event, compute_units);
+                self.endpoints.insert(i, (event.endpoint.clone(), stats));
+            }
         }
     }
 
     pub fn merge(&mut self, other: &BucketStats) {
         for (endpoint, stats) in &other.endpoints {
-            match self.endpoints.get_mut(endpoint) {
-                Some(mine) => mine.merge(stats),
-                None => {
-                    self.endpoints.insert(endpoint.clone(), stats.clone());
-                }
+            match self
+                .endpoints
+                .binary_search_by(|(e, _)| e.as_str().cmp(endpoint.as_str()))
+            {
+                Ok(i) => self.endpoints[i].1.merge(stats),
+                Err(i) => self.endpoints.insert(i, (endpoint.clone(), stats.clone())),
             }
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.endpoints.values().all(|s| s.requests == 0)
+        self.endpoints.iter().all(|(_, s)| s.requests == 0)
+    }
+
+    /// Endpoints with their stats, in endpoint order.
+    pub fn endpoints(&self) -> impl Iterator<Item = (&str, &EndpointStats)> {
+        self.endpoints.iter().map(|(e, s)| (e.as_str(), s))
+    }
+
+    pub fn into_endpoints(self) -> impl Iterator<Item = (String, EndpointStats)> {
+        self.endpoints.into_iter()
+    }
+
+    pub fn endpoint(&self, endpoint: &str) -> Option<&EndpointStats> {
+        self.endpoints
+            .binary_search_by(|(e, _)| e.as_str().cmp(endpoint))
+            .ok()
+            .map(|i| &self.endpoints[i].1)
+    }
+
+    /// Endpoints with at least one request.
+    pub fn distinct_endpoints(&self) -> usize {
+        self.endpoints
+            .iter()
+            .filter(|(_, s)| s.requests > 0)
+            .count()
     }
 
     /// The client-level totals of this bucket.
     pub fn totals(&self) -> EndpointStats {
         let mut total = EndpointStats::default();
-        for stats in self.endpoints.values() {
+        for (_, stats) in &self.endpoints {
             total.merge(stats);
         }
         total
@@ -158,8 +191,10 @@ mod tests {
         assert_eq!(t.bytes, 30);
         assert_eq!(t.compute_units, 5);
         assert!((t.average_latency_ms() - 20.0).abs() < 1e-9);
-        assert_eq!(b.endpoints.len(), 2);
-        assert_eq!(b.endpoints["/a"].failed, 1);
+        assert_eq!(b.distinct_endpoints(), 2);
+        assert_eq!(b.endpoint("/a").unwrap().failed, 1);
+        let names: Vec<&str> = b.endpoints().map(|(e, _)| e).collect();
+        assert_eq!(names, vec!["/a", "/b"]);
     }
 
     #[test]

@@ -155,7 +155,7 @@ async fn usage(
         average_latency_ms: totals.average_latency_ms(),
         p95_latency_ms: totals.latency.quantile(0.95).unwrap_or(0.0),
         p99_latency_ms: totals.latency.quantile(0.99).unwrap_or(0.0),
-        unique_endpoints: bucket.endpoints.values().filter(|s| s.requests > 0).count(),
+        unique_endpoints: bucket.distinct_endpoints(),
         client_id: client,
     }))
 }
@@ -190,8 +190,7 @@ async fn endpoints(
     let (start, end) = period.bounds(at);
     let bucket = merged(&state, &client, period.granularity(), start, end)?;
     let mut endpoints: Vec<EndpointUsage> = bucket
-        .endpoints
-        .into_iter()
+        .into_endpoints()
         .filter(|(_, s)| s.requests > 0)
         .map(|(endpoint, s)| EndpointUsage {
             request_count: s.requests,

@@ -44,7 +44,12 @@ mod tests {
     #[test]
     fn round_trip_and_version_check() {
         let mut b = BucketStats::default();
-        b.endpoints.insert("/x".into(), Default::default());
+        let e = tally_pipelines::event::decode_event(
+            r#"{"client_id":"c","endpoint":"/x","status":200,"latency_ms":1,"timestamp":0}"#,
+            &tally_pipelines::event::ValidationContext::lenient(),
+        )
+        .unwrap();
+        b.record(&e, 1);
         let bytes = encode(&b).unwrap();
         assert_eq!(bytes[0], VALUE_VERSION);
         assert_eq!(decode::<BucketStats>(&bytes).unwrap(), b);
