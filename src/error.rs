@@ -127,7 +127,7 @@ impl IntoResponse for ApiError {
             _ => &[],
         };
         let body = Problem {
-            kind: &format!("https://tally.dev/problems/{slug}"),
+            kind: &format!("urn:tally:problem:{slug}"),
             title,
             status: status.as_u16(),
             detail,

@@ -18,6 +18,17 @@ use tally_state::retention::wall_clock_ms;
 use super::AppState;
 use crate::error::{ApiError, FieldProblem};
 
+/// Latencies as reported: the sketch's representative values carry noise
+/// digits; three decimals (one microsecond) keep the rounding far inside
+/// the 1 % quantile error for anything above half a millisecond.
+fn latency(ms: f64) -> f64 {
+    if ms >= 0.5 {
+        (ms * 1000.0).round() / 1000.0
+    } else {
+        ms
+    }
+}
+
 /// At most this many points per history answer.
 const MAX_HISTORY_POINTS: i64 = 10_000;
 
@@ -153,8 +164,8 @@ async fn usage(
         total_data_transfer_bytes: totals.bytes,
         compute_units: totals.compute_units,
         average_latency_ms: totals.average_latency_ms(),
-        p95_latency_ms: totals.latency.quantile(0.95).unwrap_or(0.0),
-        p99_latency_ms: totals.latency.quantile(0.99).unwrap_or(0.0),
+        p95_latency_ms: latency(totals.latency.quantile(0.95).unwrap_or(0.0)),
+        p99_latency_ms: latency(totals.latency.quantile(0.99).unwrap_or(0.0)),
         unique_endpoints: bucket.distinct_endpoints(),
         client_id: client,
     }))
@@ -197,7 +208,7 @@ async fn endpoints(
             error_count: s.failed,
             error_rate: s.failed as f64 / s.requests as f64,
             average_latency_ms: s.average_latency_ms(),
-            p95_latency_ms: s.latency.quantile(0.95).unwrap_or(0.0),
+            p95_latency_ms: latency(s.latency.quantile(0.95).unwrap_or(0.0)),
             total_data_transfer_bytes: s.bytes,
             endpoint,
         })
