@@ -3,7 +3,6 @@
 //! on a thread of their own so that any tokio runtime (axum's, a CLI's)
 //! can talk to them through the router.
 
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -12,6 +11,7 @@ use tally_state::Store;
 
 use crate::router::{ShardEndpoint, ShardRouter};
 use crate::shard::{Shard, ShardConfig};
+use crate::status::ShardStatus;
 use crate::Error;
 
 pub struct Engine {
@@ -36,9 +36,9 @@ impl Engine {
                     let arbiters: Vec<Arbiter> = (0..threads).map(|_| Arbiter::new()).collect();
                     let shards = (0..partitions)
                         .map(|p| {
-                            let queued = Arc::new(AtomicUsize::new(0));
+                            let status = Arc::new(ShardStatus::default());
                             let (store, config, q) =
-                                (store.clone(), config.clone(), queued.clone());
+                                (store.clone(), config.clone(), status.clone());
                             let arbiter = &arbiters[usize::from(p) % threads];
                             let addr = Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
                                 Shard::new(p, store, config, q)
@@ -46,7 +46,7 @@ impl Engine {
                             ShardEndpoint {
                                 apply: addr.clone().recipient(),
                                 flush: addr.recipient(),
-                                queued,
+                                status,
                             }
                         })
                         .collect::<Vec<_>>();

@@ -4,6 +4,7 @@
 //!   flushing it atomically with source positions; supervised.
 //! - [`router`]: partitioning, admission and back-pressure.
 //! - [`engine`]: starts the actor system and the supervised shards.
+//! - [`status`]: mailbox depth and health a shard shares.
 //! - [`messages`]: batches and acknowledgements.
 //! - [`telemetry`]: metric names and typed internal events.
 
@@ -11,6 +12,7 @@ pub mod engine;
 pub mod messages;
 pub mod router;
 pub mod shard;
+pub mod status;
 pub mod telemetry;
 
 pub use engine::Engine;

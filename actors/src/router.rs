@@ -3,7 +3,7 @@
 //! (503) when any shard it needs is at capacity, all-or-nothing, so a
 //! refused request changed nothing and can simply be retried.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::Recipient;
@@ -13,13 +13,14 @@ use tally_pipelines::partitioner::partition_for;
 use tokio::sync::oneshot;
 
 use crate::messages::{ApplyBatch, BatchOutcome, FlushNow, Source, Urgency};
+use crate::status::{ShardHealth, ShardStatus};
 use crate::telemetry::IngestOverloaded;
 use crate::Error;
 
 pub struct ShardEndpoint {
     pub apply: Recipient<ApplyBatch>,
     pub flush: Recipient<FlushNow>,
-    pub queued: Arc<AtomicUsize>,
+    pub status: Arc<ShardStatus>,
 }
 
 #[derive(Clone)]
@@ -91,12 +92,12 @@ impl ShardRouter {
         let mut reserved = Vec::with_capacity(routed.per_partition.len());
         for (p, _, _) in &routed.per_partition {
             let shard = self.shard(*p)?;
-            let before = shard.queued.fetch_add(1, Ordering::Relaxed);
+            let before = shard.status.queued.fetch_add(1, Ordering::Relaxed);
             reserved.push(*p);
             if before >= self.capacity {
                 IngestOverloaded { shard: *p }.emit();
                 for r in reserved {
-                    self.shard(r)?.queued.fetch_sub(1, Ordering::Relaxed);
+                    self.shard(r)?.status.queued.fetch_sub(1, Ordering::Relaxed);
                 }
                 return Err(Error::Overloaded { shard: *p });
             }
@@ -112,7 +113,7 @@ impl ShardRouter {
             };
             let shard = self.shard(p)?;
             if shard.apply.send(msg).await.is_err() {
-                shard.queued.fetch_sub(1, Ordering::Relaxed);
+                shard.status.queued.fetch_sub(1, Ordering::Relaxed);
                 return Err(Error::ShardUnavailable { shard: p });
             }
             acks.push((p, rx));
@@ -139,7 +140,7 @@ impl ShardRouter {
     ) -> Result<oneshot::Receiver<Result<BatchOutcome, Error>>, Error> {
         let shard = self.shard(partition)?;
         let (tx, rx) = oneshot::channel();
-        shard.queued.fetch_add(1, Ordering::Relaxed);
+        shard.status.queued.fetch_add(1, Ordering::Relaxed);
         let msg = ApplyBatch {
             source,
             events,
@@ -147,7 +148,7 @@ impl ShardRouter {
             ack: Some((tx, Urgency::NextFlush)),
         };
         if shard.apply.send(msg).await.is_err() {
-            shard.queued.fetch_sub(1, Ordering::Relaxed);
+            shard.status.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(Error::ShardUnavailable { shard: partition });
         }
         Ok(rx)
@@ -176,7 +177,12 @@ impl ShardRouter {
     pub fn mailbox_depths(&self) -> Vec<usize> {
         self.shards
             .iter()
-            .map(|s| s.queued.load(Ordering::Relaxed))
+            .map(|s| s.status.queued.load(Ordering::Relaxed))
             .collect()
+    }
+
+    /// Health of every shard, by partition.
+    pub fn health(&self) -> Vec<ShardHealth> {
+        self.shards.iter().map(|s| s.status.snapshot()).collect()
     }
 }

@@ -13,7 +13,7 @@
 //! next batch or flush fails) so they resume from the stored position.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ use tally_pipelines::ingest::{PartitionIngest, PartitionRules, Verdict};
 use tally_state::{Checkpoint, Store};
 
 use crate::messages::{Ack, ApplyBatch, BatchOutcome, FlushNow, Source, Urgency};
+use crate::status::ShardStatus;
 use crate::telemetry::{BatchApplied, FlushCompleted, FlushFailed, MailboxDepth, ShardRestarted};
 use crate::Error;
 
@@ -77,9 +78,9 @@ pub struct Shard {
     /// A waiter needs an fsync'd flush (HTTP acks), not only a WAL write.
     sync_needed: bool,
     dirty: bool,
-    /// Messages sent but not yet handled (shared with the router, which
-    /// refuses HTTP batches when it is at capacity).
-    queued: Arc<AtomicUsize>,
+    /// Mailbox depth and health, shared with the router (which refuses
+    /// HTTP batches at capacity) and with health checks.
+    status: Arc<ShardStatus>,
 }
 
 /// Internal: flush once the mailbox is drained.
@@ -92,7 +93,7 @@ impl Shard {
         partition: u16,
         store: Arc<Store>,
         config: Arc<ShardConfig>,
-        queued: Arc<AtomicUsize>,
+        status: Arc<ShardStatus>,
     ) -> Self {
         let mut shard = Shard {
             partition,
@@ -111,7 +112,7 @@ impl Shard {
             urgent_flush_scheduled: false,
             sync_needed: false,
             dirty: false,
-            queued,
+            status,
         };
         shard.reload();
         shard
@@ -214,6 +215,7 @@ impl Shard {
         match self.store.commit(self.partition, &content, &mut next, sync) {
             Ok(stats) => {
                 self.checkpoint = next;
+                self.status.flush_succeeded();
                 self.dirty = false;
                 self.sync_needed = false;
                 FlushCompleted {
@@ -233,6 +235,7 @@ impl Shard {
                     error: &error.to_string(),
                 }
                 .emit();
+                self.status.flush_failed(&error.to_string());
                 self.answer_waiters(Err(error.clone()));
                 // The supervisor restarts the shard from its last flush.
                 ctx.stop();
@@ -260,7 +263,7 @@ impl Actor for Shard {
             }
             MailboxDepth {
                 shard: shard.partition,
-                depth: shard.queued.load(Ordering::Relaxed),
+                depth: shard.status.queued.load(Ordering::Relaxed),
             }
             .emit();
         });
@@ -273,6 +276,7 @@ impl Supervised for Shard {
             shard: self.partition,
         }
         .emit();
+        self.status.restarted();
         for (source, applied) in &self.positions {
             if self.checkpoint.positions.get(source) != Some(applied) {
                 self.broken_sources.insert(source.clone());
@@ -290,7 +294,7 @@ impl Handler<ApplyBatch> for Shard {
     type Result = ();
 
     fn handle(&mut self, msg: ApplyBatch, ctx: &mut Context<Self>) {
-        self.queued.fetch_sub(1, Ordering::Relaxed);
+        self.status.queued.fetch_sub(1, Ordering::Relaxed);
         let result = self.apply(&msg.source, &msg.events, msg.positions.as_deref());
         match (result, msg.ack) {
             (Ok(outcome), Some((ack, urgency))) => {

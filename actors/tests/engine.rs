@@ -1,11 +1,12 @@
 //! Shards and routing over a real RocksDB store.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::{Actor, Context, Handler};
 use tally_actors::messages::{ApplyBatch, FlushNow};
 use tally_actors::router::{ShardEndpoint, ShardRouter};
+use tally_actors::status::ShardStatus;
 use tally_actors::{Engine, Error, ShardConfig, Source};
 use tally_pipelines::event::RequestEvent;
 use tally_pipelines::partitioner::partition_for;
@@ -117,13 +118,13 @@ impl Handler<FlushNow> for StuckShard {
 
 #[actix_rt::test]
 async fn ingest_is_refused_whole_when_a_shard_mailbox_is_full() {
-    let queued = Arc::new(AtomicUsize::new(0));
+    let status = Arc::new(ShardStatus::default());
     let stuck = StuckShard { held: Vec::new() }.start();
     let router = ShardRouter::new(
         vec![ShardEndpoint {
             apply: stuck.clone().recipient(),
             flush: stuck.recipient(),
-            queued: queued.clone(),
+            status: status.clone(),
         }],
         2,
     );
@@ -134,7 +135,7 @@ async fn ingest_is_refused_whole_when_a_shard_mailbox_is_full() {
             let _ = r.ingest_durable(vec![event("c", i)], Source::Http).await;
         });
     }
-    while queued.load(Ordering::Relaxed) < 2 {
+    while status.queued.load(Ordering::Relaxed) < 2 {
         actix_rt::task::yield_now().await;
     }
     let refused = router
@@ -142,5 +143,5 @@ async fn ingest_is_refused_whole_when_a_shard_mailbox_is_full() {
         .await;
     assert_eq!(refused, Err(Error::Overloaded { shard: 0 }));
     // The refusal reserved nothing.
-    assert_eq!(queued.load(Ordering::Relaxed), 2);
+    assert_eq!(status.queued.load(Ordering::Relaxed), 2);
 }

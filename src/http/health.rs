@@ -27,41 +27,65 @@ async fn live() -> impl IntoResponse {
     Json(json!({"status": "live"}))
 }
 
+/// Why the instance is not ready, if it is not: starting or stopping, or
+/// a shard whose flushes keep failing across restarts (its circuit is
+/// tripped; see `tally_actors::status`).
+fn not_ready_reason(state: &AppState) -> Option<String> {
+    if !state.ready.load(Ordering::Relaxed) {
+        return Some("starting or shutting down".into());
+    }
+    let tripped: Vec<String> = state
+        .shards
+        .health()
+        .into_iter()
+        .enumerate()
+        .filter(|(_, h)| h.tripped())
+        .map(|(p, h)| {
+            format!(
+                "partition {p}: {} consecutive failed flushes ({})",
+                h.consecutive_failures,
+                h.last_error.unwrap_or_default()
+            )
+        })
+        .collect();
+    (!tripped.is_empty()).then(|| tripped.join("; "))
+}
+
 async fn ready(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    if state.ready.load(Ordering::Relaxed) {
-        Ok(Json(json!({"status": "ready"})))
-    } else {
-        Err(ApiError::Unavailable(
-            "not ready: starting or shutting down".into(),
-        ))
+    match not_ready_reason(&state) {
+        None => Ok(Json(json!({"status": "ready"}))),
+        Some(reason) => Err(ApiError::Unavailable(format!("not ready: {reason}"))),
     }
 }
 
 async fn detailed(State(state): State<AppState>) -> impl IntoResponse {
-    let depths = state.shards.mailbox_depths();
-    let partitions: Vec<_> = depths
-        .iter()
+    let partitions: Vec<_> = state
+        .shards
+        .health()
+        .into_iter()
         .enumerate()
-        .map(|(p, depth)| {
-            let clock = state.store.partition_clock(p as u16);
+        .map(|(p, h)| {
             json!({
                 "partition": p,
-                "mailbox_depth": depth,
+                "mailbox_depth": h.queued,
                 "mailbox_capacity": state.config.mailbox_capacity,
-                "max_event_time": clock.map(format_rfc3339_ms),
+                "max_event_time": state.store.partition_clock(p as u16).map(format_rfc3339_ms),
+                "restarts": h.restarts,
+                "consecutive_flush_failures": h.consecutive_failures,
+                "last_error": h.last_error,
             })
         })
         .collect();
-    let ready = state.ready.load(Ordering::Relaxed);
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    let reason = not_ready_reason(&state);
+    let status = match reason {
+        None => StatusCode::OK,
+        Some(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     (
         status,
         Json(json!({
-            "status": if ready { "ready" } else { "not_ready" },
+            "status": if reason.is_none() { "ready" } else { "not_ready" },
+            "reason": reason,
             "storage": {"engine": "rocksdb", "data_dir": state.config.data_dir, "size_bytes": state.store.size_bytes()},
             "partitions": partitions,
         })),
