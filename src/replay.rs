@@ -39,6 +39,12 @@ pub struct ReplayArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Persist progress at least every N lines. A replay writes no
+    /// write-ahead log; its state and positions reach disk when RocksDB
+    /// flushes memtables (atomically across column families), so a killed
+    /// replay redoes at most this many lines (or a memtable's worth).
+    #[arg(long, default_value_t = 5_000_000)]
+    pub checkpoint_every: u64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -67,8 +73,14 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplaySummary> {
     crate::observability::init_logging(config.log_format);
     let canonical = std::fs::canonicalize(&args.file)
         .with_context(|| format!("cannot open {}", args.file.display()))?;
+    // A replay needs no write-ahead log: it is resumable from the source
+    // positions that RocksDB's atomic flushes persist with the state.
+    let store_options = tally_state::StoreOptions {
+        wal: false,
+        ..config.store_options()
+    };
     let store = Arc::new(
-        Store::open(&config.data_dir, config.store_options())
+        Store::open(&config.data_dir, store_options)
             .with_context(|| format!("cannot open state in {}", config.data_dir.display()))?,
     );
     let source = Source::Replay {
@@ -83,6 +95,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplaySummary> {
         .with_context(|| format!("cannot open {}", canonical.display()))?;
     let result = runtime.block_on(feed(
         &engine.router(),
+        &store,
         &config,
         args,
         source,
@@ -193,6 +206,7 @@ fn decode_chunk(chunk: Chunk, router: &ShardRouter, ctx: &ValidationContext) -> 
 
 async fn feed(
     router: &ShardRouter,
+    store: &Store,
     config: &Config,
     args: &ReplayArgs,
     source: Source,
@@ -223,6 +237,7 @@ async fn feed(
     let mut next_progress = args.progress_every.map(|n| line_no + n.max(1));
     let mut eof = false;
     let mut lines_done = line_no;
+    let mut next_checkpoint = line_no + args.checkpoint_every.max(1);
     loop {
         // Keep every core decoding while batches go to the shards in file
         // order (shards need ascending positions per source).
@@ -273,6 +288,12 @@ async fn feed(
                     anyhow::bail!("a shard stopped during the replay")
                 }
             }
+        }
+        if lines_done >= next_checkpoint {
+            // Shards flush what they applied, then memtables go to disk.
+            router.flush_all(Some(source.clone())).await?;
+            store.sync()?;
+            next_checkpoint = lines_done + args.checkpoint_every.max(1);
         }
         if let Some(next) = next_progress.as_mut() {
             if lines_done >= *next {

@@ -44,6 +44,8 @@ fn replay_killed(file: &Path, data: &Path, progress_lines: usize) -> bool {
             "2000",
             "--flush-interval",
             "20ms",
+            "--checkpoint-every",
+            "15000",
         ])
         .args(["--log-format", "json"])
         .stdout(Stdio::null())

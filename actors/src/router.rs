@@ -111,11 +111,10 @@ impl ShardRouter {
                 positions: None,
                 ack: Some((tx, Urgency::FlushSoon)),
             };
-            let shard = self.shard(p)?;
-            if shard.apply.send(msg).await.is_err() {
-                shard.status.queued.fetch_sub(1, Ordering::Relaxed);
-                return Err(Error::ShardUnavailable { shard: p });
-            }
+            // Room was reserved above; `do_send` does not wait for the shard
+            // to handle the batch, so every shard works on it in parallel. A
+            // dead shard drops the ack, which the receiver reports.
+            self.shard(p)?.apply.do_send(msg);
             acks.push((p, rx));
         }
         let mut total = BatchOutcome::default();
@@ -139,6 +138,7 @@ impl ShardRouter {
         positions: Vec<u64>,
     ) -> Result<oneshot::Receiver<Result<BatchOutcome, Error>>, Error> {
         let shard = self.shard(partition)?;
+        shard.status.wait_for_room(self.capacity).await;
         let (tx, rx) = oneshot::channel();
         shard.status.queued.fetch_add(1, Ordering::Relaxed);
         let msg = ApplyBatch {
@@ -147,10 +147,9 @@ impl ShardRouter {
             positions: Some(positions),
             ack: Some((tx, Urgency::NextFlush)),
         };
-        if shard.apply.send(msg).await.is_err() {
-            shard.status.queued.fetch_sub(1, Ordering::Relaxed);
-            return Err(Error::ShardUnavailable { shard: partition });
-        }
+        // Not `send`, which would wait until the shard has handled the
+        // batch and serialize the shards behind this one sender.
+        shard.apply.do_send(msg);
         Ok(rx)
     }
 

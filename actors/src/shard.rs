@@ -294,7 +294,7 @@ impl Handler<ApplyBatch> for Shard {
     type Result = ();
 
     fn handle(&mut self, msg: ApplyBatch, ctx: &mut Context<Self>) {
-        self.status.queued.fetch_sub(1, Ordering::Relaxed);
+        self.status.batch_taken();
         let result = self.apply(&msg.source, &msg.events, msg.positions.as_deref());
         match (result, msg.ack) {
             (Ok(outcome), Some((ack, urgency))) => {

@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use tokio::sync::Notify;
+
 /// Consecutive failed flushes after which the instance reports not ready.
 pub const FAILURES_BEFORE_NOT_READY: u32 = 3;
 
@@ -11,6 +13,8 @@ pub const FAILURES_BEFORE_NOT_READY: u32 = 3;
 pub struct ShardStatus {
     /// Batches sent to the shard and not yet handled.
     pub queued: AtomicUsize,
+    /// Signalled each time the shard takes a batch from its mailbox.
+    room: Notify,
     restarts: AtomicU64,
     consecutive_failures: AtomicU32,
     // A std mutex: touched only on failure and by health checks, never
@@ -35,6 +39,26 @@ impl ShardHealth {
 }
 
 impl ShardStatus {
+    /// The shard took a batch: one more slot in its mailbox.
+    pub fn batch_taken(&self) {
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        self.room.notify_waiters();
+    }
+
+    /// Waits until fewer than `capacity` batches are queued. (Concurrent
+    /// senders may overshoot by one batch each; the bound stays finite.)
+    pub async fn wait_for_room(&self, capacity: usize) {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.queued.load(Ordering::Relaxed) < capacity {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     pub fn flush_failed(&self, error: &str) {
         self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut last) = self.last_error.lock() {

@@ -25,6 +25,12 @@ pub struct StoreOptions {
     pub partitions: u16,
     pub retention: Retention,
     pub block_cache_bytes: usize,
+    /// Write-ahead log. Without it (bulk replays), commits live in
+    /// memtables until RocksDB flushes them, and flushes are atomic across
+    /// column families, so a crash loses a suffix of commits, never part
+    /// of one: state and source positions stay consistent, and the replay
+    /// resumes from the positions that survived.
+    pub wal: bool,
 }
 
 impl Default for StoreOptions {
@@ -33,6 +39,7 @@ impl Default for StoreOptions {
             partitions: 12,
             retention: Retention::default(),
             block_cache_bytes: 64 << 20,
+            wal: true,
         }
     }
 }
@@ -77,6 +84,7 @@ pub struct Store {
     partitions: u16,
     retention: Retention,
     clocks: Arc<PartitionClocks>,
+    wal: bool,
 }
 
 fn rocks(e: rocksdb::Error) -> Error {
@@ -123,6 +131,9 @@ impl Store {
         db_opts.increase_parallelism(2);
         db_opts.set_max_background_jobs(2);
         db_opts.set_keep_log_file_num(4);
+        // One commit spans column families (stats, dedupe, positions); a
+        // flush must never persist some of them without the others.
+        db_opts.set_atomic_flush(true);
 
         let table = |bloom: bool| {
             let mut t = BlockBasedOptions::default();
@@ -193,6 +204,7 @@ impl Store {
             partitions: options.partitions,
             retention,
             clocks,
+            wal: options.wal,
         };
         store.check_partition_count()?;
         for p in 0..store.partitions {
@@ -348,7 +360,8 @@ impl Store {
             records: batch.len(),
         };
         let mut opts = WriteOptions::default();
-        opts.set_sync(sync);
+        opts.set_sync(sync && self.wal);
+        opts.disable_wal(!self.wal);
         self.db.write_opt(batch, &opts).map_err(rocks)?;
         *checkpoint = next;
         if let Some(ms) = checkpoint.max_event_ms {
@@ -445,7 +458,16 @@ impl Store {
     /// Makes everything written so far durable (used at the end of a replay
     /// and at shutdown).
     pub fn sync(&self) -> Result<()> {
-        self.db.flush_wal(true).map_err(rocks)
+        if self.wal {
+            return self.db.flush_wal(true).map_err(rocks);
+        }
+        let cfs = keys::ALL_CFS
+            .iter()
+            .map(|name| self.cf(name))
+            .collect::<Result<Vec<_>>>()?;
+        let mut opts = rocksdb::FlushOptions::default();
+        opts.set_wait(true);
+        self.db.flush_cfs_opt(&cfs, &opts).map_err(rocks)
     }
 
     /// Forces a full compaction (retention tests, maintenance).
