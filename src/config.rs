@@ -28,7 +28,7 @@ pub struct EngineArgs {
     /// Flush interval of a dirty shard, e.g. 1s, 250ms [default: 1s].
     #[arg(long, env = "TALLY_FLUSH_INTERVAL")]
     pub flush_interval: Option<String>,
-    /// Flush a shard once this many events are pending [default: 200000].
+    /// Flush a shard once this many events are pending [default: 25000].
     #[arg(long, env = "TALLY_FLUSH_MAX_EVENTS")]
     pub flush_max_events: Option<usize>,
     /// Bounded shard mailbox, in batches [default: 16].
@@ -212,7 +212,7 @@ impl Config {
         let flush_max_events = engine
             .flush_max_events
             .or(file.flush_max_events)
-            .unwrap_or(200_000);
+            .unwrap_or(25_000);
         let mailbox_capacity = engine
             .mailbox_capacity
             .or(file.mailbox_capacity)

@@ -53,7 +53,7 @@ impl Default for ShardConfig {
             rules: PartitionRules::default(),
             weights: Arc::default(),
             flush_interval: Duration::from_secs(1),
-            flush_max_events: 200_000,
+            flush_max_events: 25_000,
             mailbox_capacity: 16,
             sync_writes: true,
             dedupe_max_ids: 1_000_000,
