@@ -20,6 +20,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// Events are allocated by decoding threads and freed by shard threads;
+// jemalloc (as in TiKV) handles that cross-thread traffic far better than
+// the system allocator, and returns memory to the OS.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tally",
