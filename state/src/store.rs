@@ -146,7 +146,17 @@ impl Store {
         let base = |bloom: bool| {
             let mut o = Options::default();
             o.set_block_based_table_factory(&table(bloom));
-            o.set_compression_type(DBCompressionType::Lz4);
+            // Fresh (L0/L1) files are rewritten soon by compaction; compress
+            // only the levels data settles in, to keep flushes cheap.
+            o.set_compression_per_level(&[
+                DBCompressionType::None,
+                DBCompressionType::None,
+                DBCompressionType::Lz4,
+                DBCompressionType::Lz4,
+                DBCompressionType::Lz4,
+                DBCompressionType::Lz4,
+                DBCompressionType::Lz4,
+            ]);
             // Files that age without compaction are still rewritten, so
             // retention filters run even on idle data.
             o.set_periodic_compaction_seconds(86_400);

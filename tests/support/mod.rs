@@ -71,6 +71,11 @@ impl Server {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
         }
         let status = self.child.wait().unwrap();
+        if !status.success() {
+            let log =
+                std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default();
+            eprintln!("tally serve exited with {status}; its log:\n{log}");
+        }
         std::mem::forget(self);
         status
     }
