@@ -60,6 +60,18 @@ pub struct ServeArgs {
     /// HTTP listen address [default: 127.0.0.1:8080].
     #[arg(long, env = "TALLY_LISTEN")]
     pub listen: Option<String>,
+    /// Kafka bootstrap servers (HOST:PORT,...); without them no Kafka is used.
+    #[arg(long, env = "TALLY_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// Kafka consumer group [default: tally].
+    #[arg(long, env = "TALLY_KAFKA_GROUP")]
+    pub kafka_group: Option<String>,
+    /// Request topic [default: tally.requests].
+    #[arg(long, env = "TALLY_KAFKA_TOPIC")]
+    pub kafka_topic: Option<String>,
+    /// Dead-letter topic [default: <topic>.dlq].
+    #[arg(long, env = "TALLY_KAFKA_DLQ_TOPIC")]
+    pub kafka_dlq_topic: Option<String>,
     /// Largest accepted request body, e.g. 64MiB [default: 64MiB].
     #[arg(long, env = "TALLY_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -86,6 +98,7 @@ pub struct FileConfig {
     pub request_timeout: Option<String>,
     pub max_errors_reported: Option<usize>,
     pub retention: RetentionFile,
+    pub kafka: KafkaFile,
     /// Compute units per endpoint template for events without their own.
     pub compute_units: HashMap<String, u64>,
 }
@@ -97,6 +110,15 @@ pub struct RetentionFile {
     pub hour: Option<String>,
     pub day: Option<String>,
     pub dead_letter: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaFile {
+    pub brokers: Option<String>,
+    pub group: Option<String>,
+    pub topic: Option<String>,
+    pub dead_letter_topic: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +151,7 @@ pub struct Config {
     pub retention_dead_letter: Duration,
     pub log_format: Option<LogFormat>,
     pub compute_units: HashMap<String, u64>,
+    pub kafka: Option<tally_actors::kafka_source::KafkaConfig>,
 }
 
 impl Config {
@@ -249,6 +272,35 @@ impl Config {
                 None
             }
         };
+        let kafka = serve
+            .kafka_brokers
+            .clone()
+            .or(file.kafka.brokers)
+            .filter(|b| !b.trim().is_empty())
+            .map(|brokers| {
+                let topic = serve
+                    .kafka_topic
+                    .clone()
+                    .or(file.kafka.topic)
+                    .unwrap_or_else(|| "tally.requests".into());
+                tally_actors::kafka_source::KafkaConfig {
+                    brokers,
+                    group: serve
+                        .kafka_group
+                        .clone()
+                        .or(file.kafka.group)
+                        .unwrap_or_else(|| "tally".into()),
+                    dead_letter_topic: serve
+                        .kafka_dlq_topic
+                        .clone()
+                        .or(file.kafka.dead_letter_topic)
+                        .unwrap_or_else(|| format!("{topic}.dlq")),
+                    topic,
+                    batch_max: 50_000,
+                    batch_linger: Duration::from_millis(20),
+                    session_timeout: Duration::from_secs(45),
+                }
+            });
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -278,6 +330,7 @@ impl Config {
             retention_dead_letter,
             log_format,
             compute_units: file.compute_units,
+            kafka,
         })
     }
 

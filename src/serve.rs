@@ -50,6 +50,10 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             config: Arc::new(config.clone()),
             prometheus: prometheus.clone(),
             ready: ready.clone(),
+            kafka_ingest: match &config.kafka {
+                Some(k) => Some(Arc::new(tally_actors::kafka_ingest::KafkaIngest::new(k, config.partitions)?)),
+                None => None,
+            },
         };
         let upkeep = tokio::spawn(async move {
             loop {
@@ -67,6 +71,19 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             tracing::info!("shutdown requested: draining requests");
             let _ = signalled_tx.send(());
         };
+        let kafka = match config.kafka.clone() {
+            Some(kafka_config) => {
+                let validation_config = config.clone();
+                tracing::info!(brokers = %kafka_config.brokers, topic = %kafka_config.topic, group = %kafka_config.group, "consuming from Kafka");
+                Some(tally_actors::kafka_source::KafkaSource::start(
+                    kafka_config,
+                    engine.router(),
+                    store.clone(),
+                    move || validation_config.validation(tally_state::retention::wall_clock_ms()),
+                )?)
+            }
+            None => None,
+        };
         let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown);
         let served = tokio::spawn(async move { server.await });
         // Drain within the budget; after the signal, a stuck connection must
@@ -80,6 +97,9 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             _ = drained => tracing::warn!("requests still open after the drain budget; closing"),
         }
         upkeep.abort();
+        if let Some(kafka) = kafka {
+            kafka.stop().await;
+        }
         tokio::time::timeout(Duration::from_secs(5), engine.shutdown())
             .await
             .context("flushing shards timed out")??;

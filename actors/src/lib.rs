@@ -2,6 +2,8 @@
 //!
 //! - [`shard`]: the shard actor, sole owner of one partition's hot state,
 //!   flushing it atomically with source positions; supervised.
+//! - [`kafka_ingest`]: HTTP ingest through the topic in Kafka mode.
+//! - [`kafka_source`]: consumer-group source, positions from the store.
 //! - [`router`]: partitioning, admission and back-pressure.
 //! - [`engine`]: starts the actor system and the supervised shards.
 //! - [`status`]: mailbox depth and health a shard shares.
@@ -9,6 +11,8 @@
 //! - [`telemetry`]: metric names and typed internal events.
 
 pub mod engine;
+pub mod kafka_ingest;
+pub mod kafka_source;
 pub mod messages;
 pub mod router;
 pub mod shard;
@@ -38,6 +42,8 @@ pub enum Error {
     Storage(String),
     #[error("cannot start the engine: {0}")]
     Startup(String),
+    #[error("kafka: {0}")]
+    Kafka(String),
 }
 
 impl From<tally_state::Error> for Error {

@@ -15,6 +15,8 @@ pub enum Source {
     Http,
     /// A file replay; `id` identifies the file, positions are line numbers.
     Replay { id: String },
+    /// A Kafka topic; positions are offsets of the shard's own partition.
+    Kafka { id: String },
 }
 
 impl Source {
@@ -23,13 +25,14 @@ impl Source {
         match self {
             Source::Http => "http",
             Source::Replay { .. } => "replay",
+            Source::Kafka { .. } => "kafka",
         }
     }
 
     pub fn position_key(&self) -> Option<&str> {
         match self {
             Source::Http => None,
-            Source::Replay { id } => Some(id),
+            Source::Replay { id } | Source::Kafka { id } => Some(id),
         }
     }
 }

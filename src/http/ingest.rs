@@ -80,6 +80,17 @@ async fn ingest(
     .emit();
     let outcome = if decoded.events.is_empty() {
         Default::default()
+    } else if let Some(kafka) = &state.kafka_ingest {
+        // Kafka mode: durable once the broker acknowledged every event;
+        // duplicates and lateness are judged when they are consumed.
+        let produced = kafka
+            .produce(&decoded.events)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("cannot produce to Kafka: {e}")))?;
+        tally_actors::BatchOutcome {
+            accepted: produced,
+            ..Default::default()
+        }
     } else {
         state
             .shards

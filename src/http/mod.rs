@@ -37,6 +37,8 @@ pub struct AppState {
     pub prometheus: PrometheusHandle,
     /// False until the engine runs and again once shutdown begins.
     pub ready: Arc<AtomicBool>,
+    /// In Kafka mode, ingest produces to the request topic.
+    pub kafka_ingest: Option<Arc<tally_actors::kafka_ingest::KafkaIngest>>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod kafka;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

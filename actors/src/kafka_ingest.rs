@@ -1,0 +1,77 @@
+//! HTTP ingest in Kafka mode: events are produced to the request topic
+//! (idempotent producer, `acks=all`) and acknowledged once the broker has
+//! them; the Kafka source then counts them like any other message. Ingest
+//! never bypasses the topic, so the topic stays the one source of truth.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tally_pipelines::event::RequestEvent;
+use tally_pipelines::partitioner::partition_for;
+
+use crate::kafka_source::KafkaConfig;
+use crate::Error;
+
+pub struct KafkaIngest {
+    producer: FutureProducer,
+    topic: String,
+    partitions: u16,
+}
+
+impl KafkaIngest {
+    pub fn new(config: &KafkaConfig, partitions: u16) -> Result<KafkaIngest, Error> {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000")
+            .create()
+            .map_err(|e| Error::Kafka(e.to_string()))?;
+        Ok(KafkaIngest {
+            producer,
+            topic: config.topic.clone(),
+            partitions,
+        })
+    }
+
+    /// Produces every event to its client's partition and waits until the
+    /// broker has acknowledged all of them. Returns how many were produced.
+    pub async fn produce(&self, events: &[RequestEvent]) -> Result<u64, Error> {
+        let mut deliveries = Vec::with_capacity(events.len());
+        for event in events {
+            let payload = event.to_wire_json();
+            // Place explicitly: the shard of partition N must own the client.
+            let partition = i32::from(partition_for(&event.client_id, self.partitions));
+            let mut record = FutureRecord::to(&self.topic)
+                .partition(partition)
+                .key(event.client_id.as_str())
+                .payload(payload.as_str());
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        deliveries.push(delivery);
+                        break;
+                    }
+                    Err((e, back)) => {
+                        if deliveries.len() > 100_000 {
+                            return Err(Error::Kafka(format!("producer queue full: {e}")));
+                        }
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+            }
+        }
+        let mut produced = 0;
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => produced += 1,
+                Ok(Err((e, _))) => return Err(Error::Kafka(format!("delivery failed: {e}"))),
+                Err(_) => return Err(Error::Kafka("delivery cancelled".into())),
+            }
+        }
+        Ok(produced)
+    }
+}

@@ -1,0 +1,387 @@
+//! The Kafka source: consumes the request topic in a consumer group and
+//! feeds partition N to shard N, in batches.
+//!
+//! RocksDB, not the broker, holds the truth about progress: each shard
+//! stores the last offset it applied in the same WriteBatch as the state it
+//! produced. When the group assigns a partition, the consumer starts at
+//! that stored offset + 1; offsets are committed to the broker only after a
+//! shard's flush acknowledges them, for lag monitoring. Killed at any
+//! moment and restarted, the instance re-reads what was not flushed, and
+//! the shard drops what it had already applied.
+//!
+//! Messages that do not decode or validate, or whose key was placed on the
+//! wrong partition, go to a dead-letter topic with headers saying why and
+//! where they came from; they never stall a partition.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use metrics::counter;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use tally_pipelines::decode::decode_event_bytes;
+use tally_pipelines::event::{RequestEvent, ValidationContext};
+use tally_pipelines::partitioner::partition_for;
+use tally_state::Store;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::messages::{BatchOutcome, Source};
+use crate::router::ShardRouter;
+use crate::telemetry::{EventsRejected, KAFKA_DEAD_LETTERS};
+use crate::Error;
+
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group: String,
+    pub topic: String,
+    pub dead_letter_topic: String,
+    /// Most messages gathered into one round of batches.
+    pub batch_max: usize,
+    /// How long to wait for more messages before dispatching a round.
+    pub batch_linger: Duration,
+    /// How soon the group notices a dead member and moves its partitions.
+    pub session_timeout: Duration,
+}
+
+impl KafkaConfig {
+    pub fn source(&self) -> Source {
+        Source::Kafka {
+            id: format!("kafka:{}", self.topic),
+        }
+    }
+}
+
+/// Positions messages from the store when the group assigns partitions.
+struct PositionedContext {
+    store: Arc<Store>,
+    topic: String,
+    source_key: String,
+}
+
+impl ClientContext for PositionedContext {}
+
+impl ConsumerContext for PositionedContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let assigned: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                for partition in assigned {
+                    let stored = u16::try_from(partition)
+                        .ok()
+                        .and_then(|p| self.store.load_checkpoint(p).ok())
+                        .and_then(|c| c.positions.get(&self.source_key).copied());
+                    let offset = match stored.and_then(|o| i64::try_from(o).ok()) {
+                        Some(o) => Offset::Offset(o + 1),
+                        None => Offset::Beginning,
+                    };
+                    tracing::info!(topic = %self.topic, partition, ?offset, "partition assigned");
+                    if let Err(e) = tpl.set_partition_offset(&self.topic, partition, offset) {
+                        tracing::error!(error = %e, partition, "cannot position partition");
+                    }
+                }
+                if let Err(e) = consumer.assign(tpl) {
+                    tracing::error!(error = %e, "assign failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(topic = %self.topic, "partitions revoked");
+                if let Err(e) = consumer.unassign() {
+                    tracing::error!(error = %e, "unassign failed");
+                }
+            }
+            other => tracing::error!(error = ?other, "rebalance error"),
+        }
+    }
+}
+
+/// A running Kafka source.
+pub struct KafkaSource {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// A dispatched batch awaiting its shard's flush.
+struct PendingAck {
+    partition: i32,
+    last_offset: i64,
+    rx: oneshot::Receiver<Result<BatchOutcome, Error>>,
+}
+
+impl KafkaSource {
+    /// Subscribes and starts consuming on the current tokio runtime.
+    pub fn start(
+        config: KafkaConfig,
+        router: ShardRouter,
+        store: Arc<Store>,
+        validation: impl Fn() -> ValidationContext + Send + Sync + 'static,
+    ) -> Result<KafkaSource, Error> {
+        let kafka = |e: rdkafka::error::KafkaError| Error::Kafka(e.to_string());
+        let context = PositionedContext {
+            store,
+            topic: config.topic.clone(),
+            source_key: format!("kafka:{}", config.topic),
+        };
+        let consumer: StreamConsumer<PositionedContext> = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("group.id", &config.group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("partition.assignment.strategy", "range")
+            .set(
+                "session.timeout.ms",
+                config.session_timeout.as_millis().to_string(),
+            )
+            .create_with_context(context)
+            .map_err(kafka)?;
+        consumer.subscribe(&[&config.topic]).map_err(kafka)?;
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()
+            .map_err(kafka)?;
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(consume(
+            config, consumer, producer, router, validation, stopped,
+        ));
+        Ok(KafkaSource { stop, task })
+    }
+
+    /// Stops consuming; what was dispatched is flushed by the engine.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+async fn consume(
+    config: KafkaConfig,
+    consumer: StreamConsumer<PositionedContext>,
+    producer: FutureProducer,
+    router: ShardRouter,
+    validation: impl Fn() -> ValidationContext + Send + Sync,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let source = config.source();
+    let partitions = router.partitions();
+    let mut stream = consumer.stream();
+    let mut pending: VecDeque<PendingAck> = VecDeque::new();
+    loop {
+        let first = tokio::select! {
+            _ = stopped.changed() => break,
+            m = stream.next() => m,
+            // Wake up to commit acknowledged offsets while idle.
+            _ = tokio::time::sleep(Duration::from_millis(200)) => None,
+        };
+        let mut round: Vec<Received> = Vec::new();
+        if let Some(m) = first {
+            take(&mut round, m);
+            let deadline = tokio::time::Instant::now() + config.batch_linger;
+            while round.len() < config.batch_max {
+                match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(Some(m)) => take(&mut round, m),
+                    _ => break,
+                }
+            }
+        }
+        if !round.is_empty() {
+            if let Err(e) = dispatch(
+                &config,
+                &source,
+                partitions,
+                &router,
+                &producer,
+                &validation,
+                round,
+                &mut pending,
+            )
+            .await
+            {
+                tracing::error!(error = %e, "kafka dispatch failed");
+            }
+        }
+        commit_acknowledged(&consumer, &config.topic, &mut pending);
+    }
+    commit_acknowledged(&consumer, &config.topic, &mut pending);
+}
+
+/// A message copied out of the consumer: partition, offset, key, payload.
+type Received = (i32, i64, Option<Vec<u8>>, Option<Vec<u8>>);
+
+fn take(
+    round: &mut Vec<Received>,
+    m: rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>,
+) {
+    match m {
+        Ok(m) => round.push((
+            m.partition(),
+            m.offset(),
+            m.key().map(<[u8]>::to_vec),
+            m.payload().map(<[u8]>::to_vec),
+        )),
+        Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn dispatch(
+    config: &KafkaConfig,
+    source: &Source,
+    partitions: u16,
+    router: &ShardRouter,
+    producer: &FutureProducer,
+    validation: &(impl Fn() -> ValidationContext + Sync),
+    round: Vec<Received>,
+    pending: &mut VecDeque<PendingAck>,
+) -> Result<(), Error> {
+    let ctx = validation();
+    let mut per_partition: Vec<(Vec<RequestEvent>, Vec<u64>)> =
+        (0..partitions).map(|_| Default::default()).collect();
+    let mut rejected = 0;
+    for (partition, offset, key, payload) in round {
+        let outcome = match (
+            &payload,
+            u16::try_from(partition).ok().filter(|p| *p < partitions),
+        ) {
+            (_, None) => Err(format!(
+                "topic partition {partition} has no shard (instance has {partitions})"
+            )),
+            (None, _) => Err("empty message".to_string()),
+            (Some(bytes), Some(p)) => match decode_event_bytes(bytes, &ctx) {
+                Err(reason) => Err(reason.to_string()),
+                Ok(event) => {
+                    let owner = partition_for(&event.client_id, partitions);
+                    if owner == p {
+                        Ok((p, event))
+                    } else {
+                        Err(format!(
+                            "client {:?} belongs to partition {owner}, not {p}: key messages by client_id with the default partitioner",
+                            event.client_id
+                        ))
+                    }
+                }
+            },
+        };
+        match outcome {
+            Ok((p, event)) => {
+                let slot = &mut per_partition[usize::from(p)];
+                slot.0.push(event);
+                slot.1.push(u64::try_from(offset).unwrap_or(0));
+            }
+            Err(reason) => {
+                rejected += 1;
+                dead_letter(
+                    config,
+                    producer,
+                    partition,
+                    offset,
+                    key.as_deref(),
+                    payload.as_deref(),
+                    &reason,
+                )
+                .await;
+            }
+        }
+    }
+    EventsRejected {
+        source: source.label(),
+        count: rejected,
+    }
+    .emit();
+    for (p, (events, offsets)) in per_partition.into_iter().enumerate() {
+        let Some(&last) = offsets.last() else {
+            continue;
+        };
+        let rx = router
+            .send_positioned(p as u16, source.clone(), events, offsets)
+            .await?;
+        pending.push_back(PendingAck {
+            partition: p as i32,
+            last_offset: i64::try_from(last).unwrap_or(i64::MAX),
+            rx,
+        });
+    }
+    Ok(())
+}
+
+async fn dead_letter(
+    config: &KafkaConfig,
+    producer: &FutureProducer,
+    partition: i32,
+    offset: i64,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    reason: &str,
+) {
+    let (p, o) = (partition.to_string(), offset.to_string());
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "tally-reason",
+            value: Some(reason),
+        })
+        .insert(Header {
+            key: "tally-source-topic",
+            value: Some(&config.topic),
+        })
+        .insert(Header {
+            key: "tally-source-partition",
+            value: Some(&p),
+        })
+        .insert(Header {
+            key: "tally-source-offset",
+            value: Some(&o),
+        });
+    let mut record = FutureRecord::<[u8], [u8]>::to(&config.dead_letter_topic).headers(headers);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    if let Some(v) = payload {
+        record = record.payload(v);
+    }
+    match producer.send(record, Duration::from_secs(30)).await {
+        Ok(_) => counter!(KAFKA_DEAD_LETTERS).increment(1),
+        Err((e, _)) => {
+            tracing::error!(error = %e, partition, offset, "cannot write to the dead-letter topic")
+        }
+    }
+}
+
+/// Commits, for monitoring, the offsets whose shards have flushed.
+fn commit_acknowledged(
+    consumer: &StreamConsumer<PositionedContext>,
+    topic: &str,
+    pending: &mut VecDeque<PendingAck>,
+) {
+    let mut tpl = TopicPartitionList::new();
+    pending.retain_mut(|ack| match ack.rx.try_recv() {
+        Ok(Ok(_)) => {
+            let _ = tpl.add_partition_offset(topic, ack.partition, Offset::Offset(ack.last_offset + 1));
+            false
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, partition = ack.partition, "batch not applied; it will be re-read after restart");
+            false
+        }
+        Err(oneshot::error::TryRecvError::Empty) => true,
+        Err(oneshot::error::TryRecvError::Closed) => false,
+    });
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::warn!(error = %e, "offset commit failed (monitoring only)");
+        }
+    }
+}

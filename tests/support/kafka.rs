@@ -1,0 +1,131 @@
+//! A real Kafka-protocol broker (tansu) for the tests, and a producer.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+/// The tansu binary: `$TALLY_TANSU`, the CI cache, or `tansu` on PATH.
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TALLY_TANSU") {
+        return PathBuf::from(p);
+    }
+    let cached = PathBuf::from(std::env::var("HOME").unwrap_or_default())
+        .join(".cache/tally/tools/bin/tansu");
+    if cached.exists() {
+        return cached;
+    }
+    PathBuf::from("tansu")
+}
+
+pub struct Broker {
+    child: Child,
+    pub port: u16,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start tansu ({}): {e}; .ci/run installs it",
+                    tansu_bin().display()
+                )
+            });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker { child, port }
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        let status = Command::new(tansu_bin())
+            .args([
+                "topic",
+                "create",
+                "--broker",
+                &format!("tcp://127.0.0.1:{}", self.port),
+            ])
+            .args(["--partitions", &partitions.to_string()])
+            .args(["--config", "retention.ms=86400000"])
+            .arg(name)
+            .status()
+            .unwrap();
+        assert!(status.success(), "tansu topic create {name} failed");
+    }
+
+    /// A producer that places keys as Kafka's Java clients do (murmur2).
+    pub fn producer(&self) -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "20")
+            .set("enable.idempotence", "true")
+            .create()
+            .unwrap()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Produces `(key, payload)` records and waits for every delivery.
+pub async fn produce_all(producer: &FutureProducer, topic: &str, records: &[(String, String)]) {
+    let mut in_flight = Vec::new();
+    for (key, payload) in records {
+        let mut record = FutureRecord::to(topic)
+            .key(key.as_str())
+            .payload(payload.as_str());
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    in_flight.push(delivery);
+                    break;
+                }
+                Err((_, back)) => {
+                    // Local queue full: let deliveries drain.
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+        if in_flight.len() >= 20_000 {
+            for d in in_flight.drain(..) {
+                d.await.unwrap().unwrap();
+            }
+        }
+    }
+    for d in in_flight.drain(..) {
+        d.await.unwrap().unwrap();
+    }
+}
