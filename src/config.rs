@@ -72,6 +72,9 @@ pub struct ServeArgs {
     /// Dead-letter topic [default: <topic>.dlq].
     #[arg(long, env = "TALLY_KAFKA_DLQ_TOPIC")]
     pub kafka_dlq_topic: Option<String>,
+    /// Not ready after the brokers have been unreachable this long [default: 30s].
+    #[arg(long, env = "TALLY_KAFKA_OUTAGE_GRACE")]
+    pub kafka_outage_grace: Option<String>,
     /// Largest accepted request body, e.g. 64MiB [default: 64MiB].
     #[arg(long, env = "TALLY_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -119,6 +122,7 @@ pub struct KafkaFile {
     pub group: Option<String>,
     pub topic: Option<String>,
     pub dead_letter_topic: Option<String>,
+    pub outage_grace: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +156,7 @@ pub struct Config {
     pub log_format: Option<LogFormat>,
     pub compute_units: HashMap<String, u64>,
     pub kafka: Option<tally_actors::kafka_source::KafkaConfig>,
+    pub kafka_outage_grace: Duration,
 }
 
 impl Config {
@@ -200,6 +205,12 @@ impl Config {
         );
         let max_future = duration("max_future", &engine.max_future, &file.max_future, "15m");
         let request_timeout = duration("request_timeout", &None, &file.request_timeout, "60s");
+        let kafka_outage_grace = duration(
+            "kafka.outage_grace",
+            &serve.kafka_outage_grace,
+            &file.kafka.outage_grace,
+            "30s",
+        );
         let retention_minute = duration("retention.minute", &None, &file.retention.minute, "48h");
         let retention_hour = duration("retention.hour", &None, &file.retention.hour, "90days");
         let retention_day = duration("retention.day", &None, &file.retention.day, "730days");
@@ -331,6 +342,7 @@ impl Config {
             log_format,
             compute_units: file.compute_units,
             kafka,
+            kafka_outage_grace,
         })
     }
 

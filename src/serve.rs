@@ -44,6 +44,19 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let local = listener.local_addr()?;
         let ready = Arc::new(AtomicBool::new(true));
+        let kafka = match config.kafka.clone() {
+            Some(kafka_config) => {
+                let validation_config = config.clone();
+                tracing::info!(brokers = %kafka_config.brokers, topic = %kafka_config.topic, group = %kafka_config.group, "consuming from Kafka");
+                Some(tally_actors::kafka_source::KafkaSource::start(
+                    kafka_config,
+                    engine.router(),
+                    store.clone(),
+                    move || validation_config.validation(tally_state::retention::wall_clock_ms()),
+                )?)
+            }
+            None => None,
+        };
         let state = AppState {
             shards: engine.router(),
             store: store.clone(),
@@ -54,6 +67,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
                 Some(k) => Some(Arc::new(tally_actors::kafka_ingest::KafkaIngest::new(k, config.partitions)?)),
                 None => None,
             },
+            kafka_health: kafka.as_ref().map(|k| k.health()),
         };
         let upkeep = tokio::spawn(async move {
             loop {
@@ -70,19 +84,6 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             ready.store(false, Ordering::Relaxed);
             tracing::info!("shutdown requested: draining requests");
             let _ = signalled_tx.send(());
-        };
-        let kafka = match config.kafka.clone() {
-            Some(kafka_config) => {
-                let validation_config = config.clone();
-                tracing::info!(brokers = %kafka_config.brokers, topic = %kafka_config.topic, group = %kafka_config.group, "consuming from Kafka");
-                Some(tally_actors::kafka_source::KafkaSource::start(
-                    kafka_config,
-                    engine.router(),
-                    store.clone(),
-                    move || validation_config.validation(tally_state::retention::wall_clock_ms()),
-                )?)
-            }
-            None => None,
         };
         let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown);
         let served = tokio::spawn(async move { server.await });

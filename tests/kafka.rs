@@ -194,3 +194,65 @@ async fn http_ingest_in_kafka_mode_goes_through_the_topic() {
     wait_for_totals(&c, &server, &lines).await;
     check_every_client(&c, &server, &lines).await;
 }
+
+async fn status(c: &reqwest::Client, url: String) -> (u16, Value) {
+    let r = c.get(url).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_flips_readiness_and_consumption_resumes_exactly() {
+    let broker_dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start_persistent(broker_dir.path());
+    broker.create_topic(TOPIC, 12);
+    broker.create_topic(DLQ, 1);
+    let lines = dataset(20_000, 100, 31);
+    let (first, second) = lines.split_at(10_000);
+    produce_all(&broker.producer(), TOPIC, &records(first)).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = kafka_args(&broker);
+    args.extend(["--kafka-outage-grace".to_string(), "3s".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start(&dir.path().join("data"), &args);
+    let c = client();
+    wait_for_totals(&c, &server, first).await;
+    assert_eq!(status(&c, server.url("/health/ready")).await.0, 200);
+
+    // Broker down for 30 s: readiness turns false with the reason, queries
+    // keep answering from local state.
+    broker.stop();
+    let stopped_at = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let (code, body) = loop {
+        let (code, body) = status(&c, server.url("/health/ready")).await;
+        if code == 503 || Instant::now() > deadline {
+            break (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(code, 503, "readiness did not flip: {body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Kafka"),
+        "{body}"
+    );
+    let (code, detail) = status(&c, server.url("/health/detailed")).await;
+    assert_eq!(code, 503);
+    assert_eq!(detail["kafka"]["connected"], false, "{detail}");
+    check_every_client(&c, &server, first).await;
+    tokio::time::sleep_until((stopped_at + Duration::from_secs(30)).into()).await;
+
+    // Back: consumption resumes by itself, nothing lost or doubled.
+    broker.restart();
+    produce_all(&broker.producer(), TOPIC, &records(second)).await;
+    wait_for_totals(&c, &server, &lines).await;
+    check_every_client(&c, &server, &lines).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&c, server.url("/health/ready")).await.0 != 200 {
+        assert!(Instant::now() < deadline, "readiness did not recover");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

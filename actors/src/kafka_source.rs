@@ -28,10 +28,12 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tally_pipelines::decode::decode_event_bytes;
 use tally_pipelines::event::{RequestEvent, ValidationContext};
 use tally_pipelines::partitioner::partition_for;
+use tally_state::retention::wall_clock_ms;
 use tally_state::Store;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::kafka_health::KafkaHealth;
 use crate::messages::{BatchOutcome, Source};
 use crate::router::ShardRouter;
 use crate::telemetry::{EventsRejected, KAFKA_DEAD_LETTERS};
@@ -64,9 +66,20 @@ struct PositionedContext {
     store: Arc<Store>,
     topic: String,
     source_key: String,
+    health: Arc<KafkaHealth>,
 }
 
-impl ClientContext for PositionedContext {}
+impl ClientContext for PositionedContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::warn!(error = %error, reason, "kafka client error");
+        self.health.on_error(wall_clock_ms(), &error, reason);
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.health
+            .on_statistics(wall_clock_ms(), &self.topic, &statistics);
+    }
+}
 
 impl ConsumerContext for PositionedContext {
     fn rebalance(
@@ -111,6 +124,7 @@ impl ConsumerContext for PositionedContext {
 pub struct KafkaSource {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    health: Arc<KafkaHealth>,
 }
 
 /// A dispatched batch awaiting its shard's flush.
@@ -129,10 +143,12 @@ impl KafkaSource {
         validation: impl Fn() -> ValidationContext + Send + Sync + 'static,
     ) -> Result<KafkaSource, Error> {
         let kafka = |e: rdkafka::error::KafkaError| Error::Kafka(e.to_string());
+        let health = Arc::new(KafkaHealth::new(wall_clock_ms()));
         let context = PositionedContext {
             store,
             topic: config.topic.clone(),
             source_key: format!("kafka:{}", config.topic),
+            health: health.clone(),
         };
         let consumer: StreamConsumer<PositionedContext> = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
@@ -145,6 +161,10 @@ impl KafkaSource {
                 "session.timeout.ms",
                 config.session_timeout.as_millis().to_string(),
             )
+            .set("statistics.interval.ms", "2000")
+            // Keep retrying a lost broker quickly; consumption resumes by
+            // itself when it returns.
+            .set("reconnect.backoff.max.ms", "2000")
             .create_with_context(context)
             .map_err(kafka)?;
         consumer.subscribe(&[&config.topic]).map_err(kafka)?;
@@ -156,9 +176,19 @@ impl KafkaSource {
             .map_err(kafka)?;
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(consume(
-            config, consumer, producer, router, validation, stopped,
+            config,
+            consumer,
+            producer,
+            router,
+            validation,
+            stopped,
+            health.clone(),
         ));
-        Ok(KafkaSource { stop, task })
+        Ok(KafkaSource { stop, task, health })
+    }
+
+    pub fn health(&self) -> Arc<KafkaHealth> {
+        self.health.clone()
     }
 
     /// Stops consuming; what was dispatched is flushed by the engine.
@@ -175,6 +205,7 @@ async fn consume(
     router: ShardRouter,
     validation: impl Fn() -> ValidationContext + Send + Sync,
     mut stopped: watch::Receiver<bool>,
+    health: Arc<KafkaHealth>,
 ) {
     let source = config.source();
     let partitions = router.partitions();
@@ -189,6 +220,9 @@ async fn consume(
         };
         let mut round: Vec<Received> = Vec::new();
         if let Some(m) = first {
+            if m.is_ok() {
+                health.connected();
+            }
             take(&mut round, m);
             let deadline = tokio::time::Instant::now() + config.batch_linger;
             while round.len() < config.batch_max {

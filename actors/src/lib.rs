@@ -2,6 +2,7 @@
 //!
 //! - [`shard`]: the shard actor, sole owner of one partition's hot state,
 //!   flushing it atomically with source positions; supervised.
+//! - [`kafka_health`]: broker connection and consumer lag, for readiness.
 //! - [`kafka_ingest`]: HTTP ingest through the topic in Kafka mode.
 //! - [`kafka_source`]: consumer-group source, positions from the store.
 //! - [`router`]: partitioning, admission and back-pressure.
@@ -11,6 +12,7 @@
 //! - [`telemetry`]: metric names and typed internal events.
 
 pub mod engine;
+pub mod kafka_health;
 pub mod kafka_ingest;
 pub mod kafka_source;
 pub mod messages;

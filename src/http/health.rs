@@ -11,6 +11,7 @@ use metrics::gauge;
 use serde_json::json;
 use tally_actors::telemetry::{MailboxDepth, ROCKSDB_SIZE};
 use tally_pipelines::time::format_rfc3339_ms;
+use tally_state::retention::wall_clock_ms;
 
 use super::AppState;
 use crate::error::ApiError;
@@ -33,6 +34,21 @@ async fn live() -> impl IntoResponse {
 fn not_ready_reason(state: &AppState) -> Option<String> {
     if !state.ready.load(Ordering::Relaxed) {
         return Some("starting or shutting down".into());
+    }
+    if let Some(kafka) = &state.kafka_health {
+        let view = kafka.view();
+        let grace_ms =
+            i64::try_from(state.config.kafka_outage_grace.as_millis()).unwrap_or(i64::MAX);
+        if let Some(since) = view.down_since_ms {
+            let down_for = wall_clock_ms().saturating_sub(since);
+            if down_for > grace_ms {
+                return Some(format!(
+                    "no Kafka broker reachable for {} s ({}); queries still answer from local state",
+                    down_for / 1000,
+                    view.last_error.unwrap_or_else(|| "not connected".into())
+                ));
+            }
+        }
     }
     let tripped: Vec<String> = state
         .shards
@@ -86,6 +102,15 @@ async fn detailed(State(state): State<AppState>) -> impl IntoResponse {
         Json(json!({
             "status": if reason.is_none() { "ready" } else { "not_ready" },
             "reason": reason,
+            "kafka": state.kafka_health.as_ref().map(|k| {
+                let v = k.view();
+                json!({
+                    "connected": v.connected,
+                    "down_since": v.down_since_ms.map(format_rfc3339_ms),
+                    "last_error": v.last_error,
+                    "consumer_lag": v.lag,
+                })
+            }),
             "storage": {"engine": "rocksdb", "data_dir": state.config.data_dir, "size_bytes": state.store.size_bytes()},
             "partitions": partitions,
         })),

@@ -39,6 +39,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// In Kafka mode, ingest produces to the request topic.
     pub kafka_ingest: Option<Arc<tally_actors::kafka_ingest::KafkaIngest>>,
+    /// In Kafka mode, the consumer's broker connection and lag.
+    pub kafka_health: Option<Arc<tally_actors::kafka_health::KafkaHealth>>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

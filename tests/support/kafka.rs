@@ -1,7 +1,7 @@
 //! A real Kafka-protocol broker (tansu) for the tests, and a producer.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,40 +24,81 @@ pub fn tansu_bin() -> PathBuf {
 pub struct Broker {
     child: Child,
     pub port: u16,
+    /// For a broker that keeps its data on disk (survives a restart).
+    dir: Option<PathBuf>,
+}
+
+fn spawn_tansu(port: u16, dir: Option<&Path>) -> Child {
+    let url = format!("tcp://127.0.0.1:{port}");
+    let mut cmd = Command::new(tansu_bin());
+    cmd.args([
+        "broker",
+        "--listener-url",
+        &url,
+        "--advertised-listener-url",
+        &url,
+    ]);
+    match dir {
+        // tansu resolves sqlite paths against its working directory.
+        Some(dir) => cmd
+            .current_dir(dir)
+            .args(["--storage-engine", "sqlite://tansu.db"]),
+        None => cmd.args(["--storage-engine", "memory://tansu/"]),
+    };
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start tansu ({}): {e}; .ci/run installs it",
+                tansu_bin().display()
+            )
+        });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Broker {
     pub fn start() -> Broker {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu_bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start tansu ({}): {e}; .ci/run installs it",
-                    tansu_bin().display()
-                )
-            });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(50));
+        let port = free_port();
+        Broker {
+            child: spawn_tansu(port, None),
+            port,
+            dir: None,
         }
-        Broker { child, port }
+    }
+
+    /// A broker storing its log in SQLite under `dir`.
+    pub fn start_persistent(dir: &Path) -> Broker {
+        let port = free_port();
+        Broker {
+            child: spawn_tansu(port, Some(dir)),
+            port,
+            dir: Some(dir.to_path_buf()),
+        }
+    }
+
+    /// Stops the broker (SIGKILL); `restart` brings it back on the same port.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn restart(&mut self) {
+        self.child = spawn_tansu(self.port, self.dir.as_deref());
     }
 
     pub fn bootstrap(&self) -> String {
