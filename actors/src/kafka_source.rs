@@ -162,6 +162,10 @@ impl KafkaSource {
                 config.session_timeout.as_millis().to_string(),
             )
             .set("statistics.interval.ms", "2000")
+            // Large fetches: the engine wants batches, not messages.
+            .set("max.partition.fetch.bytes", "8388608")
+            .set("fetch.max.bytes", "67108864")
+            .set("fetch.wait.max.ms", "50")
             // Keep retrying a lost broker quickly; consumption resumes by
             // itself when it returns.
             .set("reconnect.backoff.max.ms", "2000")
@@ -271,6 +275,32 @@ fn take(
     }
 }
 
+/// Decodes one message and checks it is on its client's partition.
+fn classify(
+    m: &Received,
+    partitions: u16,
+    ctx: &ValidationContext,
+) -> Result<(u16, RequestEvent), String> {
+    let (partition, _, _, payload) = m;
+    let Some(p) = u16::try_from(*partition).ok().filter(|p| *p < partitions) else {
+        return Err(format!(
+            "topic partition {partition} has no shard (instance has {partitions})"
+        ));
+    };
+    let Some(bytes) = payload else {
+        return Err("empty message".to_string());
+    };
+    let event = decode_event_bytes(bytes, ctx).map_err(|r| r.to_string())?;
+    let owner = partition_for(&event.client_id, partitions);
+    if owner != p {
+        return Err(format!(
+            "client {:?} belongs to partition {owner}, not {p}: key messages by client_id with the default partitioner",
+            event.client_id
+        ));
+    }
+    Ok((p, event))
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn dispatch(
     config: &KafkaConfig,
@@ -286,30 +316,33 @@ async fn dispatch(
     let mut per_partition: Vec<(Vec<RequestEvent>, Vec<u64>)> =
         (0..partitions).map(|_| Default::default()).collect();
     let mut rejected = 0;
-    for (partition, offset, key, payload) in round {
-        let outcome = match (
-            &payload,
-            u16::try_from(partition).ok().filter(|p| *p < partitions),
-        ) {
-            (_, None) => Err(format!(
-                "topic partition {partition} has no shard (instance has {partitions})"
-            )),
-            (None, _) => Err("empty message".to_string()),
-            (Some(bytes), Some(p)) => match decode_event_bytes(bytes, &ctx) {
-                Err(reason) => Err(reason.to_string()),
-                Ok(event) => {
-                    let owner = partition_for(&event.client_id, partitions);
-                    if owner == p {
-                        Ok((p, event))
-                    } else {
-                        Err(format!(
-                            "client {:?} belongs to partition {owner}, not {p}: key messages by client_id with the default partitioner",
-                            event.client_id
-                        ))
-                    }
-                }
-            },
-        };
+    // Decode on every core, off the async thread, keeping message order.
+    let decoders = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let chunk_len = round.len().div_ceil(decoders).max(1);
+    let mut chunks = Vec::new();
+    let mut rest = round;
+    while !rest.is_empty() {
+        let tail = rest.split_off(chunk_len.min(rest.len()));
+        let chunk = std::mem::replace(&mut rest, tail);
+        chunks.push(tokio::task::spawn_blocking(move || {
+            chunk
+                .into_iter()
+                .map(|m| {
+                    let outcome = classify(&m, partitions, &ctx);
+                    (m, outcome)
+                })
+                .collect::<Vec<_>>()
+        }));
+    }
+    let mut decoded = Vec::new();
+    for chunk in chunks {
+        decoded.extend(
+            chunk
+                .await
+                .map_err(|e| Error::Kafka(format!("decoder task failed: {e}")))?,
+        );
+    }
+    for ((partition, offset, key, payload), outcome) in decoded {
         match outcome {
             Ok((p, event)) => {
                 let slot = &mut per_partition[usize::from(p)];
