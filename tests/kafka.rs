@@ -105,7 +105,7 @@ async fn consumes_exactly_through_sigkill_and_sends_bad_messages_to_the_dead_let
     let broker = Broker::start();
     broker.create_topic(TOPIC, 12);
     broker.create_topic(DLQ, 1);
-    let lines = dataset(60_000, 200, 23);
+    let lines = dataset(1_000_000, 500, 23);
     produce_all(&broker.producer(), TOPIC, &records(&lines)).await;
 
     let dir = tempfile::tempdir().unwrap();

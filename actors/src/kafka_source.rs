@@ -166,6 +166,9 @@ impl KafkaSource {
             .set("max.partition.fetch.bytes", "8388608")
             .set("fetch.max.bytes", "67108864")
             .set("fetch.wait.max.ms", "50")
+            // Bounded prefetch: when shards fall behind, the consumer stops
+            // pulling and librdkafka stops fetching at this bound.
+            .set("queued.max.messages.kbytes", "32768")
             // Keep retrying a lost broker quickly; consumption resumes by
             // itself when it returns.
             .set("reconnect.backoff.max.ms", "2000")
