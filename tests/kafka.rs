@@ -110,7 +110,10 @@ async fn consumes_exactly_through_sigkill_and_sends_bad_messages_to_the_dead_let
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let args = kafka_args(&broker);
+    // Tiny mailboxes: shards fall behind, so partitions get paused and
+    // resumed all along, and the numbers must still be exact.
+    let mut args = kafka_args(&broker);
+    args.extend(["--mailbox-capacity".to_string(), "1".to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let c = client();
 
@@ -129,6 +132,20 @@ async fn consumes_exactly_through_sigkill_and_sends_bad_messages_to_the_dead_let
     let server = Server::start(&data, &args);
     wait_for_totals(&c, &server, &lines).await;
     check_every_client(&c, &server, &lines).await;
+    let metrics = c
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let pauses: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("tally_kafka_partition_pauses_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(pauses > 0.0, "slow shards never paused their partitions");
 
     // Every malformed message is in the dead-letter topic with its reason
     // and origin (at least once: a kill may repeat a few).

@@ -33,6 +33,7 @@ use tally_state::Store;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::kafka_backlog::{Backlog, Batch};
 use crate::kafka_health::KafkaHealth;
 use crate::messages::{BatchOutcome, Source};
 use crate::router::ShardRouter;
@@ -128,10 +129,10 @@ pub struct KafkaSource {
 }
 
 /// A dispatched batch awaiting its shard's flush.
-struct PendingAck {
-    partition: i32,
-    last_offset: i64,
-    rx: oneshot::Receiver<Result<BatchOutcome, Error>>,
+pub(crate) struct PendingAck {
+    pub partition: i32,
+    pub last_offset: i64,
+    pub rx: oneshot::Receiver<Result<BatchOutcome, Error>>,
 }
 
 impl KafkaSource {
@@ -218,12 +219,14 @@ async fn consume(
     let partitions = router.partitions();
     let mut stream = consumer.stream();
     let mut pending: VecDeque<PendingAck> = VecDeque::new();
+    let mut backlog = Backlog::default();
     loop {
+        // Wake up to move held batches and commit acknowledged offsets.
+        let tick = if backlog.is_empty() { 200 } else { 10 };
         let first = tokio::select! {
             _ = stopped.changed() => break,
             m = stream.next() => m,
-            // Wake up to commit acknowledged offsets while idle.
-            _ = tokio::time::sleep(Duration::from_millis(200)) => None,
+            _ = tokio::time::sleep(Duration::from_millis(tick)) => None,
         };
         let mut round: Vec<Received> = Vec::new();
         if let Some(m) = first {
@@ -239,21 +242,29 @@ async fn consume(
                 }
             }
         }
-        if !round.is_empty() {
-            if let Err(e) = dispatch(
-                &config,
-                &source,
-                partitions,
-                &router,
-                &producer,
-                &validation,
-                round,
-                &mut pending,
-            )
-            .await
-            {
-                tracing::error!(error = %e, "kafka dispatch failed");
+        let moved = async {
+            backlog
+                .drain(&router, &source, &consumer, &config.topic, &mut pending)
+                .await?;
+            if !round.is_empty() {
+                let batches =
+                    decode_round(&config, &source, partitions, &producer, &validation, round)
+                        .await?;
+                backlog
+                    .offer(
+                        batches,
+                        &router,
+                        &source,
+                        &consumer,
+                        &config.topic,
+                        &mut pending,
+                    )
+                    .await?;
             }
+            Ok::<(), Error>(())
+        };
+        if let Err(e) = moved.await {
+            tracing::error!(error = %e, "kafka dispatch failed");
         }
         commit_acknowledged(&consumer, &config.topic, &mut pending);
     }
@@ -304,17 +315,16 @@ fn classify(
     Ok((p, event))
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn dispatch(
+/// Decodes a round of messages into per-partition batches in offset order;
+/// bad messages go to the dead-letter topic.
+async fn decode_round(
     config: &KafkaConfig,
     source: &Source,
     partitions: u16,
-    router: &ShardRouter,
     producer: &FutureProducer,
     validation: &(impl Fn() -> ValidationContext + Sync),
     round: Vec<Received>,
-    pending: &mut VecDeque<PendingAck>,
-) -> Result<(), Error> {
+) -> Result<Vec<(u16, Batch)>, Error> {
     let ctx = validation();
     let mut per_partition: Vec<(Vec<RequestEvent>, Vec<u64>)> =
         (0..partitions).map(|_| Default::default()).collect();
@@ -372,20 +382,12 @@ async fn dispatch(
         count: rejected,
     }
     .emit();
-    for (p, (events, offsets)) in per_partition.into_iter().enumerate() {
-        let Some(&last) = offsets.last() else {
-            continue;
-        };
-        let rx = router
-            .send_positioned(p as u16, source.clone(), events, offsets)
-            .await?;
-        pending.push_back(PendingAck {
-            partition: p as i32,
-            last_offset: i64::try_from(last).unwrap_or(i64::MAX),
-            rx,
-        });
-    }
-    Ok(())
+    Ok(per_partition
+        .into_iter()
+        .enumerate()
+        .filter(|(_, (events, _))| !events.is_empty())
+        .map(|(p, batch)| (p as u16, batch))
+        .collect())
 }
 
 async fn dead_letter(

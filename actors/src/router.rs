@@ -172,6 +172,13 @@ impl ShardRouter {
         results.into_iter().collect()
     }
 
+    /// Whether the shard of `partition` can take a batch without waiting.
+    pub fn has_room(&self, partition: u16) -> bool {
+        self.shard(partition)
+            .map(|s| s.status.queued.load(Ordering::Relaxed) < self.capacity)
+            .unwrap_or(false)
+    }
+
     /// Messages waiting per shard.
     pub fn mailbox_depths(&self) -> Vec<usize> {
         self.shards

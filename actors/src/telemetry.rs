@@ -21,6 +21,7 @@ pub const INGEST_OVERLOADED: &str = "tally_ingest_overloaded_total";
 pub const HTTP_REQUESTS: &str = "tally_http_requests_total";
 pub const KAFKA_DEAD_LETTERS: &str = "tally_kafka_dead_letters_total";
 pub const KAFKA_CONSUMER_LAG: &str = "tally_kafka_consumer_lag";
+pub const KAFKA_PARTITION_PAUSES: &str = "tally_kafka_partition_pauses_total";
 pub const HTTP_DURATION: &str = "tally_http_request_duration_seconds";
 
 /// Histogram buckets (seconds) shared by the latency histograms.
