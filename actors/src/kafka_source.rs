@@ -33,11 +33,10 @@ use tally_state::Store;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::kafka_backlog::{Backlog, Batch};
 use crate::kafka_health::KafkaHealth;
 use crate::messages::{BatchOutcome, Source};
 use crate::router::ShardRouter;
-use crate::telemetry::{EventsRejected, KAFKA_DEAD_LETTERS};
+use crate::telemetry::{EventsRejected, KAFKA_DEAD_LETTERS, KAFKA_PARTITION_PAUSES};
 use crate::Error;
 
 #[derive(Debug, Clone)]
@@ -188,7 +187,7 @@ impl KafkaSource {
             consumer,
             producer,
             router,
-            validation,
+            Arc::new(validation),
             stopped,
             health.clone(),
         ));
@@ -206,27 +205,84 @@ impl KafkaSource {
     }
 }
 
+type Validation = Arc<dyn Fn() -> ValidationContext + Send + Sync>;
+
+/// Splits every partition's messages into its own queue, consumed by its
+/// own task: partitions proceed in parallel on all cores, and a shard that
+/// falls behind pauses only its partition. The main stream keeps serving
+/// rebalances and errors.
 async fn consume(
     config: KafkaConfig,
     consumer: StreamConsumer<PositionedContext>,
     producer: FutureProducer,
     router: ShardRouter,
-    validation: impl Fn() -> ValidationContext + Send + Sync,
+    validation: Validation,
+    stopped: watch::Receiver<bool>,
+    health: Arc<KafkaHealth>,
+) {
+    let consumer = Arc::new(consumer);
+    let config = Arc::new(config);
+    let mut tasks = Vec::new();
+    for p in 0..router.partitions() {
+        let Some(queue) = consumer.split_partition_queue(&config.topic, i32::from(p)) else {
+            tracing::error!(partition = p, "cannot split partition queue");
+            continue;
+        };
+        tasks.push(tokio::spawn(consume_partition(
+            p,
+            queue,
+            consumer.clone(),
+            config.clone(),
+            producer.clone(),
+            router.clone(),
+            validation.clone(),
+            stopped.clone(),
+            health.clone(),
+        )));
+    }
+    let mut main = consumer.stream();
+    let mut stopped_main = stopped;
+    loop {
+        tokio::select! {
+            _ = stopped_main.changed() => break,
+            m = main.next() => match m {
+                // Only partitions beyond the shards arrive here.
+                Some(Ok(m)) => {
+                    let reason = format!("topic partition {} has no shard (instance has {})", m.partition(), router.partitions());
+                    dead_letter(&config, &producer, m.partition(), m.offset(), m.key(), m.payload(), &reason).await;
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
+                None => break,
+            },
+        }
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn consume_partition(
+    partition: u16,
+    queue: rdkafka::consumer::stream_consumer::StreamPartitionQueue<PositionedContext>,
+    consumer: Arc<StreamConsumer<PositionedContext>>,
+    config: Arc<KafkaConfig>,
+    producer: FutureProducer,
+    router: ShardRouter,
+    validation: Validation,
     mut stopped: watch::Receiver<bool>,
     health: Arc<KafkaHealth>,
 ) {
     let source = config.source();
     let partitions = router.partitions();
-    let mut stream = consumer.stream();
+    let mut stream = queue.stream();
     let mut pending: VecDeque<PendingAck> = VecDeque::new();
-    let mut backlog = Backlog::default();
     loop {
-        // Wake up to move held batches and commit acknowledged offsets.
-        let tick = if backlog.is_empty() { 200 } else { 10 };
         let first = tokio::select! {
             _ = stopped.changed() => break,
             m = stream.next() => m,
-            _ = tokio::time::sleep(Duration::from_millis(tick)) => None,
+            // Wake up to commit acknowledged offsets while idle.
+            _ = tokio::time::sleep(Duration::from_millis(200)) => None,
         };
         let mut round: Vec<Received> = Vec::new();
         if let Some(m) = first {
@@ -242,33 +298,57 @@ async fn consume(
                 }
             }
         }
-        let moved = async {
-            backlog
-                .drain(&router, &source, &consumer, &config.topic, &mut pending)
+        if !round.is_empty() {
+            let sent = async {
+                let (events, offsets) = decode_round(
+                    &config,
+                    &source,
+                    partitions,
+                    &producer,
+                    validation.as_ref(),
+                    round,
+                )
                 .await?;
-            if !round.is_empty() {
-                let batches =
-                    decode_round(&config, &source, partitions, &producer, &validation, round)
-                        .await?;
-                backlog
-                    .offer(
-                        batches,
-                        &router,
-                        &source,
-                        &consumer,
-                        &config.topic,
-                        &mut pending,
-                    )
+                let Some(&last) = offsets.last() else {
+                    return Ok::<(), Error>(());
+                };
+                if !router.has_room(partition) {
+                    // The shard is behind: stop fetching this partition only.
+                    set_paused(&consumer, &config.topic, partition, true);
+                    counter!(KAFKA_PARTITION_PAUSES).increment(1);
+                    router.wait_for_room(partition).await;
+                    set_paused(&consumer, &config.topic, partition, false);
+                }
+                let rx = router
+                    .send_positioned(partition, source.clone(), events, offsets)
                     .await?;
+                pending.push_back(PendingAck {
+                    partition: i32::from(partition),
+                    last_offset: i64::try_from(last).unwrap_or(i64::MAX),
+                    rx,
+                });
+                Ok(())
+            };
+            if let Err(e) = sent.await {
+                tracing::error!(error = %e, partition, "kafka dispatch failed");
             }
-            Ok::<(), Error>(())
-        };
-        if let Err(e) = moved.await {
-            tracing::error!(error = %e, "kafka dispatch failed");
         }
         commit_acknowledged(&consumer, &config.topic, &mut pending);
     }
     commit_acknowledged(&consumer, &config.topic, &mut pending);
+}
+
+fn set_paused(consumer: &StreamConsumer<PositionedContext>, topic: &str, p: u16, paused: bool) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, i32::from(p));
+    let result = if paused {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, partition = p, paused, "cannot pause/resume partition");
+    }
 }
 
 /// A message copied out of the consumer: partition, offset, key, payload.
@@ -315,52 +395,38 @@ fn classify(
     Ok((p, event))
 }
 
-/// Decodes a round of messages into per-partition batches in offset order;
-/// bad messages go to the dead-letter topic.
+/// Decodes one partition's round of messages, in offset order, in parallel
+/// off the async threads; bad messages go to the dead-letter topic.
 async fn decode_round(
     config: &KafkaConfig,
     source: &Source,
     partitions: u16,
     producer: &FutureProducer,
-    validation: &(impl Fn() -> ValidationContext + Sync),
+    validation: &(dyn Fn() -> ValidationContext + Send + Sync),
     round: Vec<Received>,
-) -> Result<Vec<(u16, Batch)>, Error> {
+) -> Result<(Vec<RequestEvent>, Vec<u64>), Error> {
     let ctx = validation();
-    let mut per_partition: Vec<(Vec<RequestEvent>, Vec<u64>)> =
-        (0..partitions).map(|_| Default::default()).collect();
+    let decoded = tokio::task::spawn_blocking(move || {
+        round
+            .into_iter()
+            .map(|m| {
+                let outcome = classify(&m, partitions, &ctx);
+                (m, outcome)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| Error::Kafka(format!("decoder task failed: {e}")))?;
+    let (mut events, mut offsets) = (
+        Vec::with_capacity(decoded.len()),
+        Vec::with_capacity(decoded.len()),
+    );
     let mut rejected = 0;
-    // Decode on every core, off the async thread, keeping message order.
-    let decoders = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let chunk_len = round.len().div_ceil(decoders).max(1);
-    let mut chunks = Vec::new();
-    let mut rest = round;
-    while !rest.is_empty() {
-        let tail = rest.split_off(chunk_len.min(rest.len()));
-        let chunk = std::mem::replace(&mut rest, tail);
-        chunks.push(tokio::task::spawn_blocking(move || {
-            chunk
-                .into_iter()
-                .map(|m| {
-                    let outcome = classify(&m, partitions, &ctx);
-                    (m, outcome)
-                })
-                .collect::<Vec<_>>()
-        }));
-    }
-    let mut decoded = Vec::new();
-    for chunk in chunks {
-        decoded.extend(
-            chunk
-                .await
-                .map_err(|e| Error::Kafka(format!("decoder task failed: {e}")))?,
-        );
-    }
     for ((partition, offset, key, payload), outcome) in decoded {
         match outcome {
-            Ok((p, event)) => {
-                let slot = &mut per_partition[usize::from(p)];
-                slot.0.push(event);
-                slot.1.push(u64::try_from(offset).unwrap_or(0));
+            Ok((_, event)) => {
+                events.push(event);
+                offsets.push(u64::try_from(offset).unwrap_or(0));
             }
             Err(reason) => {
                 rejected += 1;
@@ -382,12 +448,7 @@ async fn decode_round(
         count: rejected,
     }
     .emit();
-    Ok(per_partition
-        .into_iter()
-        .enumerate()
-        .filter(|(_, (events, _))| !events.is_empty())
-        .map(|(p, batch)| (p as u16, batch))
-        .collect())
+    Ok((events, offsets))
 }
 
 async fn dead_letter(

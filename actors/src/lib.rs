@@ -2,7 +2,6 @@
 //!
 //! - [`shard`]: the shard actor, sole owner of one partition's hot state,
 //!   flushing it atomically with source positions; supervised.
-//! - [`kafka_backlog`]: pausing the partitions of shards that fall behind.
 //! - [`kafka_health`]: broker connection and consumer lag, for readiness.
 //! - [`kafka_ingest`]: HTTP ingest through the topic in Kafka mode.
 //! - [`kafka_source`]: consumer-group source, positions from the store.
@@ -13,7 +12,6 @@
 //! - [`telemetry`]: metric names and typed internal events.
 
 pub mod engine;
-pub mod kafka_backlog;
 pub mod kafka_health;
 pub mod kafka_ingest;
 pub mod kafka_source;

@@ -179,6 +179,13 @@ impl ShardRouter {
             .unwrap_or(false)
     }
 
+    /// Waits until the shard of `partition` can take a batch.
+    pub async fn wait_for_room(&self, partition: u16) {
+        if let Ok(shard) = self.shard(partition) {
+            shard.status.wait_for_room(self.capacity).await;
+        }
+    }
+
     /// Messages waiting per shard.
     pub fn mailbox_depths(&self) -> Vec<usize> {
         self.shards
