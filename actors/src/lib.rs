@@ -2,6 +2,7 @@
 //!
 //! - [`shard`]: the shard actor, sole owner of one partition's hot state,
 //!   flushing it atomically with source positions; supervised.
+//! - [`kafka_decode`]: records to batches, and dead letters.
 //! - [`kafka_health`]: broker connection and consumer lag, for readiness.
 //! - [`kafka_ingest`]: HTTP ingest through the topic in Kafka mode.
 //! - [`kafka_source`]: consumer-group source, positions from the store.
@@ -12,6 +13,7 @@
 //! - [`telemetry`]: metric names and typed internal events.
 
 pub mod engine;
+pub mod kafka_decode;
 pub mod kafka_health;
 pub mod kafka_ingest;
 pub mod kafka_source;
