@@ -99,7 +99,10 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
         }
         upkeep.abort();
         if let Some(kafka) = kafka {
-            kafka.stop().await;
+            // Stop consuming; what was dispatched is flushed below.
+            if tokio::time::timeout(Duration::from_secs(5), kafka.stop()).await.is_err() {
+                tracing::warn!("Kafka source did not stop within 5 s; flushing anyway");
+            }
         }
         tokio::time::timeout(Duration::from_secs(5), engine.shutdown())
             .await
