@@ -8,18 +8,15 @@
 //! Knobs: TALLY_BENCH_EVENTS, TALLY_BENCH_CLIENTS, TALLY_BENCH_BATCH,
 //! TALLY_BENCH_CONNECTIONS.
 
+mod common;
+
+use common::{env_or, generate, vm_hwm_kib};
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Waits for a child with wait4 to read its own peak RSS (KiB).
 fn wait_with_rss(child: std::process::Child) -> (i32, i64) {
@@ -29,17 +26,6 @@ fn wait_with_rss(child: std::process::Child) -> (i32, i64) {
     unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     std::mem::forget(child);
     (status, usage.ru_maxrss)
-}
-
-fn vm_hwm_kib(pid: u32) -> Option<i64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 fn main() {
@@ -53,19 +39,7 @@ fn main() {
     let file = dir.path().join("events.ndjson");
 
     let t = Instant::now();
-    let status = Command::new(bin)
-        .args([
-            "gen",
-            "--count",
-            &events.to_string(),
-            "--clients",
-            &clients.to_string(),
-            "--out",
-        ])
-        .arg(&file)
-        .status()
-        .expect("run tally gen");
-    assert!(status.success(), "tally gen failed");
+    generate(bin, events, clients, &file);
     let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
     println!(
         "generated {events} events over {clients} clients ({:.1} MB) in {:.2?}",

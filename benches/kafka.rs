@@ -6,6 +6,10 @@
 //! Tally and by the broker over that time (both share the same 2 cores).
 //! Needs tansu: `TALLY_TANSU` or `$HOME/.cache/tally/tools/bin/tansu`.
 
+mod common;
+
+use common::{env_or, generate, vm_hwm_kib};
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -13,13 +17,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn tansu_bin() -> Option<PathBuf> {
     let candidates = [
@@ -47,20 +44,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn vm_hwm_kib(pid: u32) -> i64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
 /// Sum over label sets of a `source="kafka"` counter.
 fn kafka_counter(text: &str, name: &str) -> u64 {
     text.lines()
@@ -79,20 +62,7 @@ fn main() {
     let clients = env_or("TALLY_BENCH_CLIENTS", 10_000);
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("events.ndjson");
-    let ok = Command::new(bin)
-        .args([
-            "gen",
-            "--count",
-            &events.to_string(),
-            "--clients",
-            &clients.to_string(),
-            "--out",
-        ])
-        .arg(&file)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "tally gen failed");
+    generate(bin, events, clients, &file);
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("port")
@@ -256,7 +226,7 @@ fn consume(bin: &str, bootstrap: &str, data: &Path, events: usize, broker_pid: u
         cpu_seconds(broker_pid) - broker0,
         cpu_seconds(child.id()) - tally0,
     );
-    let rss = vm_hwm_kib(child.id());
+    let rss = vm_hwm_kib(child.id()).unwrap_or(0);
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
     println!(

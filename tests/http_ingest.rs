@@ -218,20 +218,9 @@ async fn http_ingest_matches_reference_and_survives_restart() {
         .all(|d| d["reason"].as_str().unwrap().starts_with("late:")));
 
     // Metrics count what happened, by source.
-    let metrics = c
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&c, &server).await;
     let metric = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name) && l.contains("source=\"http\""))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
+        metric_value(&metrics, name, "source=\"http\"")
             .unwrap_or_else(|| panic!("{name} missing in /metrics")) as u64
     };
     assert_eq!(metric("tally_events_accepted_total"), totals[0]);

@@ -32,14 +32,7 @@ fn records(lines: &[Line]) -> Vec<(String, String)> {
 
 /// Sum of a counter over all its label sets with `source="kafka"`.
 async fn kafka_counter(c: &reqwest::Client, server: &Server, name: &str) -> u64 {
-    let Ok(resp) = c.get(server.url("/metrics")).send().await else {
-        return 0;
-    };
-    let text = resp.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains("source=\"kafka\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    metric_value(&metrics_text(c, server).await, name, "source=\"kafka\"").unwrap_or(0.0) as u64
 }
 
 /// Waits until the reference totals of every client are served.
@@ -132,19 +125,8 @@ async fn consumes_exactly_through_sigkill_and_sends_bad_messages_to_the_dead_let
     let server = Server::start(&data, &args);
     wait_for_totals(&c, &server, &lines).await;
     check_every_client(&c, &server, &lines).await;
-    let metrics = c
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let pauses: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("tally_kafka_partition_pauses_total"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0);
+    let metrics = metrics_text(&c, &server).await;
+    let pauses = metric_value(&metrics, "tally_kafka_partition_pauses_total", "").unwrap_or(0.0);
     assert!(pauses > 0.0, "slow shards never paused their partitions");
 
     // Every malformed message is in the dead-letter topic with its reason

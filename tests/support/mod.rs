@@ -418,3 +418,22 @@ pub fn tally_counts(resp: &serde_json::Value) -> HashMap<&'static str, u64> {
         .map(|k| (k, resp[k].as_u64().unwrap_or(u64::MAX)))
         .collect()
 }
+
+/// The `/metrics` text of a server ("" if it does not answer).
+pub async fn metrics_text(c: &reqwest::Client, server: &Server) -> String {
+    match c.get(server.url("/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Sum of a metric over the label sets whose line contains `label`
+/// (`None` when no line matches).
+pub fn metric_value(text: &str, name: &str, label: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
