@@ -10,6 +10,7 @@
 //! | `dedupe`      | partition, newest claim time (u64 ms), sequence (u64)   | claims of a flush  |
 //! | `dead_letter` | partition, sequence (u64)                                | dead-letter record |
 //! | `meta`        | partition, `0x01`                                        | checkpoint         |
+//! | `meta`        | partition, `0x02`                                        | changelog mark     |
 //! | `meta`        | `0xFFFF`, name                                           | store settings     |
 
 use tally_pipelines::time::Granularity;
@@ -21,6 +22,10 @@ pub const CF_META: &str = "meta";
 pub const ALL_CFS: [&str; 4] = [CF_STATS, CF_DEDUPE, CF_DEAD_LETTER, CF_META];
 
 const META_CHECKPOINT: u8 = 0x01;
+const META_CHANGELOG_MARK: u8 = 0x02;
+/// Changelog-only key of a partition's round markers: after the partition
+/// but before any granularity tag, so it never names a stats key.
+const CHANGELOG_MARKER: u8 = 0xFF;
 /// Partition slot for store-wide settings; no real partition reaches it.
 const GLOBAL: u16 = u16::MAX;
 
@@ -129,6 +134,25 @@ pub fn checkpoint_key(partition: u16) -> Vec<u8> {
     key
 }
 
+pub fn changelog_mark_key(partition: u16) -> Vec<u8> {
+    let mut key = partition.to_be_bytes().to_vec();
+    key.push(META_CHANGELOG_MARK);
+    key
+}
+
+/// The changelog record key of a partition's round markers (never stored
+/// in RocksDB; stats keys carry a granularity tag 1..=3 in its place).
+pub fn changelog_marker_key(partition: u16) -> Vec<u8> {
+    let mut key = partition.to_be_bytes().to_vec();
+    key.push(CHANGELOG_MARKER);
+    key
+}
+
+/// The first key of a partition (every state key starts with it).
+pub fn partition_start(partition: u16) -> Vec<u8> {
+    partition.to_be_bytes().to_vec()
+}
+
 pub fn setting_key(name: &str) -> Vec<u8> {
     let mut key = GLOBAL.to_be_bytes().to_vec();
     key.extend_from_slice(name.as_bytes());
@@ -210,6 +234,13 @@ mod tests {
         assert!(dedupe_segment_key(1, 6, 0) < dedupe_segment_key(1, 6, 1));
         assert!(dedupe_segment_key(1, i64::MAX, u64::MAX) < partition_end(1));
         assert!(dedupe_segments_from(1, 6) <= dedupe_segment_key(1, 6, 0));
+    }
+
+    #[test]
+    fn the_marker_key_is_no_stats_key() {
+        assert_eq!(decode_stats_key(&changelog_marker_key(7)), None);
+        assert_eq!(partition_of(&changelog_marker_key(7)), Some(7));
+        assert_ne!(changelog_mark_key(7), checkpoint_key(7));
     }
 
     #[test]

@@ -5,10 +5,16 @@
 //! - [`retention`]: event-time retention and the partition clocks.
 //! - [`store`]: the RocksDB store: atomic flush commits (state deltas,
 //!   dedupe claims, dead letters and positions in one WriteBatch), reads.
+//! - [`snapshot`]: consistent snapshots, changed-key tracking and
+//!   whole-partition replacement, for the changelog.
+//! - [`changelog`]: changelog records and the rule that rebuilds a
+//!   partition from them.
 
+pub mod changelog;
 pub mod codec;
 pub mod keys;
 pub mod retention;
+pub mod snapshot;
 pub mod store;
 
 pub use retention::Retention;

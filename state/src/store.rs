@@ -1,9 +1,9 @@
-//! The RocksDB store. This is the only module that touches RocksDB types;
-//! everything above it talks to [`Store`].
+//! The RocksDB store. This module and [`crate::snapshot`] are the only ones
+//! that touch RocksDB types; everything above talks to [`Store`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rocksdb::compaction_filter::Decision;
 use rocksdb::{
@@ -15,9 +15,11 @@ use tally_pipelines::aggregate::BucketStats;
 use tally_pipelines::ingest::FlushContent;
 use tally_pipelines::time::Granularity;
 
+use crate::changelog::StateStore;
 use crate::codec::{decode, encode};
 use crate::keys::{self, CF_DEAD_LETTER, CF_DEDUPE, CF_META, CF_STATS};
 use crate::retention::{wall_clock_ms, PartitionClocks, Retention};
+use crate::snapshot::{ChangeTracker, ChangedKey};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -80,14 +82,16 @@ pub struct CommitStats {
 }
 
 pub struct Store {
-    db: DB,
+    pub(crate) db: DB,
     partitions: u16,
     retention: Retention,
-    clocks: Arc<PartitionClocks>,
-    wal: bool,
+    pub(crate) clocks: Arc<PartitionClocks>,
+    pub(crate) wal: bool,
+    /// Set in Kafka mode: which keys changed since the last changelog round.
+    pub(crate) changes: OnceLock<ChangeTracker>,
 }
 
-fn rocks(e: rocksdb::Error) -> Error {
+pub(crate) fn rocks(e: rocksdb::Error) -> Error {
     Error::Storage(e.into_string())
 }
 
@@ -215,6 +219,7 @@ impl Store {
             retention,
             clocks,
             wal: options.wal,
+            changes: OnceLock::new(),
         };
         store.check_partition_count()?;
         for p in 0..store.partitions {
@@ -248,7 +253,7 @@ impl Store {
         Ok(())
     }
 
-    fn cf(&self, name: &'static str) -> Result<&ColumnFamily> {
+    pub(crate) fn cf(&self, name: &'static str) -> Result<&ColumnFamily> {
         self.db
             .cf_handle(name)
             .ok_or_else(|| Error::Storage(format!("column family {name} missing")))
@@ -308,6 +313,8 @@ impl Store {
         sync: bool,
     ) -> Result<CommitStats> {
         let mut batch = WriteBatch::default();
+        let tracking = self.changes.get().is_some();
+        let mut changed: Vec<ChangedKey> = Vec::new();
         let stats_cf = self.cf(CF_STATS)?;
         for delta in &content.stats {
             // One encoded delta is merged into its minute, hour and day.
@@ -319,14 +326,20 @@ impl Store {
                     &delta.client_id,
                     g.bucket_start(delta.minute_start_ms),
                 );
-                batch.merge_cf(stats_cf, key, &value);
+                batch.merge_cf(stats_cf, &key, &value);
+                if tracking {
+                    changed.push((StateStore::Stats, key));
+                }
             }
         }
         let mut next = checkpoint.clone();
         let dedupe_cf = self.cf(CF_DEDUPE)?;
         if let Some(newest) = content.dedupe_claims.iter().map(|&(_, ts)| ts).max() {
             let key = keys::dedupe_segment_key(partition, newest, next.dedupe_seq);
-            batch.put_cf(dedupe_cf, key, encode(&content.dedupe_claims)?);
+            batch.put_cf(dedupe_cf, &key, encode(&content.dedupe_claims)?);
+            if tracking {
+                changed.push((StateStore::Dedupe, key));
+            }
             next.dedupe_seq += 1;
         }
         // Segments wholly before the window go in one range delete, at most
@@ -372,7 +385,14 @@ impl Store {
         let mut opts = WriteOptions::default();
         opts.set_sync(sync && self.wal);
         opts.disable_wal(!self.wal);
-        self.db.write_opt(batch, &opts).map_err(rocks)?;
+        // Marked and written under one lock: see `snapshot`.
+        match self.changes.get().and_then(|t| t.lock(partition)) {
+            Some(mut set) => {
+                self.db.write_opt(batch, &opts).map_err(rocks)?;
+                set.extend(changed);
+            }
+            None => self.db.write_opt(batch, &opts).map_err(rocks)?,
+        }
         *checkpoint = next;
         if let Some(ms) = checkpoint.max_event_ms {
             self.clocks.advance(partition, ms);

@@ -220,3 +220,120 @@ fn expired_minute_buckets_are_excluded_before_and_after_compaction() {
         .unwrap();
     assert_eq!(minutes.len(), 1);
 }
+
+/// A changelog round sees exactly the keys committed since the last round;
+/// publishing them (before, after) and rebuilding on another store yields
+/// the same state, leaving that store's other partitions alone.
+#[test]
+fn a_published_round_rebuilds_the_partition_elsewhere() {
+    use tally_state::changelog::{ChangelogMark, ChangelogValue, Rebuild, StateStore};
+    use tally_state::codec::encode;
+
+    let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (src, dst) = (open(src_dir.path()), open(dst_dir.path()));
+    src.track_changes();
+    dst.track_changes();
+    let t = 10 * DAY_MS;
+    let mut cp = Checkpoint::default();
+    let commit = |store: &Store, cp: &mut Checkpoint, p: u16, client: &str, ts: i64, pos: u64| {
+        cp.positions.insert("kafka:t".into(), pos);
+        let content = FlushContent {
+            stats: vec![delta(client, ts, &[event(client, 200, 5.0, ts)])],
+            dedupe_claims: vec![(u128::from(pos), ts)],
+            max_event_ms: Some(ts),
+            ..Default::default()
+        };
+        store.commit(p, &content, cp, false).unwrap();
+    };
+    // The destination holds stale state of partition 2 and live state of 5.
+    let mut other = Checkpoint::default();
+    commit(&dst, &mut other, 2, "stale", t, 1);
+    commit(&dst, &mut other, 5, "keep", t, 1);
+
+    let mut log: Vec<(StateStore, Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut prev = src.snapshot();
+    let mut round = 1;
+    for batch in [
+        [("a", t, 10), ("b", t + MINUTE_MS, 11)],
+        [("a", t + HOUR_MS, 12), ("a", t, 13)],
+    ] {
+        for (client, ts, pos) in batch {
+            commit(&src, &mut cp, 2, client, ts, pos);
+        }
+        let (snap, keys) = src.begin_round(2);
+        // Round 1: (a, b) x (minute, hour, day), different clients share
+        // nothing = 6 stats keys + 2 dedupe segments; round 2: a's minute
+        // and hour at t + 1 h, its minute and hour at t, and its one day
+        // = 5 stats keys + 2 segments.
+        let stats = keys.iter().filter(|(s, _)| *s == StateStore::Stats).count();
+        assert_eq!(stats, if round == 1 { 6 } else { 5 }, "round {round}");
+        assert_eq!(keys.len() - stats, 2, "round {round}");
+        for (store, key) in keys {
+            let value = ChangelogValue::Change {
+                round,
+                source_offset: None,
+                before: prev.get(store, &key).unwrap(),
+                after: snap.get(store, &key).unwrap(),
+            };
+            log.push((store, key, encode(&value).unwrap()));
+        }
+        let marker = ChangelogValue::Marker {
+            round,
+            checkpoint: snap.checkpoint(2).unwrap(),
+        };
+        log.push((
+            StateStore::Stats,
+            tally_state::keys::changelog_marker_key(2),
+            encode(&marker).unwrap(),
+        ));
+        prev = snap;
+        round += 1;
+    }
+    assert!(
+        src.begin_round(2).1.is_empty(),
+        "a round drains the changed keys"
+    );
+
+    let mut rebuild = Rebuild::default();
+    for (store, key, value) in &log {
+        rebuild.apply(*store, key, Some(value));
+    }
+    let rebuilt = rebuild.finish();
+    assert_eq!(rebuilt.round, Some(2));
+    dst.restore_partition(2, &rebuilt, &ChangelogMark::default())
+        .unwrap();
+
+    for g in Granularity::ALL {
+        for client in ["a", "b", "stale"] {
+            assert_eq!(
+                dst.read_buckets(2, client, g, 0, i64::MAX / 2).unwrap(),
+                src.read_buckets(2, client, g, 0, i64::MAX / 2).unwrap(),
+                "{client} {g:?}"
+            );
+        }
+    }
+    let a_day = dst
+        .read_buckets(2, "a", Granularity::Day, 0, i64::MAX / 2)
+        .unwrap();
+    assert_eq!(a_day[0].1.totals().requests, 3);
+    assert_eq!(
+        dst.load_checkpoint(2).unwrap().positions.get("kafka:t"),
+        Some(&13)
+    );
+    let mut claims: Vec<u128> = dst
+        .load_dedupe_claims(2, None)
+        .unwrap()
+        .into_iter()
+        .map(|c| c.0)
+        .collect();
+    claims.sort_unstable();
+    assert_eq!(claims, vec![10, 11, 12, 13]);
+    assert_eq!(
+        dst.read_buckets(5, "keep", Granularity::Day, 0, i64::MAX / 2)
+            .unwrap()
+            .len(),
+        1
+    );
+    // The restore itself is no change to republish.
+    assert!(dst.begin_round(2).1.is_empty());
+}

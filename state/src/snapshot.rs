@@ -1,0 +1,166 @@
+//! Consistent snapshots, changed-key tracking and whole-partition
+//! replacement: what the changelog publishes from and restores into.
+//!
+//! A commit marks its keys changed and writes its batch under the
+//! partition's tracking lock; a changelog round takes its snapshot and the
+//! set of changed keys under the same lock. So every change is either in
+//! the snapshot and in the set, or in neither (and goes to the next round).
+
+use std::collections::HashSet;
+use std::sync::{Mutex, MutexGuard};
+
+use rocksdb::{SnapshotWithThreadMode, WriteBatch, WriteOptions, DB};
+
+use crate::changelog::{ChangelogMark, Rebuilt, StateStore};
+use crate::codec::{decode, encode};
+use crate::keys::{self, CF_META};
+use crate::store::{rocks, Checkpoint, Store};
+use crate::Result;
+
+pub type ChangedKey = (StateStore, Vec<u8>);
+
+/// Keys changed since the last changelog round, per partition.
+pub(crate) struct ChangeTracker {
+    changed: Vec<Mutex<HashSet<ChangedKey>>>,
+}
+
+impl ChangeTracker {
+    pub(crate) fn new(partitions: u16) -> Self {
+        Self {
+            changed: (0..partitions).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    /// The partition's set, held while a commit writes or a round snapshots.
+    pub(crate) fn lock(&self, partition: u16) -> Option<MutexGuard<'_, HashSet<ChangedKey>>> {
+        self.changed
+            .get(usize::from(partition))
+            // A poisoned set is still a valid set of keys.
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// A consistent, read-only view of the whole store.
+pub struct StoreSnapshot<'a> {
+    store: &'a Store,
+    snapshot: SnapshotWithThreadMode<'a, DB>,
+}
+
+impl StoreSnapshot<'_> {
+    pub fn get(&self, store: StateStore, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.snapshot
+            .get_cf(self.store.cf(store.column_family())?, key)
+            .map_err(rocks)
+    }
+
+    pub fn checkpoint(&self, partition: u16) -> Result<Checkpoint> {
+        match self
+            .snapshot
+            .get_cf(self.store.cf(CF_META)?, keys::checkpoint_key(partition))
+            .map_err(rocks)?
+        {
+            Some(v) => decode(&v),
+            None => Ok(Checkpoint::default()),
+        }
+    }
+}
+
+impl Store {
+    /// Starts recording which keys each commit changes (Kafka mode).
+    pub fn track_changes(&self) {
+        let _ = self.changes.set(ChangeTracker::new(self.partitions()));
+    }
+
+    pub fn snapshot(&self) -> StoreSnapshot<'_> {
+        StoreSnapshot {
+            store: self,
+            snapshot: self.db.snapshot(),
+        }
+    }
+
+    /// A snapshot and the keys of `partition` changed since the last
+    /// round, taken together.
+    pub fn begin_round(&self, partition: u16) -> (StoreSnapshot<'_>, Vec<ChangedKey>) {
+        let guard = self.changes.get().and_then(|t| t.lock(partition));
+        let snapshot = self.snapshot();
+        let keys = match guard {
+            Some(mut set) => set.drain().collect(),
+            None => Vec::new(),
+        };
+        (snapshot, keys)
+    }
+
+    /// Gives back the keys of a round that was not published.
+    pub fn return_changes(&self, partition: u16, keys: Vec<ChangedKey>) {
+        if let Some(mut set) = self.changes.get().and_then(|t| t.lock(partition)) {
+            set.extend(keys);
+        }
+    }
+
+    pub fn load_changelog_mark(&self, partition: u16) -> Result<Option<ChangelogMark>> {
+        self.db
+            .get_cf(self.cf(CF_META)?, keys::changelog_mark_key(partition))
+            .map_err(rocks)?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    pub fn save_changelog_mark(&self, partition: u16, mark: &ChangelogMark) -> Result<()> {
+        self.db
+            .put_cf(
+                self.cf(CF_META)?,
+                keys::changelog_mark_key(partition),
+                encode(mark)?,
+            )
+            .map_err(rocks)
+    }
+
+    /// Replaces everything of `partition` (statistics, dedupe claims,
+    /// checkpoint) with a rebuilt state, atomically and durably; the keys
+    /// the rebuild found uncommitted are marked changed so the next round
+    /// republishes them. Dead letters stay (they are local diagnostics).
+    pub fn restore_partition(
+        &self,
+        partition: u16,
+        rebuilt: &Rebuilt,
+        mark: &ChangelogMark,
+    ) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        let (start, end) = (
+            keys::partition_start(partition),
+            keys::partition_end(partition),
+        );
+        for store in StateStore::ALL {
+            batch.delete_range_cf(self.cf(store.column_family())?, &start, &end);
+        }
+        for (store, key, value) in &rebuilt.values {
+            if keys::partition_of(key) != Some(partition) {
+                return Err(crate::Error::Corrupt(format!(
+                    "changelog of partition {partition} holds key {key:?} of another partition"
+                )));
+            }
+            batch.put_cf(self.cf(store.column_family())?, key, value);
+        }
+        let mut checkpoint = rebuilt.checkpoint.clone();
+        // Local dead letters keep their sequence numbers.
+        checkpoint.dead_letter_seq = checkpoint
+            .dead_letter_seq
+            .max(self.load_checkpoint(partition)?.dead_letter_seq);
+        let meta = self.cf(CF_META)?;
+        batch.put_cf(meta, keys::checkpoint_key(partition), encode(&checkpoint)?);
+        batch.put_cf(meta, keys::changelog_mark_key(partition), encode(mark)?);
+        let mut opts = WriteOptions::default();
+        opts.set_sync(self.wal);
+        opts.disable_wal(!self.wal);
+        let guard = self.changes.get().and_then(|t| t.lock(partition));
+        self.db.write_opt(batch, &opts).map_err(rocks)?;
+        if let Some(mut set) = guard {
+            set.clear();
+            set.extend(rebuilt.uncommitted.iter().cloned());
+        }
+        if let Some(ms) = checkpoint.max_event_ms {
+            self.clocks.advance(partition, ms);
+        }
+        Ok(())
+    }
+}
