@@ -75,6 +75,17 @@ pub struct ServeArgs {
     /// Not ready after the brokers have been unreachable this long [default: 30s].
     #[arg(long, env = "TALLY_KAFKA_OUTAGE_GRACE")]
     pub kafka_outage_grace: Option<String>,
+    /// How often owned partitions publish their changelog [default: 1s].
+    #[arg(long, env = "TALLY_KAFKA_CHANGELOG_INTERVAL")]
+    pub kafka_changelog_interval: Option<String>,
+    /// How long the group waits for a silent instance before moving its
+    /// partitions [default: 45s].
+    #[arg(long, env = "TALLY_KAFKA_SESSION_TIMEOUT")]
+    pub kafka_session_timeout: Option<String>,
+    /// HTTP base URL other instances forward queries to [default:
+    /// http://<listen address>].
+    #[arg(long, env = "TALLY_ADVERTISE")]
+    pub advertise: Option<String>,
     /// Largest accepted request body, e.g. 64MiB [default: 64MiB].
     #[arg(long, env = "TALLY_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -86,6 +97,7 @@ pub struct ServeArgs {
 pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<String>,
+    pub advertise: Option<String>,
     pub partitions: Option<u16>,
     pub shard_threads: Option<usize>,
     pub flush_interval: Option<String>,
@@ -123,6 +135,8 @@ pub struct KafkaFile {
     pub topic: Option<String>,
     pub dead_letter_topic: Option<String>,
     pub outage_grace: Option<String>,
+    pub changelog_interval: Option<String>,
+    pub session_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +171,8 @@ pub struct Config {
     pub compute_units: HashMap<String, u64>,
     pub kafka: Option<tally_actors::kafka_source::KafkaConfig>,
     pub kafka_outage_grace: Duration,
+    /// Advertised HTTP base URL, if configured.
+    pub advertise: Option<String>,
 }
 
 impl Config {
@@ -210,6 +226,18 @@ impl Config {
             &serve.kafka_outage_grace,
             &file.kafka.outage_grace,
             "30s",
+        );
+        let changelog_interval = duration(
+            "kafka.changelog_interval",
+            &serve.kafka_changelog_interval,
+            &file.kafka.changelog_interval,
+            "1s",
+        );
+        let session_timeout = duration(
+            "kafka.session_timeout",
+            &serve.kafka_session_timeout,
+            &file.kafka.session_timeout,
+            "45s",
         );
         let retention_minute = duration("retention.minute", &None, &file.retention.minute, "48h");
         let retention_hour = duration("retention.hour", &None, &file.retention.hour, "90days");
@@ -283,6 +311,24 @@ impl Config {
                 None
             }
         };
+        if changelog_interval < Duration::from_millis(10) {
+            problems.push(format!(
+                "kafka.changelog_interval: {changelog_interval:?} is too short (at least 10ms)"
+            ));
+        }
+        if session_timeout < Duration::from_secs(6) {
+            problems.push(format!(
+                "kafka.session_timeout: {session_timeout:?} is below Kafka's 6s minimum"
+            ));
+        }
+        let advertise = serve.advertise.clone().or(file.advertise.clone());
+        if let Some(a) = &advertise {
+            if !(a.starts_with("http://") || a.starts_with("https://")) {
+                problems.push(format!(
+                    "advertise: {a:?} is not an http:// or https:// base URL"
+                ));
+            }
+        }
         let kafka = serve
             .kafka_brokers
             .clone()
@@ -309,7 +355,8 @@ impl Config {
                     topic,
                     batch_max: 50_000,
                     batch_linger: Duration::from_millis(20),
-                    session_timeout: Duration::from_secs(45),
+                    session_timeout,
+                    changelog_interval,
                 }
             });
         if !problems.is_empty() {
@@ -343,6 +390,7 @@ impl Config {
             compute_units: file.compute_units,
             kafka,
             kafka_outage_grace,
+            advertise: advertise.map(|a| a.trim_end_matches('/').to_string()),
         })
     }
 

@@ -47,6 +47,14 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Unavailable(String),
+    #[error("partition {partition} is moving between instances; retry shortly")]
+    PartitionMoving { partition: u16 },
+    #[error("the instance owning partition {partition} ({owner}) did not answer: {detail}")]
+    OwnerUnreachable {
+        partition: u16,
+        owner: String,
+        detail: String,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -103,6 +111,16 @@ impl ApiError {
                 "unavailable",
                 "Service unavailable",
             ),
+            ApiError::PartitionMoving { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "partition-moving",
+                "Partition moving",
+            ),
+            ApiError::OwnerUnreachable { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "owner-unreachable",
+                "Owner unreachable",
+            ),
             ApiError::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -139,13 +157,17 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if let ApiError::Overloaded {
-            retry_after_secs, ..
-        } = self
-        {
+        let retry_after = match self {
+            ApiError::Overloaded {
+                retry_after_secs, ..
+            } => Some(retry_after_secs),
+            ApiError::PartitionMoving { .. } => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

@@ -272,7 +272,7 @@ async fn feed(
         for (partition, events, positions) in decoded.routed {
             acks.push_back(
                 router
-                    .send_positioned(partition, source.clone(), events, positions)
+                    .send_positioned(partition, source.clone(), events, positions, None)
                     .await?,
             );
         }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
+use tally_actors::kafka_source::KafkaSource;
 use tally_actors::Engine;
 use tally_state::Store;
 
@@ -23,6 +24,8 @@ pub struct ServeCommand {
 }
 
 const SHUTDOWN_BUDGET: Duration = Duration::from_secs(30);
+/// Part of the budget for handing Kafka partitions over.
+const KAFKA_STOP_BUDGET: Duration = Duration::from_secs(15);
 
 pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
     let config = Config::resolve(&cmd.engine, &cmd.serve).map_err(|problems| {
@@ -48,10 +51,16 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             Some(kafka_config) => {
                 let validation_config = config.clone();
                 tracing::info!(brokers = %kafka_config.brokers, topic = %kafka_config.topic, group = %kafka_config.group, "consuming from Kafka");
-                Some(tally_actors::kafka_source::KafkaSource::start(
+                KafkaSource::ensure_topics(&kafka_config, config.partitions).await?;
+                let address = config
+                    .advertise
+                    .clone()
+                    .unwrap_or_else(|| format!("http://{local}"));
+                Some(KafkaSource::start(
                     kafka_config,
                     engine.router(),
                     store.clone(),
+                    address,
                     move || validation_config.validation(tally_state::retention::wall_clock_ms()),
                 )?)
             }
@@ -68,6 +77,8 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
                 None => None,
             },
             kafka_health: kafka.as_ref().map(|k| k.health()),
+            membership: kafka.as_ref().map(|k| k.membership()),
+            http_client: reqwest::Client::new(),
         };
         let upkeep = tokio::spawn(async move {
             loop {
@@ -78,6 +89,11 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
         tracing::info!(listen = %local, data_dir = %config.data_dir.display(), partitions = config.partitions, "tally serving");
         // Tests and scripts read this line to learn the bound port.
         println!("listening on http://{local}");
+        // Whatever the drain leaves of the budget goes to the hand-over and
+        // the final flush.
+        let drain_budget = SHUTDOWN_BUDGET
+            - Duration::from_secs(5)
+            - if kafka.is_some() { KAFKA_STOP_BUDGET } else { Duration::ZERO };
         let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
         let shutdown = async move {
             shutdown_signal().await;
@@ -91,7 +107,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
         // not keep the state from being flushed.
         let drained = async {
             let _ = signalled_rx.await;
-            tokio::time::sleep(SHUTDOWN_BUDGET - Duration::from_secs(5)).await;
+            tokio::time::sleep(drain_budget).await;
         };
         tokio::select! {
             result = served => { result??; }
@@ -99,9 +115,10 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
         }
         upkeep.abort();
         if let Some(kafka) = kafka {
-            // Stop consuming; what was dispatched is flushed below.
-            if tokio::time::timeout(Duration::from_secs(5), kafka.stop()).await.is_err() {
-                tracing::warn!("Kafka source did not stop within 5 s; flushing anyway");
+            // Stop consuming and hand the partitions over (flush, last
+            // changelog rounds, leave the membership).
+            if tokio::time::timeout(KAFKA_STOP_BUDGET, kafka.stop()).await.is_err() {
+                tracing::warn!("Kafka source did not stop in time; flushing anyway");
             }
         }
         tokio::time::timeout(Duration::from_secs(5), engine.shutdown())

@@ -45,7 +45,8 @@ impl Engine {
                             });
                             ShardEndpoint {
                                 apply: addr.clone().recipient(),
-                                flush: addr.recipient(),
+                                flush: addr.clone().recipient(),
+                                control: addr.recipient(),
                                 status,
                             }
                         })

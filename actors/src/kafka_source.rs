@@ -12,26 +12,36 @@
 //! Messages that do not decode or validate, or whose key was placed on the
 //! wrong partition, go to a dead-letter topic with headers saying why and
 //! where they came from; they never stall a partition.
+//!
+//! Instances sharing the group split the partitions; what moves with a
+//! partition (changelog restore, membership) is in [`crate::kafka_rebalance`].
 
 use std::collections::VecDeque;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use metrics::counter;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::FutureProducer;
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use tally_pipelines::event::ValidationContext;
+use tally_state::changelog::StateStore;
 use tally_state::retention::wall_clock_ms;
 use tally_state::Store;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::changelog::{changelog_topic, ChangelogReader, ChangelogWriter};
 use crate::kafka_decode::{dead_letter, decode_round, take, Received};
 use crate::kafka_health::KafkaHealth;
+use crate::kafka_rebalance::GroupContext;
+use crate::membership::Membership;
 use crate::messages::{BatchOutcome, Source};
 use crate::router::ShardRouter;
 use crate::telemetry::KAFKA_PARTITION_PAUSES;
@@ -49,6 +59,9 @@ pub struct KafkaConfig {
     pub batch_linger: Duration,
     /// How soon the group notices a dead member and moves its partitions.
     pub session_timeout: Duration,
+    /// How often owned partitions publish their changelog round (the most
+    /// a new owner replays after a crash).
+    pub changelog_interval: Duration,
 }
 
 impl KafkaConfig {
@@ -59,70 +72,13 @@ impl KafkaConfig {
     }
 }
 
-/// Positions messages from the store when the group assigns partitions.
-struct PositionedContext {
-    store: Arc<Store>,
-    topic: String,
-    source_key: String,
-    health: Arc<KafkaHealth>,
-}
-
-impl ClientContext for PositionedContext {
-    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        tracing::warn!(error = %error, reason, "kafka client error");
-        self.health.on_error(wall_clock_ms(), &error, reason);
-    }
-
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        self.health
-            .on_statistics(wall_clock_ms(), &self.topic, &statistics);
-    }
-}
-
-impl ConsumerContext for PositionedContext {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let assigned: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                for partition in assigned {
-                    let stored = u16::try_from(partition)
-                        .ok()
-                        .and_then(|p| self.store.load_checkpoint(p).ok())
-                        .and_then(|c| c.positions.get(&self.source_key).copied());
-                    let offset = match stored.and_then(|o| i64::try_from(o).ok()) {
-                        Some(o) => Offset::Offset(o + 1),
-                        None => Offset::Beginning,
-                    };
-                    tracing::info!(topic = %self.topic, partition, ?offset, "partition assigned");
-                    if let Err(e) = tpl.set_partition_offset(&self.topic, partition, offset) {
-                        tracing::error!(error = %e, partition, "cannot position partition");
-                    }
-                }
-                if let Err(e) = consumer.assign(tpl) {
-                    tracing::error!(error = %e, "assign failed");
-                }
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                tracing::info!(topic = %self.topic, "partitions revoked");
-                if let Err(e) = consumer.unassign() {
-                    tracing::error!(error = %e, "unassign failed");
-                }
-            }
-            other => tracing::error!(error = ?other, "rebalance error"),
-        }
-    }
-}
-
 /// A running Kafka source.
 pub struct KafkaSource {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     health: Arc<KafkaHealth>,
+    writer: Arc<ChangelogWriter>,
+    membership: Arc<Membership>,
 }
 
 /// A dispatched batch awaiting its shard's flush.
@@ -133,22 +89,99 @@ pub(crate) struct PendingAck {
 }
 
 impl KafkaSource {
-    /// Subscribes and starts consuming on the current tokio runtime.
+    /// Creates the changelog and membership topics if missing.
+    pub async fn ensure_topics(config: &KafkaConfig, partitions: u16) -> Result<(), Error> {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .create()
+            .map_err(|e| Error::Kafka(e.to_string()))?;
+        let names: Vec<String> = StateStore::ALL
+            .iter()
+            .map(|s| changelog_topic(&config.topic, *s))
+            .collect();
+        let members = Membership::members_topic(&config.topic);
+        let mut topics: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|n| NewTopic::new(n, i32::from(partitions), TopicReplication::Fixed(1)))
+            .collect();
+        topics.push(NewTopic::new(&members, 1, TopicReplication::Fixed(1)));
+        let topics: Vec<NewTopic<'_>> = topics
+            .into_iter()
+            .map(|t| {
+                t.set("cleanup.policy", "compact")
+                    // Compaction alone bounds these topics; brokers that
+                    // want an explicit retention get "forever".
+                    .set("retention.ms", "-1")
+            })
+            .collect();
+        let results = admin
+            .create_topics(
+                &topics,
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .map_err(|e| Error::Kafka(e.to_string()))?;
+        for result in results {
+            match result {
+                Ok(name) => tracing::info!(topic = %name, "created topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(Error::Kafka(format!("cannot create topic {name}: {code}")))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Subscribes and starts consuming on the current tokio runtime;
+    /// `address` is this instance's advertised HTTP base URL.
     pub fn start(
         config: KafkaConfig,
         router: ShardRouter,
         store: Arc<Store>,
+        address: String,
         validation: impl Fn() -> ValidationContext + Send + Sync + 'static,
     ) -> Result<KafkaSource, Error> {
         let kafka = |e: rdkafka::error::KafkaError| Error::Kafka(e.to_string());
         let health = Arc::new(KafkaHealth::new(wall_clock_ms()));
-        let context = PositionedContext {
+        store.track_changes();
+        let source_key = format!("kafka:{}", config.topic);
+        // Changelog and membership records: ordered, exactly once per
+        // round attempt, and a delivery report always within the timeout.
+        let control_producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", "30000")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("linger.ms", "5")
+            .create()
+            .map_err(kafka)?;
+        let writer = Arc::new(ChangelogWriter::start(
+            store.clone(),
+            control_producer.clone(),
+            &config.topic,
+            source_key.clone(),
+            config.changelog_interval,
+        )?);
+        let membership =
+            Membership::start(&config.brokers, &config.topic, address, control_producer)?;
+        let context = GroupContext {
             store,
             topic: config.topic.clone(),
-            source_key: format!("kafka:{}", config.topic),
+            source_key,
             health: health.clone(),
+            router: router.clone(),
+            epochs: Arc::new(
+                (0..router.partitions())
+                    .map(|_| AtomicU64::new(0))
+                    .collect(),
+            ),
+            writer: writer.clone(),
+            reader: ChangelogReader::new(&config.brokers, &config.topic, Duration::from_secs(10))?,
+            membership: membership.clone(),
         };
-        let consumer: StreamConsumer<PositionedContext> = ClientConfig::new()
+        let consumer: StreamConsumer<GroupContext> = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             .set("group.id", &config.group)
             .set("enable.auto.commit", "false")
@@ -189,17 +222,34 @@ impl KafkaSource {
             stopped,
             health.clone(),
         ));
-        Ok(KafkaSource { stop, task, health })
+        Ok(KafkaSource {
+            stop,
+            task,
+            health,
+            writer,
+            membership,
+        })
     }
 
     pub fn health(&self) -> Arc<KafkaHealth> {
         self.health.clone()
     }
 
-    /// Stops consuming; what was dispatched is flushed by the engine.
+    /// Who owns which partition, for query forwarding.
+    pub fn membership(&self) -> Arc<Membership> {
+        self.membership.clone()
+    }
+
+    /// Stops consuming and hands the partitions over: each shard flushes,
+    /// each partition publishes its last changelog round, and the instance
+    /// leaves the membership. Call while the engine still runs.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        let writer = self.writer.clone();
+        let _ = tokio::task::spawn_blocking(move || writer.stop(Duration::from_secs(20))).await;
+        let membership = self.membership.clone();
+        let _ = tokio::task::spawn_blocking(move || membership.leave()).await;
     }
 }
 
@@ -211,7 +261,7 @@ type Validation = Arc<dyn Fn() -> ValidationContext + Send + Sync>;
 /// rebalances and errors.
 async fn consume(
     config: KafkaConfig,
-    consumer: StreamConsumer<PositionedContext>,
+    consumer: StreamConsumer<GroupContext>,
     producer: FutureProducer,
     router: ShardRouter,
     validation: Validation,
@@ -257,13 +307,25 @@ async fn consume(
     for task in tasks {
         let _ = task.await;
     }
+    // Hand over: flush and publish every owned partition before leaving
+    // the group (blocking calls, off the async workers).
+    let consumer = consumer.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        let context = consumer.context();
+        for p in context.membership.owned() {
+            context.release(p);
+        }
+        context.membership.set_owned(Default::default());
+        consumer.unsubscribe();
+    })
+    .await;
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn consume_partition(
     partition: u16,
-    queue: rdkafka::consumer::stream_consumer::StreamPartitionQueue<PositionedContext>,
-    consumer: Arc<StreamConsumer<PositionedContext>>,
+    queue: rdkafka::consumer::stream_consumer::StreamPartitionQueue<GroupContext>,
+    consumer: Arc<StreamConsumer<GroupContext>>,
     config: Arc<KafkaConfig>,
     producer: FutureProducer,
     router: ShardRouter,
@@ -283,6 +345,7 @@ async fn consume_partition(
             _ = tokio::time::sleep(Duration::from_millis(200)) => None,
         };
         let mut round: Vec<Received> = Vec::new();
+        let epoch = consumer.context().epoch(partition);
         if let Some(m) = first {
             if m.is_ok() {
                 health.connected();
@@ -310,6 +373,12 @@ async fn consume_partition(
                 let Some(&last) = offsets.last() else {
                     return Ok::<(), Error>(());
                 };
+                if consumer.context().epoch(partition) != epoch {
+                    // The partition moved while this round was read: drop
+                    // it and read again from what the store now holds.
+                    reposition(&consumer, &config.topic, partition);
+                    return Ok(());
+                }
                 if !router.has_room(partition) {
                     // The shard is behind: stop fetching this partition only.
                     set_paused(&consumer, &config.topic, partition, true);
@@ -318,7 +387,7 @@ async fn consume_partition(
                     set_paused(&consumer, &config.topic, partition, false);
                 }
                 let rx = router
-                    .send_positioned(partition, source.clone(), events, offsets)
+                    .send_positioned(partition, source.clone(), events, offsets, Some(epoch))
                     .await?;
                 pending.push_back(PendingAck {
                     partition: i32::from(partition),
@@ -336,7 +405,21 @@ async fn consume_partition(
     commit_acknowledged(&consumer, &config.topic, &mut pending);
 }
 
-fn set_paused(consumer: &StreamConsumer<PositionedContext>, topic: &str, p: u16, paused: bool) {
+fn reposition(consumer: &StreamConsumer<GroupContext>, topic: &str, p: u16) {
+    let offset = match consumer.context().resume_offset(p) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(partition = p, error = %e, "cannot read the stored position");
+            return;
+        }
+    };
+    if let Err(e) = consumer.seek(topic, i32::from(p), offset, Duration::from_secs(5)) {
+        // Not assigned any more: nothing to read again.
+        tracing::debug!(partition = p, error = %e, "seek after a partition move");
+    }
+}
+
+fn set_paused(consumer: &StreamConsumer<GroupContext>, topic: &str, p: u16, paused: bool) {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, i32::from(p));
     let result = if paused {
@@ -351,7 +434,7 @@ fn set_paused(consumer: &StreamConsumer<PositionedContext>, topic: &str, p: u16,
 
 /// Commits, for monitoring, the offsets whose shards have flushed.
 fn commit_acknowledged(
-    consumer: &StreamConsumer<PositionedContext>,
+    consumer: &StreamConsumer<GroupContext>,
     topic: &str,
     pending: &mut VecDeque<PendingAck>,
 ) {
@@ -361,6 +444,7 @@ fn commit_acknowledged(
             let _ = tpl.add_partition_offset(topic, ack.partition, Offset::Offset(ack.last_offset + 1));
             false
         }
+        Ok(Err(Error::StaleEpoch { .. })) => false,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, partition = ack.partition, "batch not applied; it will be re-read after restart");
             false

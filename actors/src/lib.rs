@@ -6,17 +6,24 @@
 //! - [`kafka_health`]: broker connection and consumer lag, for readiness.
 //! - [`kafka_ingest`]: HTTP ingest through the topic in Kafka mode.
 //! - [`kafka_source`]: consumer-group source, positions from the store.
+//! - [`kafka_rebalance`]: what moves with a partition: flush and last
+//!   changelog round on revocation, restore on assignment.
+//! - [`changelog`]: changelog topics: publishing rounds, rebuilding.
+//! - [`membership`]: who owns which partition, for query forwarding.
 //! - [`router`]: partitioning, admission and back-pressure.
 //! - [`engine`]: starts the actor system and the supervised shards.
 //! - [`status`]: mailbox depth and health a shard shares.
 //! - [`messages`]: batches and acknowledgements.
 //! - [`telemetry`]: metric names and typed internal events.
 
+pub mod changelog;
 pub mod engine;
 pub mod kafka_decode;
 pub mod kafka_health;
 pub mod kafka_ingest;
+pub mod kafka_rebalance;
 pub mod kafka_source;
+pub mod membership;
 pub mod messages;
 pub mod router;
 pub mod shard;
@@ -48,6 +55,10 @@ pub enum Error {
     Startup(String),
     #[error("kafka: {0}")]
     Kafka(String),
+    #[error("shard {shard} no longer owns this batch's partition epoch")]
+    StaleEpoch { shard: u16 },
+    #[error("changelog: {0}")]
+    Changelog(String),
 }
 
 impl From<tally_state::Error> for Error {

@@ -3,6 +3,7 @@
 
 use actix::Message;
 use tally_pipelines::event::RequestEvent;
+use tally_state::changelog::{ChangelogMark, Rebuilt};
 use tokio::sync::oneshot;
 
 use crate::Error;
@@ -79,6 +80,26 @@ pub struct ApplyBatch {
     pub positions: Option<Vec<u64>>,
     /// Answered once the batch's effects are durable.
     pub ack: Option<(Ack, Urgency)>,
+    /// For Kafka batches: the partition's ownership epoch the batch was
+    /// fetched in; a shard refuses batches of any other epoch (fetched
+    /// before a revocation, delivered after a takeover).
+    pub epoch: Option<u64>,
+}
+
+/// Kafka moved a partition: the shard lets go of it or takes it.
+#[derive(Message)]
+#[rtype(result = "Result<(), crate::Error>")]
+pub enum PartitionControl {
+    /// Revoked: flush what was applied, then drop the hot state and refuse
+    /// batches until adopted again.
+    Release,
+    /// Assigned: optionally replace the stored state with one rebuilt from
+    /// the changelog, reload the hot state from the store, and accept
+    /// batches of `epoch`.
+    Adopt {
+        epoch: u64,
+        restore: Option<Box<(Rebuilt, ChangelogMark)>>,
+    },
 }
 
 /// Flush now and answer when durable. With a `source`, also fail if the

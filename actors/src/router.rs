@@ -12,7 +12,7 @@ use tally_pipelines::event::RequestEvent;
 use tally_pipelines::partitioner::partition_for;
 use tokio::sync::oneshot;
 
-use crate::messages::{ApplyBatch, BatchOutcome, FlushNow, Source, Urgency};
+use crate::messages::{ApplyBatch, BatchOutcome, FlushNow, PartitionControl, Source, Urgency};
 use crate::status::{ShardHealth, ShardStatus};
 use crate::telemetry::IngestOverloaded;
 use crate::Error;
@@ -20,6 +20,7 @@ use crate::Error;
 pub struct ShardEndpoint {
     pub apply: Recipient<ApplyBatch>,
     pub flush: Recipient<FlushNow>,
+    pub control: Recipient<PartitionControl>,
     pub status: Arc<ShardStatus>,
 }
 
@@ -110,6 +111,7 @@ impl ShardRouter {
                 events,
                 positions: None,
                 ack: Some((tx, Urgency::FlushSoon)),
+                epoch: None,
             };
             // Room was reserved above; `do_send` does not wait for the shard
             // to handle the batch, so every shard works on it in parallel. A
@@ -129,13 +131,15 @@ impl ShardRouter {
 
     /// Sends one partition's batch, waiting for mailbox room (back-pressure
     /// for sources that can wait, such as a file replay). The returned
-    /// receiver answers at the shard's next flush.
+    /// receiver answers at the shard's next flush. Kafka batches carry the
+    /// partition's ownership `epoch`.
     pub async fn send_positioned(
         &self,
         partition: u16,
         source: Source,
         events: Vec<RequestEvent>,
         positions: Vec<u64>,
+        epoch: Option<u64>,
     ) -> Result<oneshot::Receiver<Result<BatchOutcome, Error>>, Error> {
         let shard = self.shard(partition)?;
         shard.status.wait_for_room(self.capacity).await;
@@ -146,6 +150,7 @@ impl ShardRouter {
             events,
             positions: Some(positions),
             ack: Some((tx, Urgency::NextFlush)),
+            epoch,
         };
         // Not `send`, which would wait until the shard has handled the
         // batch and serialize the shards behind this one sender.
@@ -170,6 +175,16 @@ impl ShardRouter {
         }))
         .await;
         results.into_iter().collect()
+    }
+
+    /// Tells the shard of `partition` that Kafka moved it; answers once the
+    /// shard has let go of it (flushed) or taken it (restored, reloaded).
+    pub async fn control(&self, partition: u16, control: PartitionControl) -> Result<(), Error> {
+        self.shard(partition)?
+            .control
+            .send(control)
+            .await
+            .map_err(|_| Error::ShardUnavailable { shard: partition })?
     }
 
     /// Whether the shard of `partition` can take a batch without waiting.

@@ -24,7 +24,7 @@ use tally_pipelines::event::RequestEvent;
 use tally_pipelines::ingest::{PartitionIngest, PartitionRules, Verdict};
 use tally_state::{Checkpoint, Store};
 
-use crate::messages::{Ack, ApplyBatch, BatchOutcome, FlushNow, Source, Urgency};
+use crate::messages::{Ack, ApplyBatch, BatchOutcome, FlushNow, PartitionControl, Source, Urgency};
 use crate::status::ShardStatus;
 use crate::telemetry::{BatchApplied, FlushCompleted, FlushFailed, MailboxDepth, ShardRestarted};
 use crate::Error;
@@ -81,6 +81,10 @@ pub struct Shard {
     /// Mailbox depth and health, shared with the router (which refuses
     /// HTTP batches at capacity) and with health checks.
     status: Arc<ShardStatus>,
+    /// Kafka ownership of the partition: the epoch whose batches are
+    /// accepted, and whether the partition is currently let go.
+    epoch: u64,
+    released: bool,
 }
 
 /// Internal: flush once the mailbox is drained.
@@ -113,6 +117,8 @@ impl Shard {
             sync_needed: false,
             dirty: false,
             status,
+            epoch: 0,
+            released: false,
         };
         shard.reload();
         shard
@@ -155,8 +161,16 @@ impl Shard {
         source: &Source,
         events: &[RequestEvent],
         positions: Option<&[u64]>,
+        epoch: Option<u64>,
     ) -> Result<BatchOutcome, Error> {
         let mut outcome = BatchOutcome::default();
+        if let Some(epoch) = epoch {
+            if self.released || epoch != self.epoch {
+                return Err(Error::StaleEpoch {
+                    shard: self.partition,
+                });
+            }
+        }
         let mut start = 0;
         let position_key = source.position_key();
         if let (Some(key), Some(positions)) = (position_key, positions) {
@@ -295,7 +309,12 @@ impl Handler<ApplyBatch> for Shard {
 
     fn handle(&mut self, msg: ApplyBatch, ctx: &mut Context<Self>) {
         self.status.batch_taken();
-        let result = self.apply(&msg.source, &msg.events, msg.positions.as_deref());
+        let result = self.apply(
+            &msg.source,
+            &msg.events,
+            msg.positions.as_deref(),
+            msg.epoch,
+        );
         match (result, msg.ack) {
             (Ok(outcome), Some((ack, urgency))) => {
                 self.waiters.push((ack, outcome));
@@ -341,5 +360,46 @@ impl Handler<FlushNow> for Shard {
             }
         });
         let _ = msg.ack.send(result);
+    }
+}
+
+impl Handler<PartitionControl> for Shard {
+    type Result = Result<(), Error>;
+
+    fn handle(&mut self, msg: PartitionControl, ctx: &mut Context<Self>) -> Self::Result {
+        match msg {
+            PartitionControl::Release => {
+                self.flush(ctx)?;
+                // Another instance owns the partition now: keep no memory
+                // for it. The store keeps the flushed state, which is what
+                // the changelog publishes before the revocation completes.
+                self.ingest = PartitionIngest::new(
+                    self.config.rules,
+                    self.config.weights.clone(),
+                    None,
+                    DedupeIndex::new(1),
+                );
+                self.positions.clear();
+                self.released = true;
+                Ok(())
+            }
+            PartitionControl::Adopt { epoch, restore } => {
+                if !self.released {
+                    // Answer what was applied before replacing it.
+                    self.flush(ctx)?;
+                }
+                if let Some(restore) = restore {
+                    let (rebuilt, mark) = *restore;
+                    self.store
+                        .restore_partition(self.partition, &rebuilt, &mark)
+                        .map_err(|e| Error::Storage(e.to_string()))?;
+                }
+                self.reload();
+                self.broken_sources.clear();
+                self.epoch = epoch;
+                self.released = false;
+                Ok(())
+            }
+        }
     }
 }

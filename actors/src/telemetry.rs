@@ -23,6 +23,11 @@ pub const KAFKA_DEAD_LETTERS: &str = "tally_kafka_dead_letters_total";
 pub const KAFKA_CONSUMER_LAG: &str = "tally_kafka_consumer_lag";
 pub const KAFKA_PARTITION_PAUSES: &str = "tally_kafka_partition_pauses_total";
 pub const HTTP_DURATION: &str = "tally_http_request_duration_seconds";
+pub const CHANGELOG_RECORDS: &str = "tally_changelog_records_total";
+pub const CHANGELOG_ROUNDS: &str = "tally_changelog_rounds_total";
+pub const CHANGELOG_RESTORES: &str = "tally_changelog_restores_total";
+pub const CHANGELOG_RESTORED_RECORDS: &str = "tally_changelog_restored_records_total";
+pub const OWNED_PARTITIONS: &str = "tally_owned_partitions";
 
 /// Histogram buckets (seconds) shared by the latency histograms.
 pub const LATENCY_BUCKETS: [f64; 14] = [
@@ -138,5 +143,47 @@ impl IngestOverloaded {
     pub fn emit(&self) {
         counter!(INGEST_OVERLOADED).increment(1);
         tracing::warn!(shard = self.shard, "shard mailbox full; answering 503");
+    }
+}
+
+/// A changelog round of one partition was delivered.
+pub struct ChangelogRoundPublished {
+    pub partition: u16,
+    pub records: usize,
+    pub duration: Duration,
+}
+
+impl ChangelogRoundPublished {
+    pub fn emit(&self) {
+        counter!(CHANGELOG_ROUNDS).increment(1);
+        counter!(CHANGELOG_RECORDS).increment(self.records as u64);
+        tracing::debug!(
+            partition = self.partition,
+            records = self.records,
+            ms = self.duration.as_millis() as u64,
+            "changelog round published"
+        );
+    }
+}
+
+/// A partition's state was rebuilt from its changelog.
+pub struct ChangelogRestored {
+    pub partition: u16,
+    pub records: u64,
+    pub keys: usize,
+    pub duration: Duration,
+}
+
+impl ChangelogRestored {
+    pub fn emit(&self) {
+        counter!(CHANGELOG_RESTORES).increment(1);
+        counter!(CHANGELOG_RESTORED_RECORDS).increment(self.records);
+        tracing::info!(
+            partition = self.partition,
+            records = self.records,
+            keys = self.keys,
+            ms = self.duration.as_millis() as u64,
+            "partition restored from its changelog"
+        );
     }
 }

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::{Actor, Context, Handler};
-use tally_actors::messages::{ApplyBatch, FlushNow};
+use tally_actors::messages::{ApplyBatch, FlushNow, PartitionControl};
 use tally_actors::router::{ShardEndpoint, ShardRouter};
 use tally_actors::status::ShardStatus;
 use tally_actors::{Engine, Error, ShardConfig, Source};
@@ -75,7 +75,7 @@ async fn shard_skips_source_positions_it_already_applied_across_restarts() {
             let events: Vec<RequestEvent> = range.clone().map(|i| event("one-client", i)).collect();
             let p = router.partition_of("one-client");
             let rx = router
-                .send_positioned(p, source.clone(), events, range.collect())
+                .send_positioned(p, source.clone(), events, range.collect(), None)
                 .await
                 .unwrap();
             router.flush_all(Some(source)).await.unwrap();
@@ -116,6 +116,13 @@ impl Handler<FlushNow> for StuckShard {
     fn handle(&mut self, _: FlushNow, _: &mut Context<Self>) {}
 }
 
+impl Handler<PartitionControl> for StuckShard {
+    type Result = Result<(), Error>;
+    fn handle(&mut self, _: PartitionControl, _: &mut Context<Self>) -> Self::Result {
+        Ok(())
+    }
+}
+
 #[actix_rt::test]
 async fn ingest_is_refused_whole_when_a_shard_mailbox_is_full() {
     let status = Arc::new(ShardStatus::default());
@@ -123,7 +130,8 @@ async fn ingest_is_refused_whole_when_a_shard_mailbox_is_full() {
     let router = ShardRouter::new(
         vec![ShardEndpoint {
             apply: stuck.clone().recipient(),
-            flush: stuck.recipient(),
+            flush: stuck.clone().recipient(),
+            control: stuck.recipient(),
             status: status.clone(),
         }],
         2,

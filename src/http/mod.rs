@@ -3,6 +3,7 @@
 //! timeouts, problem+json for unmatched routes).
 
 pub mod dead_letters;
+pub mod forward;
 pub mod health;
 pub mod ingest;
 pub mod usage;
@@ -41,6 +42,10 @@ pub struct AppState {
     pub kafka_ingest: Option<Arc<tally_actors::kafka_ingest::KafkaIngest>>,
     /// In Kafka mode, the consumer's broker connection and lag.
     pub kafka_health: Option<Arc<tally_actors::kafka_health::KafkaHealth>>,
+    /// In Kafka mode, who owns which partition (queries are forwarded).
+    pub membership: Option<Arc<tally_actors::membership::Membership>>,
+    /// Forwards queries to the owning instance.
+    pub http_client: reqwest::Client,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -49,7 +54,10 @@ pub fn app(state: AppState) -> Router {
     let timeout = state.config.request_timeout;
     Router::new()
         .merge(ingest::router(&state.config))
-        .merge(usage::router())
+        .merge(usage::router().route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            forward::to_owner,
+        )))
         .merge(health::router())
         .merge(dead_letters::router())
         .route_layer(middleware::from_fn(record_http_metrics))

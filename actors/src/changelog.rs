@@ -1,0 +1,448 @@
+//! Changelog topics: publishing the owned partitions' state in rounds, and
+//! rebuilding a partition from them when this instance takes it over.
+//!
+//! One compacted topic per state store (`<topic>.changelog.stats`,
+//! `<topic>.changelog.dedupe`), partitioned like the request topic; the
+//! rules that make a rebuild exact wherever a writer died are in
+//! [`tally_state::changelog`]. The writer is a plain thread: a round holds
+//! RocksDB snapshots from one round to the next, and the rebalance callback
+//! (which must finish a revoked partition's last round before returning)
+//! talks to it over a channel.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tally_state::changelog::{ChangelogMark, ChangelogValue, Rebuild, Rebuilt, StateStore};
+use tally_state::codec::encode;
+use tally_state::keys::changelog_marker_key;
+use tally_state::snapshot::StoreSnapshot;
+use tally_state::Store;
+
+use crate::telemetry::{ChangelogRestored, ChangelogRoundPublished};
+use crate::Error;
+
+/// The changelog topic of `store` for the request topic `topic`.
+pub fn changelog_topic(topic: &str, store: StateStore) -> String {
+    format!("{topic}.changelog.{}", store.name())
+}
+
+fn index(store: StateStore) -> usize {
+    match store {
+        StateStore::Stats => 0,
+        StateStore::Dedupe => 1,
+    }
+}
+
+fn kafka(e: KafkaError) -> Error {
+    Error::Changelog(e.to_string())
+}
+
+fn state(e: tally_state::Error) -> Error {
+    Error::Changelog(e.to_string())
+}
+
+enum Command {
+    Adopt {
+        partition: u16,
+        next_round: u64,
+        ends: Option<[i64; 2]>,
+    },
+    Release {
+        partition: u16,
+        done: mpsc::Sender<Result<(), Error>>,
+    },
+    Stop {
+        done: mpsc::Sender<()>,
+    },
+}
+
+/// Publishes the owned partitions' changes, one round per interval.
+pub struct ChangelogWriter {
+    commands: mpsc::Sender<Command>,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl ChangelogWriter {
+    pub fn start(
+        store: Arc<Store>,
+        producer: FutureProducer,
+        topic: &str,
+        source_key: String,
+        interval: Duration,
+    ) -> Result<ChangelogWriter, Error> {
+        let (commands, rx) = mpsc::channel();
+        let publisher = Publisher {
+            producer,
+            topics: StateStore::ALL.map(|s| changelog_topic(topic, s)),
+            source_key,
+        };
+        let thread = std::thread::Builder::new()
+            .name("tally-changelog".into())
+            .spawn(move || publisher.run(&store, &rx, interval))
+            .map_err(|e| Error::Startup(e.to_string()))?;
+        Ok(ChangelogWriter {
+            commands,
+            thread: std::sync::Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Starts publishing `partition`, whose state now equals the
+    /// changelog's at round `next_round - 1`.
+    pub fn adopt(&self, partition: u16, next_round: u64, ends: Option<[i64; 2]>) {
+        let _ = self.commands.send(Command::Adopt {
+            partition,
+            next_round,
+            ends,
+        });
+    }
+
+    /// Publishes `partition`'s last round and stops publishing it.
+    pub fn release(&self, partition: u16, timeout: Duration) -> Result<(), Error> {
+        let (done, rx) = mpsc::channel();
+        self.commands
+            .send(Command::Release { partition, done })
+            .map_err(|_| Error::Changelog("changelog writer stopped".into()))?;
+        rx.recv_timeout(timeout).map_err(|_| {
+            Error::Changelog(format!(
+                "last round of partition {partition} not published within {timeout:?}"
+            ))
+        })?
+    }
+
+    /// Publishes a last round of every owned partition and stops.
+    pub fn stop(&self, timeout: Duration) {
+        let (done, rx) = mpsc::channel();
+        if self.commands.send(Command::Stop { done }).is_ok() {
+            if rx.recv_timeout(timeout).is_err() {
+                tracing::warn!("changelog writer did not finish its last rounds in time");
+                return;
+            }
+        }
+        let thread = self.thread.lock().map(|mut t| t.take()).ok().flatten();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A partition being published.
+struct Owned<'s> {
+    next_round: u64,
+    /// The state at the last marker: the `before` of the next round.
+    at_marker: StoreSnapshot<'s>,
+    /// End offsets of the changelog partitions after the last marker.
+    ends: Option<[i64; 2]>,
+    published: Option<tally_state::Checkpoint>,
+}
+
+struct Publisher {
+    producer: FutureProducer,
+    topics: [String; 2],
+    source_key: String,
+}
+
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Publisher {
+    fn run(&self, store: &Store, commands: &mpsc::Receiver<Command>, interval: Duration) {
+        let mut owned: BTreeMap<u16, Owned<'_>> = BTreeMap::new();
+        let mut next_tick = Instant::now() + interval;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match commands.recv_timeout(wait) {
+                Ok(Command::Adopt {
+                    partition,
+                    next_round,
+                    ends,
+                }) => {
+                    owned.insert(
+                        partition,
+                        Owned {
+                            next_round,
+                            at_marker: store.snapshot(),
+                            ends,
+                            published: None,
+                        },
+                    );
+                }
+                Ok(Command::Release { partition, done }) => {
+                    let result = match owned.remove(&partition) {
+                        Some(mut o) => self.publish(store, partition, &mut o),
+                        None => Ok(()),
+                    };
+                    let _ = done.send(result);
+                }
+                Ok(Command::Stop { done }) => {
+                    for (&p, o) in owned.iter_mut() {
+                        if let Err(e) = self.publish(store, p, o) {
+                            tracing::warn!(partition = p, error = %e, "last changelog round failed");
+                        }
+                    }
+                    let _ = done.send(());
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    for (&p, o) in owned.iter_mut() {
+                        if let Err(e) = self.publish(store, p, o) {
+                            tracing::warn!(partition = p, error = %e, "changelog round failed; retrying next interval");
+                        }
+                    }
+                    next_tick = Instant::now() + interval;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    /// One round of one partition: changed keys with their values before
+    /// and after, then the marker. On failure the keys go back to the
+    /// changed set and the next attempt reuses the round number.
+    fn publish<'s>(&self, store: &'s Store, p: u16, owned: &mut Owned<'s>) -> Result<(), Error> {
+        let (snapshot, keys) = store.begin_round(p);
+        let checkpoint = match snapshot.checkpoint(p) {
+            Ok(c) => c,
+            Err(e) => {
+                store.return_changes(p, keys);
+                return Err(state(e));
+            }
+        };
+        if keys.is_empty() && owned.published.as_ref() == Some(&checkpoint) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        match self.send_round(p, owned, &snapshot, &keys, &checkpoint) {
+            Ok(ends) => {
+                let mark = ChangelogMark {
+                    round: owned.next_round,
+                    checkpoint: checkpoint.clone(),
+                    ends: Some(ends),
+                };
+                if let Err(e) = store.save_changelog_mark(p, &mark) {
+                    // Only costs a full restore if this instance takes the
+                    // partition again.
+                    tracing::warn!(partition = p, error = %e, "cannot record changelog mark");
+                }
+                ChangelogRoundPublished {
+                    partition: p,
+                    records: keys.len(),
+                    duration: started.elapsed(),
+                }
+                .emit();
+                owned.at_marker = snapshot;
+                owned.next_round += 1;
+                owned.ends = Some(ends);
+                owned.published = Some(checkpoint);
+                Ok(())
+            }
+            Err(e) => {
+                store.return_changes(p, keys);
+                Err(e)
+            }
+        }
+    }
+
+    fn send_round(
+        &self,
+        p: u16,
+        owned: &Owned<'_>,
+        snapshot: &StoreSnapshot<'_>,
+        keys: &[(StateStore, Vec<u8>)],
+        checkpoint: &tally_state::Checkpoint,
+    ) -> Result<[i64; 2], Error> {
+        let round = owned.next_round;
+        let source_offset = checkpoint.positions.get(&self.source_key).copied();
+        let mut deliveries = Vec::with_capacity(keys.len());
+        for (store, key) in keys {
+            let value = ChangelogValue::Change {
+                round,
+                source_offset,
+                before: owned.at_marker.get(*store, key).map_err(state)?,
+                after: snapshot.get(*store, key).map_err(state)?,
+            };
+            let payload = encode(&value).map_err(state)?;
+            let topic = &self.topics[index(*store)];
+            deliveries.push((*store, self.send(topic, p, key, &payload)?));
+        }
+        let mut dedupe_end = None;
+        let results = futures::executor::block_on(join_all(
+            deliveries
+                .into_iter()
+                .map(|(s, d)| async move { (s, d.await) }),
+        ));
+        for (store, result) in results {
+            let delivery = delivered(result)?;
+            if store == StateStore::Dedupe {
+                dedupe_end = dedupe_end.max(Some(delivery.offset + 1));
+            }
+        }
+        let marker = encode(&ChangelogValue::Marker {
+            round,
+            checkpoint: checkpoint.clone(),
+        })
+        .map_err(state)?;
+        let key = changelog_marker_key(p);
+        let delivery = delivered(futures::executor::block_on(self.send(
+            &self.topics[0],
+            p,
+            &key,
+            &marker,
+        )?))?;
+        let dedupe_end = match (dedupe_end, owned.ends) {
+            (Some(end), _) => end,
+            (None, Some([_, end])) => end,
+            (None, None) => {
+                self.producer
+                    .client()
+                    .fetch_watermarks(&self.topics[1], i32::from(p), Duration::from_secs(5))
+                    .map_err(kafka)?
+                    .1
+            }
+        };
+        Ok([delivery.offset + 1, dedupe_end])
+    }
+
+    /// Enqueues one record, waiting while the producer queue is full.
+    fn send(
+        &self,
+        topic: &str,
+        p: u16,
+        key: &[u8],
+        payload: &[u8],
+    ) -> Result<rdkafka::producer::DeliveryFuture, Error> {
+        let deadline = Instant::now() + DELIVERY_TIMEOUT;
+        let mut record = FutureRecord::to(topic)
+            .partition(i32::from(p))
+            .key(key)
+            .payload(payload);
+        loop {
+            match self.producer.send_result(record) {
+                Ok(d) => return Ok(d),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                    if Instant::now() < deadline =>
+                {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(kafka(e)),
+            }
+        }
+    }
+}
+
+fn delivered(
+    result: Result<
+        rdkafka::producer::future_producer::OwnedDeliveryResult,
+        futures::channel::oneshot::Canceled,
+    >,
+) -> Result<rdkafka::producer::future_producer::Delivery, Error> {
+    match result {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err((e, _))) => Err(kafka(e)),
+        Err(_) => Err(Error::Changelog("delivery cancelled".into())),
+    }
+}
+
+/// Reads changelog partitions (no consumer group: plain assignment).
+pub struct ChangelogReader {
+    consumer: BaseConsumer,
+    topics: [String; 2],
+    timeout: Duration,
+}
+
+impl ChangelogReader {
+    pub fn new(brokers: &str, topic: &str, timeout: Duration) -> Result<ChangelogReader, Error> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set(
+                "group.id",
+                format!("tally-changelog-reader-{}", std::process::id()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("fetch.max.bytes", "67108864")
+            .set("max.partition.fetch.bytes", "16777216")
+            .create()
+            .map_err(kafka)?;
+        Ok(ChangelogReader {
+            consumer,
+            topics: StateStore::ALL.map(|s| changelog_topic(topic, s)),
+            timeout,
+        })
+    }
+
+    /// Current end offsets of the partition's changelogs (stats, dedupe).
+    pub fn ends(&self, p: u16) -> Result<[i64; 2], Error> {
+        let mut ends = [0; 2];
+        for (i, topic) in self.topics.iter().enumerate() {
+            ends[i] = self
+                .consumer
+                .fetch_watermarks(topic, i32::from(p), self.timeout)
+                .map_err(kafka)?
+                .1;
+        }
+        Ok(ends)
+    }
+
+    /// Reads both changelogs of `p` to their current ends and rebuilds the
+    /// state at the last marker. Returns the ends read up to.
+    pub fn rebuild(&self, p: u16) -> Result<(Rebuilt, [i64; 2]), Error> {
+        let started = Instant::now();
+        let mut rebuild = Rebuild::default();
+        let mut ends = [0; 2];
+        let mut records = 0u64;
+        for store in StateStore::ALL {
+            let topic = &self.topics[index(store)];
+            let (low, high) = self
+                .consumer
+                .fetch_watermarks(topic, i32::from(p), self.timeout)
+                .map_err(kafka)?;
+            ends[index(store)] = high;
+            if high <= low {
+                continue;
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(topic, i32::from(p), Offset::Offset(low))
+                .map_err(kafka)?;
+            self.consumer.assign(&tpl).map_err(kafka)?;
+            let deadline = Instant::now() + self.timeout.max(Duration::from_secs(60));
+            let mut next = low;
+            while next < high {
+                if Instant::now() > deadline {
+                    return Err(Error::Changelog(format!(
+                        "reading {topic}[{p}] stopped at offset {next} of {high}"
+                    )));
+                }
+                match self.consumer.poll(Duration::from_millis(500)) {
+                    Some(Ok(m)) => {
+                        next = m.offset() + 1;
+                        if let Some(key) = m.key() {
+                            rebuild.apply(store, key, m.payload());
+                            records += 1;
+                        }
+                    }
+                    Some(Err(e)) => tracing::warn!(error = %e, topic, p, "changelog read error"),
+                    None => {}
+                }
+            }
+        }
+        let _ = self.consumer.unassign();
+        let rebuilt = rebuild.finish();
+        ChangelogRestored {
+            partition: p,
+            records,
+            keys: rebuilt.values.len(),
+            duration: started.elapsed(),
+        }
+        .emit();
+        Ok((rebuilt, ends))
+    }
+}

@@ -1,0 +1,194 @@
+//! What happens when the consumer group moves partitions.
+//!
+//! Revoked: the partition's epoch advances (batches fetched before are
+//! refused), its shard flushes and drops its hot state, and the changelog
+//! writer publishes the partition's last round, all before the callback
+//! returns, so the next owner finds everything in the changelog.
+//!
+//! Assigned: if the changelog has not grown since this instance last
+//! published or restored the partition and the local checkpoint is that
+//! marker's, the local state is current; otherwise the partition is rebuilt
+//! from the changelog (the state at its last marker) and replaces the local
+//! one. Either way the shard reloads, consumption starts right after the
+//! stored position, and the instance publishes its new membership.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tally_state::changelog::ChangelogMark;
+use tally_state::retention::wall_clock_ms;
+use tally_state::Store;
+
+use crate::changelog::{ChangelogReader, ChangelogWriter};
+use crate::kafka_health::KafkaHealth;
+use crate::membership::Membership;
+use crate::messages::PartitionControl;
+use crate::router::ShardRouter;
+use crate::Error;
+
+/// How long a revoked partition's last changelog round may take.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub(crate) struct GroupContext {
+    pub store: Arc<Store>,
+    pub topic: String,
+    pub source_key: String,
+    pub health: Arc<KafkaHealth>,
+    pub router: ShardRouter,
+    /// Ownership epoch per partition, shared with the partition tasks.
+    pub epochs: Arc<Vec<AtomicU64>>,
+    pub writer: Arc<ChangelogWriter>,
+    pub reader: ChangelogReader,
+    pub membership: Arc<Membership>,
+}
+
+impl ClientContext for GroupContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::warn!(error = %error, reason, "kafka client error");
+        self.health.on_error(wall_clock_ms(), &error, reason);
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.health
+            .on_statistics(wall_clock_ms(), &self.topic, &statistics);
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut assigned = TopicPartitionList::new();
+                let mut owned = BTreeSet::new();
+                for partition in partitions {
+                    let Ok(p) = u16::try_from(partition) else {
+                        continue;
+                    };
+                    if usize::from(p) >= self.epochs.len() {
+                        // No shard: its messages go to the dead-letter topic.
+                        let _ =
+                            assigned.add_partition_offset(&self.topic, partition, Offset::Stored);
+                        continue;
+                    }
+                    match self.take(p) {
+                        Ok(offset) => {
+                            tracing::info!(topic = %self.topic, partition, ?offset, "partition assigned");
+                            let _ = assigned.add_partition_offset(&self.topic, partition, offset);
+                            owned.insert(p);
+                        }
+                        // Not consuming it is safe; consuming it on stale
+                        // state is not. The next rebalance retries.
+                        Err(e) => {
+                            tracing::error!(partition, error = %e, "cannot take partition; leaving it idle")
+                        }
+                    }
+                }
+                if let Err(e) = consumer.assign(&assigned) {
+                    tracing::error!(error = %e, "assign failed");
+                }
+                self.membership.set_owned(owned);
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                for partition in partitions {
+                    if let Ok(p) = u16::try_from(partition) {
+                        self.release(p);
+                    }
+                }
+                tracing::info!(topic = %self.topic, "partitions revoked");
+                if let Err(e) = consumer.unassign() {
+                    tracing::error!(error = %e, "unassign failed");
+                }
+                self.membership.set_owned(BTreeSet::new());
+            }
+            other => tracing::error!(error = ?other, "rebalance error"),
+        }
+    }
+}
+
+impl GroupContext {
+    pub fn epoch(&self, partition: u16) -> u64 {
+        self.epochs
+            .get(usize::from(partition))
+            .map_or(0, |e| e.load(Ordering::SeqCst))
+    }
+
+    fn next_epoch(&self, partition: u16) -> u64 {
+        self.epochs
+            .get(usize::from(partition))
+            .map_or(0, |e| e.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    /// The offset to resume `partition` from: right after the stored one.
+    pub fn resume_offset(&self, partition: u16) -> Result<Offset, Error> {
+        let stored = self
+            .store
+            .load_checkpoint(partition)?
+            .positions
+            .get(&self.source_key)
+            .copied();
+        Ok(match stored.and_then(|o| i64::try_from(o).ok()) {
+            Some(o) => Offset::Offset(o + 1),
+            None => Offset::Beginning,
+        })
+    }
+
+    /// Makes the shard of `partition` current (restoring from the
+    /// changelog if needed) and starts publishing its changelog.
+    fn take(&self, p: u16) -> Result<Offset, Error> {
+        let epoch = self.next_epoch(p);
+        let ends = self.reader.ends(p)?;
+        let local = self.store.load_checkpoint(p)?;
+        let mark = self.store.load_changelog_mark(p)?;
+        let current = mark
+            .as_ref()
+            .filter(|m| m.ends == Some(ends) && m.checkpoint == local);
+        let (restore, next_round, writer_ends) = match current {
+            Some(m) => (None, m.round + 1, m.ends),
+            None => {
+                let (rebuilt, read_ends) = self.reader.rebuild(p)?;
+                let mark = ChangelogMark {
+                    round: rebuilt.round.unwrap_or(0),
+                    checkpoint: rebuilt.checkpoint.clone(),
+                    // Strays of a cut-short round must be republished
+                    // before the local state may count as current.
+                    ends: rebuilt.uncommitted.is_empty().then_some(read_ends),
+                };
+                let (next, ends) = (rebuilt.next_round(), mark.ends);
+                (Some(Box::new((rebuilt, mark))), next, ends)
+            }
+        };
+        futures::executor::block_on(
+            self.router
+                .control(p, PartitionControl::Adopt { epoch, restore }),
+        )?;
+        self.writer.adopt(p, next_round, writer_ends);
+        self.resume_offset(p)
+    }
+
+    /// Lets go of `partition`: flush, drop hot state, publish last round.
+    pub fn release(&self, p: u16) {
+        if usize::from(p) >= self.epochs.len() {
+            return;
+        }
+        self.next_epoch(p);
+        if let Err(e) =
+            futures::executor::block_on(self.router.control(p, PartitionControl::Release))
+        {
+            tracing::warn!(partition = p, error = %e, "shard did not flush on revocation");
+        }
+        if let Err(e) = self.writer.release(p, RELEASE_TIMEOUT) {
+            tracing::warn!(partition = p, error = %e, "last changelog round not published; the next owner replays more");
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Queries for clients owned by another instance (Kafka mode): a client's
+//! usage lives on the instance that owns its partition, so a query is
+//! answered there, forwarded once from whichever instance received it.
+//! A forwarded request that lands on a non-owner (ownership moved in
+//! between) is refused with 503 + Retry-After rather than bounced around.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tally_actors::membership::Owner;
+
+use super::AppState;
+use crate::error::ApiError;
+
+/// Marks a forwarded request (and names the instance that forwarded it).
+pub const FORWARDED_BY: HeaderName = HeaderName::from_static("x-tally-forwarded-by");
+/// The instance that answered.
+pub const SERVED_BY: HeaderName = HeaderName::from_static("x-tally-served-by");
+
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Route layer for `/v1/clients/{client_id}/...` reads.
+pub async fn to_owner(
+    State(state): State<AppState>,
+    path: Result<Path<HashMap<String, String>>, PathRejection>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let (Some(membership), Ok(Path(params))) = (&state.membership, path) else {
+        return next.run(req).await;
+    };
+    let Some(client) = params.get("client_id") else {
+        return next.run(req).await;
+    };
+    let partition = state.shards.partition_of(client);
+    match membership.owner(partition) {
+        Owner::Local => {
+            let mut response = next.run(req).await;
+            if let Ok(v) = HeaderValue::from_str(membership.address()) {
+                response.headers_mut().insert(SERVED_BY, v);
+            }
+            response
+        }
+        Owner::Remote(owner) if !req.headers().contains_key(&FORWARDED_BY) => {
+            match forward(&state, membership.address(), &owner, req).await {
+                Ok(response) => response,
+                Err(detail) => ApiError::OwnerUnreachable {
+                    partition,
+                    owner,
+                    detail,
+                }
+                .into_response(),
+            }
+        }
+        Owner::Remote(_) | Owner::Unknown => {
+            ApiError::PartitionMoving { partition }.into_response()
+        }
+    }
+}
+
+async fn forward(
+    state: &AppState,
+    me: &str,
+    owner: &str,
+    req: Request,
+) -> Result<Response, String> {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string());
+    let mut outgoing = state
+        .http_client
+        .get(format!("{owner}{path}"))
+        .timeout(FORWARD_TIMEOUT)
+        .header(FORWARDED_BY.as_str(), me);
+    if let Some(id) = req.headers().get("x-request-id") {
+        outgoing = outgoing.header("x-request-id", id.as_bytes());
+    }
+    let answer = outgoing.send().await.map_err(|e| e.to_string())?;
+    let status = answer.status();
+    let headers = answer.headers().clone();
+    let body = answer.bytes().await.map_err(|e| e.to_string())?;
+    let mut response = Response::builder()
+        .status(status.as_u16())
+        .body(Body::from(body))
+        .map_err(|e| e.to_string())?;
+    for name in ["content-type", "retry-after", SERVED_BY.as_str()] {
+        if let Some(v) = headers
+            .get(name)
+            .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+        {
+            if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+                response.headers_mut().insert(name, v);
+            }
+        }
+    }
+    Ok(response)
+}
