@@ -9,6 +9,8 @@
 //! - [`dedupe`]: the in-memory, flush-persisted event-id index.
 //! - [`ingest`]: per-partition watermark, dedupe and minute/hour/day rollup.
 //! - [`time`]: bucket and period boundaries in UTC.
+//! - [`limit`]: rate-limit algorithms (fixed and sliding window, token and
+//!   leaky bucket) over explicit time.
 //! - [`synthetic`]: deterministic synthetic traffic.
 //!
 //! Time is always passed in, so every behaviour is testable and replayable.
@@ -18,6 +20,7 @@ pub mod decode;
 pub mod dedupe;
 pub mod event;
 pub mod ingest;
+pub mod limit;
 pub mod partitioner;
 pub mod sketch;
 pub mod synthetic;
