@@ -370,6 +370,8 @@ impl ChangelogReader {
             .set("enable.partition.eof", "false")
             .set("fetch.max.bytes", "67108864")
             .set("max.partition.fetch.bytes", "16777216")
+            // A restore reads to a known end: never wait for more data.
+            .set("fetch.wait.max.ms", "10")
             .create()
             .map_err(kafka)?;
         Ok(ChangelogReader {

@@ -53,6 +53,18 @@ impl ClientContext for GroupContext {
         self.health.on_error(wall_clock_ms(), &error, reason);
     }
 
+    /// librdkafka's own log lines (including `TALLY_KAFKA_DEBUG` contexts).
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(facility = fac, "librdkafka: {message}")
+            }
+            L::Warning => tracing::warn!(facility = fac, "librdkafka: {message}"),
+            _ => tracing::info!(facility = fac, "librdkafka: {message}"),
+        }
+    }
+
     fn stats(&self, statistics: rdkafka::Statistics) {
         self.health
             .on_statistics(wall_clock_ms(), &self.topic, &statistics);

@@ -41,7 +41,7 @@ use crate::changelog::{changelog_topic, ChangelogReader, ChangelogWriter};
 use crate::kafka_decode::{dead_letter, decode_round, take, Received};
 use crate::kafka_health::KafkaHealth;
 use crate::kafka_rebalance::GroupContext;
-use crate::membership::Membership;
+use crate::membership::{Membership, MEMBER_EXPIRY};
 use crate::messages::{BatchOutcome, Source};
 use crate::router::ShardRouter;
 use crate::telemetry::KAFKA_PARTITION_PAUSES;
@@ -164,8 +164,13 @@ impl KafkaSource {
             source_key.clone(),
             config.changelog_interval,
         )?);
-        let membership =
-            Membership::start(&config.brokers, &config.topic, address, control_producer)?;
+        let membership = Membership::start(
+            &config.brokers,
+            &config.topic,
+            router.partitions(),
+            address,
+            control_producer,
+        )?;
         let context = GroupContext {
             store,
             topic: config.topic.clone(),
@@ -181,7 +186,12 @@ impl KafkaSource {
             reader: ChangelogReader::new(&config.brokers, &config.topic, Duration::from_secs(10))?,
             membership: membership.clone(),
         };
-        let consumer: StreamConsumer<GroupContext> = ClientConfig::new()
+        let mut consumer_config = ClientConfig::new();
+        // librdkafka's own debug contexts (e.g. "cgrp,fetch") for operators.
+        if let Ok(contexts) = std::env::var("TALLY_KAFKA_DEBUG") {
+            consumer_config.set("debug", contexts);
+        }
+        let consumer: StreamConsumer<GroupContext> = consumer_config
             .set("bootstrap.servers", &config.brokers)
             .set("group.id", &config.group)
             .set("enable.auto.commit", "false")
@@ -290,9 +300,34 @@ async fn consume(
     }
     let mut main = consumer.stream();
     let mut stopped_main = stopped;
+    let mut watchdog = tokio::time::interval(Duration::from_secs(5));
+    let mut orphaned_since: Option<tokio::time::Instant> = None;
+    // Longer than the session timeout: a dead member must have left the
+    // group before a rejoin can give its partitions to someone else.
+    let orphan_grace = config.session_timeout + MEMBER_EXPIRY;
     loop {
         tokio::select! {
             _ = stopped_main.changed() => break,
+            _ = watchdog.tick() => {
+                let orphaned = consumer.context().membership.orphaned();
+                if orphaned.is_empty() {
+                    orphaned_since = None;
+                } else if orphaned_since.get_or_insert_with(tokio::time::Instant::now).elapsed() > orphan_grace {
+                    // Some group coordinators (tansu 0.6) keep a dead
+                    // member's assignment after expelling it; rejoining
+                    // as a new member forces a fresh assignment.
+                    tracing::warn!(?orphaned, "partitions without a live owner; rejoining the consumer group");
+                    orphaned_since = None;
+                    let (c, topic) = (consumer.clone(), config.topic.clone());
+                    let _ = tokio::task::spawn_blocking(move || {
+                        c.unsubscribe();
+                        if let Err(e) = c.subscribe(&[&topic]) {
+                            tracing::error!(error = %e, "cannot resubscribe");
+                        }
+                    })
+                    .await;
+                }
+            }
             m = main.next() => match m {
                 // Only partitions beyond the shards arrive here.
                 Some(Ok(m)) => {

@@ -5,6 +5,9 @@
 //!
 //! After a failure, a dead instance's last record still claims its
 //! partitions until the survivor publishes; the most recent claim wins.
+//! Records are republished every few seconds, so a record that stops being
+//! refreshed marks a dead instance, and partitions no live instance claims
+//! are visible ([`Membership::orphaned`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,8 +41,14 @@ pub enum Owner {
     Unknown,
 }
 
+/// How often an instance republishes its record.
+pub const MEMBER_HEARTBEAT: Duration = Duration::from_secs(5);
+/// A record not refreshed for this long belongs to a dead instance.
+pub const MEMBER_EXPIRY: Duration = Duration::from_secs(15);
+
 pub struct Membership {
     address: String,
+    partitions: u16,
     topic: String,
     producer: FutureProducer,
     owned: RwLock<BTreeSet<u16>>,
@@ -64,6 +73,7 @@ impl Membership {
     pub fn start(
         brokers: &str,
         topic: &str,
+        partitions: u16,
         address: String,
         producer: FutureProducer,
     ) -> Result<Arc<Membership>, Error> {
@@ -84,21 +94,37 @@ impl Membership {
         consumer
             .assign(&tpl)
             .map_err(|e| Error::Kafka(e.to_string()))?;
-        let members = Arc::new(RwLock::new(HashMap::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (m, s) = (members.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("tally-members".into())
-            .spawn(move || follow(&consumer, &m, &s))
-            .map_err(|e| Error::Startup(e.to_string()))?;
-        Ok(Arc::new(Membership {
+        let membership = Arc::new(Membership {
             address,
+            partitions,
             topic,
             producer,
             owned: RwLock::new(BTreeSet::new()),
-            members,
-            stop,
-        }))
+            members: Arc::new(RwLock::new(HashMap::new())),
+            stop: Arc::new(AtomicBool::new(false)),
+        });
+        let m = membership.clone();
+        std::thread::Builder::new()
+            .name("tally-members".into())
+            .spawn(move || m.follow(&consumer))
+            .map_err(|e| Error::Startup(e.to_string()))?;
+        Ok(membership)
+    }
+
+    /// Partitions that neither this instance nor any live one claims.
+    pub fn orphaned(&self) -> BTreeSet<u16> {
+        let owned = read(&self.owned);
+        let expiry = i64::try_from(MEMBER_EXPIRY.as_millis()).unwrap_or(i64::MAX);
+        let live_since = wall_clock_ms().saturating_sub(expiry);
+        let members = read(&self.members);
+        let claimed: BTreeSet<u16> = members
+            .values()
+            .filter(|m| m.address != self.address && m.updated_at_ms >= live_since)
+            .flat_map(|m| m.partitions.iter().copied())
+            .collect();
+        (0..self.partitions)
+            .filter(|p| !owned.contains(p) && !claimed.contains(p))
+            .collect()
     }
 
     pub fn address(&self) -> &str {
@@ -123,10 +149,14 @@ impl Membership {
     /// Records and publishes this instance's partitions (blocking, bounded).
     pub fn set_owned(&self, partitions: BTreeSet<u16>) {
         metrics::gauge!(crate::telemetry::OWNED_PARTITIONS).set(partitions.len() as f64);
-        *write(&self.owned) = partitions.clone();
+        *write(&self.owned) = partitions;
+        self.announce();
+    }
+
+    fn announce(&self) {
         let record = MemberRecord {
             address: self.address.clone(),
-            partitions: partitions.into_iter().collect(),
+            partitions: read(&self.owned).iter().copied().collect(),
             updated_at_ms: wall_clock_ms(),
         };
         match serde_json::to_vec(&record) {
@@ -171,31 +201,35 @@ impl Drop for Membership {
     }
 }
 
-fn follow(
-    consumer: &BaseConsumer,
-    members: &RwLock<HashMap<String, MemberRecord>>,
-    stop: &AtomicBool,
-) {
-    while !stop.load(Ordering::Relaxed) {
-        match consumer.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => {
-                let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
-                    continue;
-                };
-                match m.payload().map(serde_json::from_slice::<MemberRecord>) {
-                    Some(Ok(record)) => {
-                        write(members).insert(key.to_string(), record);
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, member = key, "undecodable membership record")
-                    }
-                    None => {
-                        write(members).remove(key);
+impl Membership {
+    /// Reads everyone's records and republishes this instance's.
+    fn follow(&self, consumer: &BaseConsumer) {
+        let mut next_announce = std::time::Instant::now() + MEMBER_HEARTBEAT;
+        while !self.stop.load(Ordering::Relaxed) {
+            if std::time::Instant::now() >= next_announce {
+                self.announce();
+                next_announce = std::time::Instant::now() + MEMBER_HEARTBEAT;
+            }
+            match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) => {
+                    let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+                        continue;
+                    };
+                    match m.payload().map(serde_json::from_slice::<MemberRecord>) {
+                        Some(Ok(record)) => {
+                            write(&self.members).insert(key.to_string(), record);
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, member = key, "undecodable membership record")
+                        }
+                        None => {
+                            write(&self.members).remove(key);
+                        }
                     }
                 }
+                Some(Err(e)) => tracing::debug!(error = %e, "membership read error"),
+                None => {}
             }
-            Some(Err(e)) => tracing::debug!(error = %e, "membership read error"),
-            None => {}
         }
     }
 }

@@ -111,6 +111,10 @@ async fn detailed(State(state): State<AppState>) -> impl IntoResponse {
                     "consumer_lag": v.lag,
                 })
             }),
+            "cluster": state.membership.as_ref().map(|m| json!({
+                "address": m.address(),
+                "owned_partitions": m.owned(),
+            })),
             "storage": {"engine": "rocksdb", "data_dir": state.config.data_dir, "size_bytes": state.store.size_bytes()},
             "partitions": partitions,
         })),

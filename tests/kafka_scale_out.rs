@@ -1,0 +1,218 @@
+//! Two instances in one consumer group against a real broker (tansu):
+//! they split the partitions, answer any client's query (forwarding to the
+//! owner), and when one dies the survivor restores its partitions from the
+//! changelog topics and ends with exact numbers.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::kafka::{produce_all, Broker};
+use support::*;
+
+const TOPIC: &str = "tally.requests";
+const PARTITIONS: u16 = 12;
+
+fn records(lines: &[Line]) -> Vec<(String, String)> {
+    lines
+        .iter()
+        .map(|l| {
+            let key = if l.kind == Kind::Malformed {
+                "malformed".to_string()
+            } else {
+                l.client.clone()
+            };
+            (key, l.json.clone())
+        })
+        .collect()
+}
+
+async fn owned(c: &reqwest::Client, server: &Server) -> BTreeSet<u16> {
+    let Ok(r) = c.get(server.url("/health/detailed")).send().await else {
+        return BTreeSet::new();
+    };
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    body["cluster"]["owned_partitions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.as_u64())
+                .map(|p| p as u16)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the instances' owned partitions are disjoint and cover all.
+async fn wait_for_split(c: &reqwest::Client, servers: &[&Server]) -> Vec<BTreeSet<u16>> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let mut sets = Vec::new();
+        for s in servers {
+            sets.push(owned(c, s).await);
+        }
+        let all: BTreeSet<u16> = sets.iter().flatten().copied().collect();
+        let total: usize = sets.iter().map(BTreeSet::len).sum();
+        if all.len() == usize::from(PARTITIONS)
+            && total == all.len()
+            && sets.iter().all(|s| !s.is_empty())
+        {
+            return sets;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partitions never split: {sets:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn total_requests(c: &reqwest::Client, server: &Server, lines: &[Line]) -> u64 {
+    let mut got = 0;
+    for client in clients_of(lines) {
+        let url = server.url(&format!(
+            "/v1/clients/{}/usage?period=month&at={START_MS}",
+            encode_path(&client)
+        ));
+        if let Ok(r) = c.get(url).send().await {
+            if r.status() == 200 {
+                got += r
+                    .json::<Value>()
+                    .await
+                    .map(|v| v["total_requests"].as_u64().unwrap_or(0))
+                    .unwrap_or(0);
+            }
+        }
+    }
+    got
+}
+
+fn instance_args(broker: &Broker) -> Vec<String> {
+    [
+        "--kafka-brokers",
+        &broker.bootstrap(),
+        "--kafka-group",
+        "tally-pair",
+        "--kafka-changelog-interval",
+        "300ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_split_partitions_forward_queries_and_survive_a_kill() {
+    let broker = Broker::start();
+    broker.create_topic(TOPIC, u32::from(PARTITIONS));
+    broker.create_topic(&format!("{TOPIC}.dlq"), 1);
+    let lines = dataset(300_000, 300, 41);
+    let (first, second) = lines.split_at(100_000);
+    produce_all(&broker.producer(), TOPIC, &records(first)).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let args = instance_args(&broker);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = Server::start(&dir.join("a"), &args);
+    let b = Server::start(&dir.join("b"), &args);
+    let c = client();
+    let split = wait_for_split(&c, &[&a, &b]).await;
+
+    // Any client, asked at either instance, is answered by its owner.
+    let want_first = count_kind(first, Kind::Good);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while total_requests(&c, &a, first).await != want_first {
+        assert!(Instant::now() < deadline, "first part never fully counted");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut forwarded = 0;
+    for client in clients_of(first) {
+        let path = format!(
+            "/v1/clients/{}/usage?period=day&at={START_MS}",
+            encode_path(&client)
+        );
+        let mut answers = Vec::new();
+        for (i, server) in [&a, &b].into_iter().enumerate() {
+            let r = c.get(server.url(&path)).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{client} at instance {i}");
+            let served_by = r
+                .headers()
+                .get("x-tally-served-by")
+                .map(|v| v.to_str().unwrap().to_string());
+            if served_by.as_deref() != Some(server.url("").as_str()) {
+                forwarded += 1;
+            }
+            let body: Value = r.json().await.unwrap();
+            check_usage(
+                &body,
+                &expected(first, &client, START_MS, START_MS + DAY),
+                &client,
+            );
+            answers.push(body);
+        }
+        assert_eq!(
+            answers[0], answers[1],
+            "{client}: the two instances disagree"
+        );
+    }
+    let clients = clients_of(first).len();
+    assert_eq!(
+        forwarded, clients,
+        "each client is local to exactly one of the two instances ({split:?})"
+    );
+
+    // Kill A mid-stream: B takes A's partitions, restores them from the
+    // changelog, and ends exact.
+    let producer = broker.producer();
+    let rest = records(second);
+    let produce = tokio::spawn(async move { produce_all(&producer, TOPIC, &rest).await });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while total_requests(&c, &b, &lines).await <= want_first {
+        assert!(Instant::now() < deadline, "second part never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let restores = |m: &str| metric_value(m, "tally_changelog_restores_total", "").unwrap_or(0.0);
+    let restores_before = restores(&metrics_text(&c, &b).await);
+    a.kill();
+    produce.await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while owned(&c, &b).await.len() != usize::from(PARTITIONS) {
+        assert!(
+            Instant::now() < deadline,
+            "the survivor never took every partition"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let want = count_kind(&lines, Kind::Good);
+    loop {
+        let got = total_requests(&c, &b, &lines).await;
+        assert!(got <= want, "counted {got} of {want}: double counting");
+        if got == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {got} of {want} counted");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for client in clients_of(&lines) {
+        let url = b.url(&format!(
+            "/v1/clients/{}/usage?period=day&at={START_MS}",
+            encode_path(&client)
+        ));
+        let got: Value = c.get(url).send().await.unwrap().json().await.unwrap();
+        check_usage(
+            &got,
+            &expected(&lines, &client, START_MS, START_MS + DAY),
+            &client,
+        );
+    }
+    let restored = restores(&metrics_text(&c, &b).await) - restores_before;
+    assert!(
+        restored >= split[0].len() as f64,
+        "the survivor restored {restored} partitions from the changelog; the dead instance had {:?}",
+        split[0]
+    );
+}
