@@ -121,11 +121,9 @@ impl ChangelogWriter {
     /// Publishes a last round of every owned partition and stops.
     pub fn stop(&self, timeout: Duration) {
         let (done, rx) = mpsc::channel();
-        if self.commands.send(Command::Stop { done }).is_ok() {
-            if rx.recv_timeout(timeout).is_err() {
-                tracing::warn!("changelog writer did not finish its last rounds in time");
-                return;
-            }
+        if self.commands.send(Command::Stop { done }).is_ok() && rx.recv_timeout(timeout).is_err() {
+            tracing::warn!("changelog writer did not finish its last rounds in time");
+            return;
         }
         let thread = self.thread.lock().map(|mut t| t.take()).ok().flatten();
         if let Some(t) = thread {
