@@ -11,6 +11,7 @@
 //! - [`time`]: bucket and period boundaries in UTC.
 //! - [`limit`]: rate-limit algorithms (fixed and sliding window, token and
 //!   leaky bucket) over explicit time.
+//! - [`quota`]: billing periods, quota status and once-per-period events.
 //! - [`synthetic`]: deterministic synthetic traffic.
 //!
 //! Time is always passed in, so every behaviour is testable and replayable.
@@ -22,6 +23,7 @@ pub mod event;
 pub mod ingest;
 pub mod limit;
 pub mod partitioner;
+pub mod quota;
 pub mod sketch;
 pub mod synthetic;
 pub mod time;

@@ -5,6 +5,8 @@
 //!   one weighted by how much of it still overlaps the sliding window.
 //! - [`token_bucket`]: tokens refilled at a constant rate, bursts up to the
 //!   capacity.
+//! - [`policy`]: a client's configuration (global and per-endpoint
+//!   limits, shadow mode) and the limiter that applies it.
 //! - [`leaky_bucket`]: a meter draining at a constant rate; a request is
 //!   admitted when it fits in the remaining room.
 //!
@@ -33,6 +35,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod fixed_window;
 pub mod leaky_bucket;
+pub mod policy;
 pub mod sliding_window;
 pub mod token_bucket;
 
