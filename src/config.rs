@@ -114,6 +114,7 @@ pub struct FileConfig {
     pub max_errors_reported: Option<usize>,
     pub retention: RetentionFile,
     pub kafka: KafkaFile,
+    pub limits: LimitsFile,
     /// Compute units per endpoint template for events without their own.
     pub compute_units: HashMap<String, u64>,
 }
@@ -137,6 +138,17 @@ pub struct KafkaFile {
     pub outage_grace: Option<String>,
     pub changelog_interval: Option<String>,
     pub session_timeout: Option<String>,
+}
+
+/// `[limits]`: the default rate limit and the limiter memory bound.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsFile {
+    /// Applies to clients without their own configuration (none: such
+    /// clients are not rate-limited).
+    pub default: Option<tally_pipelines::limit::policy::LimitConfig>,
+    /// Clients whose limiter state is kept in memory, over all shards.
+    pub max_clients: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +185,10 @@ pub struct Config {
     pub kafka_outage_grace: Duration,
     /// Advertised HTTP base URL, if configured.
     pub advertise: Option<String>,
+    pub limit_default: Option<tally_pipelines::limit::policy::LimitConfig>,
+    pub limits_max_clients: usize,
+    /// The adaptive limit factor, shared by shards and the HTTP API.
+    pub adaptive: std::sync::Arc<tally_actors::adaptive::AdaptiveLimits>,
 }
 
 impl Config {
@@ -329,6 +345,16 @@ impl Config {
                 ));
             }
         }
+        if let Some(default) = &file.limits.default {
+            for (field, reason) in default.problems() {
+                problems.push(format!("limits.default.{field}: {reason}"));
+            }
+        }
+        let limits_max_clients = file.limits.max_clients.unwrap_or(1_000_000);
+        if limits_max_clients == 0 {
+            problems.push("limits.max_clients: must be at least 1".into());
+        }
+        let limit_default = file.limits.default.clone();
         let kafka = serve
             .kafka_brokers
             .clone()
@@ -391,6 +417,9 @@ impl Config {
             kafka,
             kafka_outage_grace,
             advertise: advertise.map(|a| a.trim_end_matches('/').to_string()),
+            limit_default,
+            limits_max_clients,
+            adaptive: Default::default(),
         })
     }
 
@@ -424,6 +453,11 @@ impl Config {
             mailbox_capacity: self.mailbox_capacity,
             sync_writes: self.sync_writes,
             dedupe_max_ids: self.dedupe_max_ids,
+            limits: tally_actors::limits::LimitSettings {
+                default_config: self.limit_default.clone(),
+                max_clients: (self.limits_max_clients / usize::from(self.partitions.max(1))).max(1),
+                adaptive: self.adaptive.clone(),
+            },
         }
     }
 

@@ -86,6 +86,14 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
                 prometheus.run_upkeep();
             }
         });
+        // Adaptive limits follow the mailboxes when gateways report nothing.
+        let (adaptive, shards) = (config.adaptive.clone(), engine.router());
+        let adaptive_tick = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                adaptive.tick(shards.mailbox_utilization(), tally_state::retention::wall_clock_ms());
+            }
+        });
         tracing::info!(listen = %local, data_dir = %config.data_dir.display(), partitions = config.partitions, "tally serving");
         // Tests and scripts read this line to learn the bound port.
         println!("listening on http://{local}");
@@ -114,6 +122,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             _ = drained => tracing::warn!("requests still open after the drain budget; closing"),
         }
         upkeep.abort();
+        adaptive_tick.abort();
         if let Some(kafka) = kafka {
             // Stop consuming and hand the partitions over (flush, last
             // changelog rounds, leave the membership).

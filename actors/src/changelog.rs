@@ -21,7 +21,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use tally_state::changelog::{ChangelogMark, ChangelogValue, Rebuild, Rebuilt, StateStore};
+use tally_state::changelog::{
+    ChangelogMark, ChangelogValue, Rebuild, Rebuilt, StateStore, STATE_STORES,
+};
 use tally_state::codec::encode;
 use tally_state::keys::changelog_marker_key;
 use tally_state::snapshot::StoreSnapshot;
@@ -36,10 +38,7 @@ pub fn changelog_topic(topic: &str, store: StateStore) -> String {
 }
 
 fn index(store: StateStore) -> usize {
-    match store {
-        StateStore::Stats => 0,
-        StateStore::Dedupe => 1,
-    }
+    store.index()
 }
 
 fn kafka(e: KafkaError) -> Error {
@@ -54,7 +53,7 @@ enum Command {
     Adopt {
         partition: u16,
         next_round: u64,
-        ends: Option<[i64; 2]>,
+        ends: Option<[i64; STATE_STORES]>,
     },
     Release {
         partition: u16,
@@ -97,7 +96,7 @@ impl ChangelogWriter {
 
     /// Starts publishing `partition`, whose state now equals the
     /// changelog's at round `next_round - 1`.
-    pub fn adopt(&self, partition: u16, next_round: u64, ends: Option<[i64; 2]>) {
+    pub fn adopt(&self, partition: u16, next_round: u64, ends: Option<[i64; STATE_STORES]>) {
         let _ = self.commands.send(Command::Adopt {
             partition,
             next_round,
@@ -138,13 +137,13 @@ struct Owned<'s> {
     /// The state at the last marker: the `before` of the next round.
     at_marker: StoreSnapshot<'s>,
     /// End offsets of the changelog partitions after the last marker.
-    ends: Option<[i64; 2]>,
+    ends: Option<[i64; STATE_STORES]>,
     published: Option<tally_state::Checkpoint>,
 }
 
 struct Publisher {
     producer: FutureProducer,
-    topics: [String; 2],
+    topics: [String; STATE_STORES],
     source_key: String,
 }
 
@@ -255,7 +254,7 @@ impl Publisher {
         snapshot: &StoreSnapshot<'_>,
         keys: &[(StateStore, Vec<u8>)],
         checkpoint: &tally_state::Checkpoint,
-    ) -> Result<[i64; 2], Error> {
+    ) -> Result<[i64; STATE_STORES], Error> {
         let round = owned.next_round;
         let source_offset = checkpoint.positions.get(&self.source_key).copied();
         let mut deliveries = Vec::with_capacity(keys.len());
@@ -270,7 +269,8 @@ impl Publisher {
             let topic = &self.topics[index(*store)];
             deliveries.push((*store, self.send(topic, p, key, &payload)?));
         }
-        let mut dedupe_end = None;
+        // Where each changelog partition ends after this round.
+        let mut ends: [Option<i64>; STATE_STORES] = [None; STATE_STORES];
         let results = futures::executor::block_on(join_all(
             deliveries
                 .into_iter()
@@ -278,9 +278,8 @@ impl Publisher {
         ));
         for (store, result) in results {
             let delivery = delivered(result)?;
-            if store == StateStore::Dedupe {
-                dedupe_end = dedupe_end.max(Some(delivery.offset + 1));
-            }
+            let end = &mut ends[index(store)];
+            *end = (*end).max(Some(delivery.offset + 1));
         }
         let marker = encode(&ChangelogValue::Marker {
             round,
@@ -294,18 +293,22 @@ impl Publisher {
             &key,
             &marker,
         )?))?;
-        let dedupe_end = match (dedupe_end, owned.ends) {
-            (Some(end), _) => end,
-            (None, Some([_, end])) => end,
-            (None, None) => {
-                self.producer
-                    .client()
-                    .fetch_watermarks(&self.topics[1], i32::from(p), Duration::from_secs(5))
-                    .map_err(kafka)?
-                    .1
-            }
-        };
-        Ok([delivery.offset + 1, dedupe_end])
+        ends[0] = Some(delivery.offset + 1);
+        let mut out = [0; STATE_STORES];
+        for (i, end) in ends.iter().enumerate() {
+            out[i] = match (end, owned.ends) {
+                (Some(end), _) => *end,
+                (None, Some(previous)) => previous[i],
+                (None, None) => {
+                    self.producer
+                        .client()
+                        .fetch_watermarks(&self.topics[i], i32::from(p), Duration::from_secs(5))
+                        .map_err(kafka)?
+                        .1
+                }
+            };
+        }
+        Ok(out)
     }
 
     /// Enqueues one record, waiting while the producer queue is full.
@@ -352,7 +355,7 @@ fn delivered(
 /// Reads changelog partitions (no consumer group: plain assignment).
 pub struct ChangelogReader {
     consumer: BaseConsumer,
-    topics: [String; 2],
+    topics: [String; STATE_STORES],
     timeout: Duration,
 }
 
@@ -380,8 +383,8 @@ impl ChangelogReader {
     }
 
     /// Current end offsets of the partition's changelogs (stats, dedupe).
-    pub fn ends(&self, p: u16) -> Result<[i64; 2], Error> {
-        let mut ends = [0; 2];
+    pub fn ends(&self, p: u16) -> Result<[i64; STATE_STORES], Error> {
+        let mut ends = [0; STATE_STORES];
         for (i, topic) in self.topics.iter().enumerate() {
             ends[i] = self
                 .consumer
@@ -394,10 +397,10 @@ impl ChangelogReader {
 
     /// Reads both changelogs of `p` to their current ends and rebuilds the
     /// state at the last marker. Returns the ends read up to.
-    pub fn rebuild(&self, p: u16) -> Result<(Rebuilt, [i64; 2]), Error> {
+    pub fn rebuild(&self, p: u16) -> Result<(Rebuilt, [i64; STATE_STORES]), Error> {
         let started = Instant::now();
         let mut rebuild = Rebuild::default();
-        let mut ends = [0; 2];
+        let mut ends = [0; STATE_STORES];
         let mut records = 0u64;
         for store in StateStore::ALL {
             let topic = &self.topics[index(store)];

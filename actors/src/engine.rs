@@ -46,7 +46,8 @@ impl Engine {
                             ShardEndpoint {
                                 apply: addr.clone().recipient(),
                                 flush: addr.clone().recipient(),
-                                control: addr.recipient(),
+                                control: addr.clone().recipient(),
+                                limits: addr.recipient(),
                                 status,
                             }
                         })

@@ -10,12 +10,15 @@
 //!   changelog round on revocation, restore on assignment.
 //! - [`changelog`]: changelog topics: publishing rounds, rebuilding.
 //! - [`membership`]: who owns which partition, for query forwarding.
+//! - [`limits`]: a shard's rate limiters and quotas; the gateway check.
+//! - [`adaptive`]: tightening every limit under pressure (hysteresis).
 //! - [`router`]: partitioning, admission and back-pressure.
 //! - [`engine`]: starts the actor system and the supervised shards.
 //! - [`status`]: mailbox depth and health a shard shares.
 //! - [`messages`]: batches and acknowledgements.
 //! - [`telemetry`]: metric names and typed internal events.
 
+pub mod adaptive;
 pub mod changelog;
 pub mod engine;
 pub mod kafka_decode;
@@ -23,6 +26,7 @@ pub mod kafka_health;
 pub mod kafka_ingest;
 pub mod kafka_rebalance;
 pub mod kafka_source;
+pub mod limits;
 pub mod membership;
 pub mod messages;
 pub mod router;

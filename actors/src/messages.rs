@@ -111,3 +111,34 @@ pub struct FlushNow {
     pub source: Option<Source>,
     pub ack: oneshot::Sender<Result<(), Error>>,
 }
+
+/// Rate-limit and quota requests, answered by the client's shard.
+#[derive(Message)]
+#[rtype(result = "Result<LimitReply, crate::Error>")]
+pub enum LimitRequest {
+    /// A gateway check (`consume`) or a status read.
+    Check {
+        client_id: String,
+        endpoint: String,
+        cost: u64,
+        consume: bool,
+        now_ms: i64,
+    },
+    SetConfig {
+        client_id: String,
+        config: Option<tally_pipelines::limit::policy::LimitConfig>,
+    },
+    ResetCounters {
+        client_id: String,
+        endpoint: Option<String>,
+    },
+    SetQuota {
+        client_id: String,
+        config: Option<tally_pipelines::quota::QuotaConfig>,
+    },
+}
+
+pub enum LimitReply {
+    Check(crate::limits::CheckAnswer),
+    Done,
+}

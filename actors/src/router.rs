@@ -12,7 +12,9 @@ use tally_pipelines::event::RequestEvent;
 use tally_pipelines::partitioner::partition_for;
 use tokio::sync::oneshot;
 
-use crate::messages::{ApplyBatch, BatchOutcome, FlushNow, PartitionControl, Source, Urgency};
+use crate::messages::{
+    ApplyBatch, BatchOutcome, FlushNow, LimitReply, LimitRequest, PartitionControl, Source, Urgency,
+};
 use crate::status::{ShardHealth, ShardStatus};
 use crate::telemetry::IngestOverloaded;
 use crate::Error;
@@ -21,6 +23,7 @@ pub struct ShardEndpoint {
     pub apply: Recipient<ApplyBatch>,
     pub flush: Recipient<FlushNow>,
     pub control: Recipient<PartitionControl>,
+    pub limits: Recipient<LimitRequest>,
     pub status: Arc<ShardStatus>,
 }
 
@@ -185,6 +188,31 @@ impl ShardRouter {
             .send(control)
             .await
             .map_err(|_| Error::ShardUnavailable { shard: partition })?
+    }
+
+    /// A rate-limit or quota request, answered by the client's shard.
+    pub async fn limits(
+        &self,
+        client_id: &str,
+        request: LimitRequest,
+    ) -> Result<LimitReply, Error> {
+        let partition = self.partition_of(client_id);
+        self.shard(partition)?
+            .limits
+            .send(request)
+            .await
+            .map_err(|_| Error::ShardUnavailable { shard: partition })?
+    }
+
+    /// Utilization of the fullest shard mailbox, in 0..=1.
+    pub fn mailbox_utilization(&self) -> f64 {
+        let fullest = self
+            .shards
+            .iter()
+            .map(|s| s.status.queued.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        (fullest as f64 / self.capacity.max(1) as f64).min(1.0)
     }
 
     /// Whether the shard of `partition` can take a batch without waiting.

@@ -24,7 +24,11 @@ use tally_pipelines::event::RequestEvent;
 use tally_pipelines::ingest::{PartitionIngest, PartitionRules, Verdict};
 use tally_state::{Checkpoint, Store};
 
-use crate::messages::{Ack, ApplyBatch, BatchOutcome, FlushNow, PartitionControl, Source, Urgency};
+use crate::limits::{LimitSettings, ShardLimits};
+use crate::messages::{
+    Ack, ApplyBatch, BatchOutcome, FlushNow, LimitReply, LimitRequest, PartitionControl, Source,
+    Urgency,
+};
 use crate::status::ShardStatus;
 use crate::telemetry::{BatchApplied, FlushCompleted, FlushFailed, MailboxDepth, ShardRestarted};
 use crate::Error;
@@ -45,6 +49,8 @@ pub struct ShardConfig {
     pub sync_writes: bool,
     /// Memory cap of a shard's dedupe index (event ids in the window).
     pub dedupe_max_ids: usize,
+    /// Rate limits and quotas.
+    pub limits: LimitSettings,
 }
 
 impl Default for ShardConfig {
@@ -57,6 +63,7 @@ impl Default for ShardConfig {
             mailbox_capacity: 16,
             sync_writes: true,
             dedupe_max_ids: 1_000_000,
+            limits: LimitSettings::default(),
         }
     }
 }
@@ -85,6 +92,8 @@ pub struct Shard {
     /// accepted, and whether the partition is currently let go.
     epoch: u64,
     released: bool,
+    /// The clients' rate limiters and quotas.
+    limits: ShardLimits,
 }
 
 /// Internal: flush once the mailbox is drained.
@@ -99,6 +108,7 @@ impl Shard {
         config: Arc<ShardConfig>,
         status: Arc<ShardStatus>,
     ) -> Self {
+        let limits = ShardLimits::new(partition, store.clone(), config.limits.clone());
         let mut shard = Shard {
             partition,
             ingest: PartitionIngest::new(
@@ -119,6 +129,7 @@ impl Shard {
             status,
             epoch: 0,
             released: false,
+            limits,
         };
         shard.reload();
         shard
@@ -154,6 +165,7 @@ impl Shard {
         self.positions = checkpoint.positions.clone();
         self.checkpoint = checkpoint;
         self.dirty = false;
+        self.limits.reload();
     }
 
     fn apply(
@@ -217,18 +229,26 @@ impl Shard {
     }
 
     fn flush(&mut self, ctx: &mut Context<Self>) -> Result<(), Error> {
-        if !self.dirty {
+        if !self.dirty && !self.limits.has_changes() {
             self.answer_waiters(Ok(()));
             return Ok(());
         }
         let started = Instant::now();
         let content = self.ingest.take_flush();
+        let limit_writes = self.limits.take_writes();
         let mut next = self.checkpoint.clone();
         next.positions = self.positions.clone();
         let sync = self.config.sync_writes && self.sync_needed;
-        match self.store.commit(self.partition, &content, &mut next, sync) {
+        match self
+            .store
+            .commit_with(self.partition, &content, &limit_writes, &mut next, sync)
+        {
             Ok(stats) => {
                 self.checkpoint = next;
+                self.limits.after_flush(
+                    content.stats.iter().map(|d| d.client_id.as_str()),
+                    tally_state::retention::wall_clock_ms(),
+                );
                 self.status.flush_succeeded();
                 self.dirty = false;
                 self.sync_needed = false;
@@ -272,7 +292,7 @@ impl Actor for Shard {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.config.mailbox_capacity);
         ctx.run_interval(self.config.flush_interval, |shard, ctx| {
-            if shard.dirty || !shard.waiters.is_empty() {
+            if shard.dirty || !shard.waiters.is_empty() || shard.limits.has_changes() {
                 let _ = shard.flush(ctx);
             }
             MailboxDepth {
@@ -380,6 +400,7 @@ impl Handler<PartitionControl> for Shard {
                     DedupeIndex::new(1),
                 );
                 self.positions.clear();
+                self.limits.reload();
                 self.released = true;
                 Ok(())
             }
@@ -400,6 +421,40 @@ impl Handler<PartitionControl> for Shard {
                 self.released = false;
                 Ok(())
             }
+        }
+    }
+}
+
+impl Handler<LimitRequest> for Shard {
+    type Result = Result<LimitReply, Error>;
+
+    fn handle(&mut self, msg: LimitRequest, _: &mut Context<Self>) -> Self::Result {
+        match msg {
+            LimitRequest::Check {
+                client_id,
+                endpoint,
+                cost,
+                consume,
+                now_ms,
+            } => self
+                .limits
+                .check(&client_id, &endpoint, cost, consume, now_ms)
+                .map(LimitReply::Check),
+            LimitRequest::SetConfig { client_id, config } => self
+                .limits
+                .set_config(&client_id, config)
+                .map(|()| LimitReply::Done),
+            LimitRequest::ResetCounters {
+                client_id,
+                endpoint,
+            } => self
+                .limits
+                .reset_counters(&client_id, endpoint.as_deref())
+                .map(|()| LimitReply::Done),
+            LimitRequest::SetQuota { client_id, config } => self
+                .limits
+                .set_quota(&client_id, config)
+                .map(|()| LimitReply::Done),
         }
     }
 }

@@ -28,6 +28,10 @@ pub const CHANGELOG_ROUNDS: &str = "tally_changelog_rounds_total";
 pub const CHANGELOG_RESTORES: &str = "tally_changelog_restores_total";
 pub const CHANGELOG_RESTORED_RECORDS: &str = "tally_changelog_restored_records_total";
 pub const OWNED_PARTITIONS: &str = "tally_owned_partitions";
+pub const RATE_LIMIT_FACTOR: &str = "tally_rate_limit_factor";
+pub const QUEUE_UTILIZATION: &str = "tally_queue_utilization";
+pub const CHECKS_DENIED: &str = "tally_checks_denied_total";
+pub const QUOTA_EVENTS: &str = "tally_quota_events_total";
 
 /// Histogram buckets (seconds) shared by the latency histograms.
 pub const LATENCY_BUCKETS: [f64; 14] = [
@@ -184,6 +188,41 @@ impl ChangelogRestored {
             keys = self.keys,
             ms = self.duration.as_millis() as u64,
             "partition restored from its changelog"
+        );
+    }
+}
+
+/// A check was denied (or would have been, in shadow mode).
+pub struct RateLimited {
+    pub reason: crate::limits::DenyReason,
+}
+
+impl RateLimited {
+    pub fn emit(&self) {
+        counter!(CHECKS_DENIED, "reason" => self.reason.as_str()).increment(1);
+    }
+}
+
+/// A client crossed its quota's warning threshold or limit (once per
+/// period each). The alert streams will carry these.
+pub struct QuotaEventRaised<'a> {
+    pub event: tally_pipelines::quota::QuotaEvent,
+    pub client: &'a str,
+    pub percent_used: f64,
+}
+
+impl QuotaEventRaised<'_> {
+    pub fn emit(&self) {
+        let kind = match self.event {
+            tally_pipelines::quota::QuotaEvent::QuotaWarning => "QUOTA_WARNING",
+            tally_pipelines::quota::QuotaEvent::QuotaExceeded => "QUOTA_EXCEEDED",
+        };
+        counter!(QUOTA_EVENTS, "type" => kind).increment(1);
+        tracing::info!(
+            event_type = kind,
+            client_id = self.client,
+            percent_used = self.percent_used,
+            "quota event"
         );
     }
 }

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::{Actor, Context, Handler};
-use tally_actors::messages::{ApplyBatch, FlushNow, PartitionControl};
+use tally_actors::messages::{ApplyBatch, FlushNow, LimitReply, LimitRequest, PartitionControl};
 use tally_actors::router::{ShardEndpoint, ShardRouter};
 use tally_actors::status::ShardStatus;
 use tally_actors::{Engine, Error, ShardConfig, Source};
@@ -116,6 +116,13 @@ impl Handler<FlushNow> for StuckShard {
     fn handle(&mut self, _: FlushNow, _: &mut Context<Self>) {}
 }
 
+impl Handler<LimitRequest> for StuckShard {
+    type Result = Result<LimitReply, Error>;
+    fn handle(&mut self, _: LimitRequest, _: &mut Context<Self>) -> Self::Result {
+        Ok(LimitReply::Done)
+    }
+}
+
 impl Handler<PartitionControl> for StuckShard {
     type Result = Result<(), Error>;
     fn handle(&mut self, _: PartitionControl, _: &mut Context<Self>) -> Self::Result {
@@ -131,7 +138,8 @@ async fn ingest_is_refused_whole_when_a_shard_mailbox_is_full() {
         vec![ShardEndpoint {
             apply: stuck.clone().recipient(),
             flush: stuck.clone().recipient(),
-            control: stuck.recipient(),
+            control: stuck.clone().recipient(),
+            limits: stuck.recipient(),
             status: status.clone(),
         }],
         2,

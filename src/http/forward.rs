@@ -1,6 +1,7 @@
-//! Queries for clients owned by another instance (Kafka mode): a client's
-//! usage lives on the instance that owns its partition, so a query is
-//! answered there, forwarded once from whichever instance received it.
+//! Requests for clients owned by another instance (Kafka mode): a client's
+//! usage, limits and quota live on the instance that owns its partition,
+//! so a request is answered there, forwarded once from whichever instance
+//! received it.
 //! A forwarded request that lands on a non-owner (ownership moved in
 //! between) is refused with 503 + Retry-After rather than bounced around.
 
@@ -24,6 +25,8 @@ pub const FORWARDED_BY: HeaderName = HeaderName::from_static("x-tally-forwarded-
 pub const SERVED_BY: HeaderName = HeaderName::from_static("x-tally-served-by");
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Client routes take small JSON bodies (configurations).
+const MAX_FORWARDED_BODY: usize = 1 << 20;
 
 /// Route layer for `/v1/clients/{client_id}/...` reads.
 pub async fn to_owner(
@@ -74,14 +77,22 @@ async fn forward(
         .uri()
         .path_and_query()
         .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string());
+    let method =
+        reqwest::Method::from_bytes(req.method().as_str().as_bytes()).map_err(|e| e.to_string())?;
     let mut outgoing = state
         .http_client
-        .get(format!("{owner}{path}"))
+        .request(method, format!("{owner}{path}"))
         .timeout(FORWARD_TIMEOUT)
         .header(FORWARDED_BY.as_str(), me);
-    if let Some(id) = req.headers().get("x-request-id") {
-        outgoing = outgoing.header("x-request-id", id.as_bytes());
+    for name in ["x-request-id", "content-type"] {
+        if let Some(v) = req.headers().get(name) {
+            outgoing = outgoing.header(name, v.as_bytes());
+        }
     }
+    let body = axum::body::to_bytes(req.into_body(), MAX_FORWARDED_BODY)
+        .await
+        .map_err(|e| e.to_string())?;
+    let outgoing = outgoing.body(body);
     let answer = outgoing.send().await.map_err(|e| e.to_string())?;
     let status = answer.status();
     let headers = answer.headers().clone();

@@ -6,6 +6,7 @@ pub mod dead_letters;
 pub mod forward;
 pub mod health;
 pub mod ingest;
+pub mod limits;
 pub mod usage;
 
 use std::sync::atomic::AtomicBool;
@@ -54,10 +55,15 @@ pub fn app(state: AppState) -> Router {
     let timeout = state.config.request_timeout;
     Router::new()
         .merge(ingest::router(&state.config))
-        .merge(usage::router().route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            forward::to_owner,
-        )))
+        .merge(
+            usage::router()
+                .merge(limits::client_router())
+                .route_layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    forward::to_owner,
+                )),
+        )
+        .merge(limits::router())
         .merge(health::router())
         .merge(dead_letters::router())
         .route_layer(middleware::from_fn(record_http_metrics))

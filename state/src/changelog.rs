@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::decode;
-use crate::keys::{CF_DEDUPE, CF_STATS};
+use crate::keys::{CF_DEDUPE, CF_LIMITS, CF_STATS};
 use crate::store::Checkpoint;
 
 /// A state store with its own changelog topic.
@@ -35,16 +35,32 @@ pub enum StateStore {
     Stats,
     /// Dedupe claims (one segment per flush).
     Dedupe,
+    /// Rate-limit and quota configuration and state.
+    Limits,
 }
 
+/// How many state stores (and changelog topics) there are.
+pub const STATE_STORES: usize = 3;
+
 impl StateStore {
-    pub const ALL: [StateStore; 2] = [StateStore::Stats, StateStore::Dedupe];
+    pub const ALL: [StateStore; STATE_STORES] =
+        [StateStore::Stats, StateStore::Dedupe, StateStore::Limits];
+
+    /// Position in [`StateStore::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            StateStore::Stats => 0,
+            StateStore::Dedupe => 1,
+            StateStore::Limits => 2,
+        }
+    }
 
     /// The suffix of the store's changelog topic.
     pub fn name(self) -> &'static str {
         match self {
             StateStore::Stats => "stats",
             StateStore::Dedupe => "dedupe",
+            StateStore::Limits => "limits",
         }
     }
 
@@ -52,6 +68,7 @@ impl StateStore {
         match self {
             StateStore::Stats => CF_STATS,
             StateStore::Dedupe => CF_DEDUPE,
+            StateStore::Limits => CF_LIMITS,
         }
     }
 }
@@ -83,8 +100,9 @@ pub struct ChangelogMark {
     pub round: u64,
     pub checkpoint: Checkpoint,
     /// End offsets of the changelog partitions right after that marker
-    /// (stats, dedupe); `None` when strays must still be republished.
-    pub ends: Option<[i64; 2]>,
+    /// (in [`StateStore::ALL`] order); `None` when strays must still be
+    /// republished.
+    pub ends: Option<[i64; STATE_STORES]>,
 }
 
 /// One key's state after a rebuild.

@@ -9,6 +9,7 @@
 //! | `stats`       | partition, granularity, client len (u16), client, bucket start (u64 ms) | bucket stats |
 //! | `dedupe`      | partition, newest claim time (u64 ms), sequence (u64)   | claims of a flush  |
 //! | `dead_letter` | partition, sequence (u64)                                | dead-letter record |
+//! | `limits`      | partition, kind (u8), client len (u16), client           | limit config, limiter state, quota config, quota alerts |
 //! | `meta`        | partition, `0x01`                                        | checkpoint         |
 //! | `meta`        | partition, `0x02`                                        | changelog mark     |
 //! | `meta`        | `0xFFFF`, name                                           | store settings     |
@@ -19,7 +20,40 @@ pub const CF_STATS: &str = "stats";
 pub const CF_DEDUPE: &str = "dedupe";
 pub const CF_DEAD_LETTER: &str = "dead_letter";
 pub const CF_META: &str = "meta";
-pub const ALL_CFS: [&str; 4] = [CF_STATS, CF_DEDUPE, CF_DEAD_LETTER, CF_META];
+pub const CF_LIMITS: &str = "limits";
+pub const ALL_CFS: [&str; 5] = [CF_STATS, CF_DEDUPE, CF_DEAD_LETTER, CF_META, CF_LIMITS];
+
+/// What a `limits` key holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Config = 1,
+    Limiter = 2,
+    Quota = 3,
+    QuotaAlerts = 4,
+}
+
+/// Prefix of every `limits` key of one kind in a partition.
+pub fn limit_prefix(partition: u16, kind: LimitKind) -> Vec<u8> {
+    let mut key = partition.to_be_bytes().to_vec();
+    key.push(kind as u8);
+    key
+}
+
+pub fn limit_key(partition: u16, kind: LimitKind, client_id: &str) -> Vec<u8> {
+    let client = client_id.as_bytes();
+    let len = u16::try_from(client.len()).unwrap_or(u16::MAX);
+    let mut key = limit_prefix(partition, kind);
+    key.extend_from_slice(&len.to_be_bytes());
+    key.extend_from_slice(&client[..usize::from(len)]);
+    key
+}
+
+/// The client of a `limits` key.
+pub fn limit_key_client(key: &[u8]) -> Option<String> {
+    let len = usize::from(u16::from_be_bytes(key.get(3..5)?.try_into().ok()?));
+    let client = key.get(5..5 + len)?;
+    String::from_utf8(client.to_vec()).ok()
+}
 
 const META_CHECKPOINT: u8 = 0x01;
 const META_CHANGELOG_MARK: u8 = 0x02;

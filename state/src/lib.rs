@@ -2,6 +2,7 @@
 //!
 //! - [`keys`]: column families and key encoding (partition first).
 //! - [`codec`]: versioned value encoding.
+//! - [`limits`]: rate-limit and quota configuration and state.
 //! - [`retention`]: event-time retention and the partition clocks.
 //! - [`store`]: the RocksDB store: atomic flush commits (state deltas,
 //!   dedupe claims, dead letters and positions in one WriteBatch), reads.
@@ -13,6 +14,7 @@
 pub mod changelog;
 pub mod codec;
 pub mod keys;
+pub mod limits;
 pub mod retention;
 pub mod snapshot;
 pub mod store;

@@ -17,7 +17,8 @@ use tally_pipelines::time::Granularity;
 
 use crate::changelog::StateStore;
 use crate::codec::{decode, encode};
-use crate::keys::{self, CF_DEAD_LETTER, CF_DEDUPE, CF_META, CF_STATS};
+use crate::keys::{self, CF_DEAD_LETTER, CF_DEDUPE, CF_LIMITS, CF_META, CF_STATS};
+use crate::limits::LimitWrites;
 use crate::retention::{wall_clock_ms, PartitionClocks, Retention};
 use crate::snapshot::{ChangeTracker, ChangedKey};
 use crate::{Error, Result};
@@ -211,6 +212,7 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_DEDUPE, dedupe),
             ColumnFamilyDescriptor::new(CF_DEAD_LETTER, dead),
             ColumnFamilyDescriptor::new(CF_META, base(false)),
+            ColumnFamilyDescriptor::new(CF_LIMITS, base(true)),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(rocks)?;
         let store = Store {
@@ -312,6 +314,24 @@ impl Store {
         checkpoint: &mut Checkpoint,
         sync: bool,
     ) -> Result<CommitStats> {
+        self.commit_with(
+            partition,
+            content,
+            &LimitWrites::default(),
+            checkpoint,
+            sync,
+        )
+    }
+
+    /// [`Store::commit`] plus the shard's dirty limiter and quota state.
+    pub fn commit_with(
+        &self,
+        partition: u16,
+        content: &FlushContent,
+        limits: &LimitWrites,
+        checkpoint: &mut Checkpoint,
+        sync: bool,
+    ) -> Result<CommitStats> {
         let mut batch = WriteBatch::default();
         let tracking = self.changes.get().is_some();
         let mut changed: Vec<ChangedKey> = Vec::new();
@@ -371,6 +391,12 @@ impl Store {
                 encode(&record)?,
             );
             next.dead_letter_seq += 1;
+        }
+        for (key, value) in limits.encoded(partition)? {
+            batch.put_cf(self.cf(CF_LIMITS)?, &key, value);
+            if tracking {
+                changed.push((StateStore::Limits, key));
+            }
         }
         next.max_event_ms = content.max_event_ms.max(next.max_event_ms);
         batch.put_cf(

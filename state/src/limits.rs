@@ -1,0 +1,148 @@
+//! Rate-limit and quota configuration and state of a partition's clients.
+//! Configuration is written when it changes (durably, and tracked for the
+//! changelog); limiter state and quota alert marks go with the shard's
+//! flush, in the same WriteBatch as the statistics.
+
+use rocksdb::{Direction, IteratorMode, ReadOptions, WriteOptions};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tally_pipelines::limit::policy::{ClientLimiter, LimitConfig};
+use tally_pipelines::quota::{QuotaAlerts, QuotaConfig};
+
+use crate::changelog::StateStore;
+use crate::codec::{decode, encode};
+use crate::keys::{self, LimitKind, CF_LIMITS};
+use crate::store::{rocks, Store};
+use crate::Result;
+
+/// Limiter state and quota alert marks to write with a flush.
+#[derive(Debug, Default)]
+pub struct LimitWrites {
+    pub limiters: Vec<(String, ClientLimiter)>,
+    pub quota_alerts: Vec<(String, QuotaAlerts)>,
+}
+
+impl LimitWrites {
+    pub fn is_empty(&self) -> bool {
+        self.limiters.is_empty() && self.quota_alerts.is_empty()
+    }
+
+    pub(crate) fn encoded(&self, partition: u16) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::with_capacity(self.limiters.len() + self.quota_alerts.len());
+        for (client, state) in &self.limiters {
+            out.push((
+                keys::limit_key(partition, LimitKind::Limiter, client),
+                encode(state)?,
+            ));
+        }
+        for (client, alerts) in &self.quota_alerts {
+            out.push((
+                keys::limit_key(partition, LimitKind::QuotaAlerts, client),
+                encode(alerts)?,
+            ));
+        }
+        Ok(out)
+    }
+}
+
+impl Store {
+    fn limit_get<T: DeserializeOwned>(
+        &self,
+        partition: u16,
+        kind: LimitKind,
+        client: &str,
+    ) -> Result<Option<T>> {
+        self.db
+            .get_cf(
+                self.cf(CF_LIMITS)?,
+                keys::limit_key(partition, kind, client),
+            )
+            .map_err(rocks)?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// Writes (or with `None` deletes) one configuration, durably.
+    fn limit_put<T: Serialize>(
+        &self,
+        partition: u16,
+        kind: LimitKind,
+        client: &str,
+        value: Option<&T>,
+    ) -> Result<()> {
+        let key = keys::limit_key(partition, kind, client);
+        let cf = self.cf(CF_LIMITS)?;
+        let mut opts = WriteOptions::default();
+        opts.set_sync(self.wal);
+        opts.disable_wal(!self.wal);
+        let guard = self.changes.get().and_then(|t| t.lock(partition));
+        match value {
+            Some(v) => self.db.put_cf_opt(cf, &key, encode(v)?, &opts),
+            None => self.db.delete_cf_opt(cf, &key, &opts),
+        }
+        .map_err(rocks)?;
+        if let Some(mut set) = guard {
+            set.insert((StateStore::Limits, key));
+        }
+        Ok(())
+    }
+
+    pub fn limit_config(&self, partition: u16, client: &str) -> Result<Option<LimitConfig>> {
+        self.limit_get(partition, LimitKind::Config, client)
+    }
+
+    pub fn put_limit_config(
+        &self,
+        partition: u16,
+        client: &str,
+        config: Option<&LimitConfig>,
+    ) -> Result<()> {
+        self.limit_put(partition, LimitKind::Config, client, config)
+    }
+
+    pub fn limiter(&self, partition: u16, client: &str) -> Result<Option<ClientLimiter>> {
+        self.limit_get(partition, LimitKind::Limiter, client)
+    }
+
+    /// Writes one client's limiter state outside a flush (LRU eviction).
+    pub fn put_limiter(&self, partition: u16, client: &str, state: &ClientLimiter) -> Result<()> {
+        self.limit_put(partition, LimitKind::Limiter, client, Some(state))
+    }
+
+    pub fn quota_config(&self, partition: u16, client: &str) -> Result<Option<QuotaConfig>> {
+        self.limit_get(partition, LimitKind::Quota, client)
+    }
+
+    pub fn put_quota_config(
+        &self,
+        partition: u16,
+        client: &str,
+        config: Option<&QuotaConfig>,
+    ) -> Result<()> {
+        self.limit_put(partition, LimitKind::Quota, client, config)
+    }
+
+    pub fn quota_alerts(&self, partition: u16, client: &str) -> Result<Option<QuotaAlerts>> {
+        self.limit_get(partition, LimitKind::QuotaAlerts, client)
+    }
+
+    /// Every quota configured in a partition (bounded by the number of
+    /// clients with a quota; read when a shard starts).
+    pub fn quota_configs(&self, partition: u16) -> Result<Vec<(String, QuotaConfig)>> {
+        let prefix = keys::limit_prefix(partition, LimitKind::Quota);
+        let mut read = ReadOptions::default();
+        read.set_iterate_upper_bound(keys::prefix_end(&prefix));
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(
+            self.cf(CF_LIMITS)?,
+            read,
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (key, value) = item.map_err(rocks)?;
+            if let Some(client) = keys::limit_key_client(&key) {
+                out.push((client, decode(&value)?));
+            }
+        }
+        Ok(out)
+    }
+}
