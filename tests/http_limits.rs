@@ -375,3 +375,44 @@ async fn configurations_are_validated_whole() {
         Some(1.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_clients_get_the_answers_they_would_have_had_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    // One limiter per shard in memory: every check below evicts another
+    // client's state, which must come back exactly.
+    let config = dir.path().join("tally.toml");
+    std::fs::write(
+        &config,
+        r#"
+[limits]
+max_clients = 12
+[limits.default]
+algorithm = "TOKEN_BUCKET"
+global_limit = { requests = 3, window_seconds = 36000 }
+"#,
+    )
+    .unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let c = client();
+    for round in 0..5 {
+        for i in 0..30 {
+            let r = check(&c, &server, &format!("evict-{i}"), "/x", 1).await;
+            // Capacity 3, one token per 3.3 hours: rounds 0..3 pass.
+            let want = if round < 3 { 200 } else { 429 };
+            assert_eq!(r.status().as_u16(), want, "client {i} round {round}");
+        }
+    }
+    let limits: Value = c
+        .get(server.url("/v1/clients/evict-1/limits"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(limits["source"], "default");
+}

@@ -164,6 +164,36 @@ async fn two_instances_split_partitions_forward_queries_and_survive_a_kill() {
         "each client is local to exactly one of the two instances ({split:?})"
     );
 
+    // Checks are exact across instances: whichever instance is asked, the
+    // owner's limiter decides (20 tokens, no refill within the test).
+    let bucket = serde_json::json!({"algorithm": "TOKEN_BUCKET", "global_limit": {"requests": 20, "window_seconds": 360000}});
+    let r = c
+        .put(a.url("/v1/clients/gw/limits"))
+        .json(&bucket)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut allowed = 0;
+    for i in 0..40 {
+        let server = if i % 2 == 0 { &a } else { &b };
+        let r = c
+            .post(server.url("/v1/check"))
+            .json(&serde_json::json!({"client_id": "gw", "endpoint": "/x"}))
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            200 => allowed += 1,
+            429 => {}
+            other => panic!("check answered {other}"),
+        }
+    }
+    assert_eq!(
+        allowed, 20,
+        "checks at two instances admitted {allowed} of a limit of 20"
+    );
+
     // Kill A mid-stream: B takes A's partitions, restores them from the
     // changelog, and ends exact.
     let producer = broker.producer();

@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tally_actors::membership::Owner;
@@ -77,32 +77,74 @@ async fn forward(
         .uri()
         .path_and_query()
         .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string());
+    let method = req.method().clone();
+    let headers = req.headers().clone();
+    let body = axum::body::to_bytes(req.into_body(), MAX_FORWARDED_BODY)
+        .await
+        .map_err(|e| e.to_string())?;
+    send(state, me, owner, &method, &path, &headers, body).await
+}
+
+/// Where a request about `client` must be answered: `Ok(None)` here,
+/// `Ok(Some(owner))` at another instance, `Err` nowhere right now.
+pub fn owner_of(
+    state: &AppState,
+    client: &str,
+    headers: &HeaderMap,
+) -> Result<Option<String>, ApiError> {
+    let Some(membership) = &state.membership else {
+        return Ok(None);
+    };
+    let partition = state.shards.partition_of(client);
+    match membership.owner(partition) {
+        Owner::Local => Ok(None),
+        Owner::Remote(owner) if !headers.contains_key(&FORWARDED_BY) => Ok(Some(owner)),
+        Owner::Remote(_) | Owner::Unknown => Err(ApiError::PartitionMoving { partition }),
+    }
+}
+
+/// Sends one request to `owner` and relays its answer.
+pub async fn send(
+    state: &AppState,
+    me: &str,
+    owner: &str,
+    method: &axum::http::Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, String> {
     let method =
-        reqwest::Method::from_bytes(req.method().as_str().as_bytes()).map_err(|e| e.to_string())?;
+        reqwest::Method::from_bytes(method.as_str().as_bytes()).map_err(|e| e.to_string())?;
     let mut outgoing = state
         .http_client
         .request(method, format!("{owner}{path}"))
         .timeout(FORWARD_TIMEOUT)
         .header(FORWARDED_BY.as_str(), me);
     for name in ["x-request-id", "content-type"] {
-        if let Some(v) = req.headers().get(name) {
+        if let Some(v) = headers.get(name) {
             outgoing = outgoing.header(name, v.as_bytes());
         }
     }
-    let body = axum::body::to_bytes(req.into_body(), MAX_FORWARDED_BODY)
+    let answer = outgoing
+        .body(body)
+        .send()
         .await
         .map_err(|e| e.to_string())?;
-    let outgoing = outgoing.body(body);
-    let answer = outgoing.send().await.map_err(|e| e.to_string())?;
     let status = answer.status();
-    let headers = answer.headers().clone();
+    let answer_headers = answer.headers().clone();
     let body = answer.bytes().await.map_err(|e| e.to_string())?;
     let mut response = Response::builder()
         .status(status.as_u16())
         .body(Body::from(body))
         .map_err(|e| e.to_string())?;
-    for name in ["content-type", "retry-after", SERVED_BY.as_str()] {
-        if let Some(v) = headers
+    for name in [
+        "content-type",
+        "retry-after",
+        "ratelimit",
+        "ratelimit-policy",
+        SERVED_BY.as_str(),
+    ] {
+        if let Some(v) = answer_headers
             .get(name)
             .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
         {

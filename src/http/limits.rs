@@ -8,7 +8,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
@@ -191,9 +191,29 @@ fn answer(client_id: String, a: CheckAnswer, now_ms: i64) -> Response {
     response
 }
 
-async fn check(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn check(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let req: CheckRequest = json_body(&body)?;
     valid_client(&req.client_id)?;
+    // In Kafka mode the client's limiter lives on its partition's owner.
+    if let Some(owner) = super::forward::owner_of(&state, &req.client_id, &headers)? {
+        let me = state
+            .membership
+            .as_ref()
+            .map(|m| m.address().to_string())
+            .unwrap_or_default();
+        let method = axum::http::Method::POST;
+        return super::forward::send(&state, &me, &owner, &method, "/v1/check", &headers, body)
+            .await
+            .map_err(|detail| ApiError::OwnerUnreachable {
+                partition: state.shards.partition_of(&req.client_id),
+                owner,
+                detail,
+            });
+    }
     if req.endpoint.is_empty() {
         return Err(ApiError::bad_request(
             "invalid check",
