@@ -4,7 +4,10 @@
 //! Reports checks/s and latency percentiles for `POST /v1/check`, then the
 //! same load against the common alternative: Redis with a sliding-window
 //! limiter in Lua (sorted-set log), if `redis-server` is installed.
-//! The load generator shares the machine's cores with the server.
+//! The load generator shares the machine's cores with the server, so each
+//! system is driven twice: by this harness's own client (reqwest, the same
+//! code for both) and by a lean C generator, `wrk` for Tally and
+//! `redis-benchmark` for Redis, when installed.
 //!
 //! Knobs: TALLY_BENCH_SECONDS (10), TALLY_BENCH_CONNECTIONS (64),
 //! TALLY_BENCH_CLIENTS (100000).
@@ -21,16 +24,42 @@ use common::env_or;
 /// Sliding-window log, the usual Redis recipe: drop entries older than the
 /// window, count, admit and record if under the limit.
 const SLIDING_WINDOW_LUA: &str = r#"
-local key, now, window, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local key, window, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZREMRANGEBYSCORE', key, 0, now - window)
-local count = redis.call('ZCARD', key)
-if count < limit then
-  redis.call('ZADD', key, now, now .. '-' .. ARGV[4])
+if redis.call('ZCARD', key) < limit then
+  redis.call('ZADD', key, now, t[1] .. '.' .. t[2] .. '.' .. math.random(1000000000))
   redis.call('PEXPIRE', key, window)
   return 1
 end
 return 0
 "#;
+
+const WRK_LUA: &str = r#"
+request = function()
+  local id = math.random(0, CLIENTS - 1)
+  local body = '{"client_id":"client-' .. id .. '","endpoint":"/v1/items"}'
+  return wrk.format("POST", "/v1/check", {["Content-Type"]="application/json"}, body)
+end
+"#;
+
+/// Runs a C load generator and prints the lines that carry its results.
+fn external(name: &str, program: &str, args: &[String], keep: &[&str]) {
+    match Command::new(program).args(args).output() {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            // redis-benchmark redraws its progress line with '\r'.
+            let lines: Vec<&str> = text
+                .split(['\n', '\r'])
+                .filter(|l| keep.iter().any(|k| l.contains(k)))
+                .map(str::trim)
+                .collect();
+            println!("{name}: {}", lines.join(" | "));
+        }
+        Err(_) => println!("{name}: skipped ({program} not installed)"),
+    }
+}
 
 struct Report {
     checks: u64,
@@ -150,11 +179,11 @@ async fn tally(connections: usize, seconds: u64, clients: u64) {
         let _ = BufReader::new(stdout).read_line(&mut line);
     }
     let base = line.trim().trim_start_matches("listening on ").to_string();
+    let url = format!("{base}/v1/check");
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(connections)
         .build()
         .expect("client");
-    let url = format!("{base}/v1/check");
     let mut report = drive(connections, seconds, move |_, r| {
         let (http, url) = (http.clone(), url.clone());
         async move {
@@ -179,7 +208,27 @@ async fn tally(connections: usize, seconds: u64, clients: u64) {
         }
     })
     .await;
-    report.print("tally /v1/check (sliding window)", connections);
+    report.print(
+        "tally /v1/check (sliding window), reqwest generator",
+        connections,
+    );
+    let script = dir.path().join("check.lua");
+    if std::fs::write(&script, WRK_LUA.replace("CLIENTS", &clients.to_string())).is_ok() {
+        external(
+            "tally /v1/check, wrk generator",
+            "wrk",
+            &[
+                "-t2".into(),
+                format!("-c{connections}"),
+                format!("-d{seconds}s"),
+                "--latency".into(),
+                "-s".into(),
+                script.display().to_string(),
+                base.clone(),
+            ],
+            &["50%", "99%", "Requests/sec"],
+        );
+    }
     if let Some(rss) = common::vm_hwm_kib(child.id()) {
         println!("tally: server peak RSS {:.1} MiB", rss as f64 / 1024.0);
     }
@@ -239,23 +288,57 @@ async fn redis(connections: usize, seconds: u64, clients: u64) {
         let (pool, script) = (pool.clone(), script.clone());
         async move {
             let mut con = pool[task].clone();
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
             let admitted: Result<i64, _> = script
                 .key(format!("rl:client-{}", r % clients))
-                .arg(now)
                 .arg(60_000)
                 .arg(1000)
-                .arg(r)
                 .invoke_async(&mut con)
                 .await;
             admitted == Ok(1)
         }
     })
     .await;
-    report.print("redis EVALSHA sliding-window log (Lua)", connections);
+    report.print(
+        "redis EVALSHA sliding-window log (Lua), reqwest-like generator (redis crate)",
+        connections,
+    );
+    let sha: Option<String> = match client.get_multiplexed_async_connection().await {
+        Ok(mut c) => redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(SLIDING_WINDOW_LUA)
+            .query_async(&mut c)
+            .await
+            .ok(),
+        Err(_) => None,
+    };
+    if let Some(sha) = sha {
+        external(
+            "redis EVALSHA sliding-window log, redis-benchmark generator",
+            "redis-benchmark",
+            &[
+                "-p".into(),
+                port.to_string(),
+                "-c".into(),
+                connections.to_string(),
+                "-n".into(),
+                (seconds * 80_000).to_string(),
+                "-r".into(),
+                clients.to_string(),
+                "--threads".into(),
+                "2".into(),
+                "--csv".into(),
+                "--precision".into(),
+                "3".into(),
+                "EVALSHA".into(),
+                sha,
+                "1".into(),
+                "rl:client-__rand_int__".into(),
+                "60000".into(),
+                "1000".into(),
+            ],
+            &["rps", "EVALSHA"],
+        );
+    }
     let _ = server.kill();
     let _ = server.wait();
 }

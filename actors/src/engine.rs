@@ -3,12 +3,13 @@
 //! on a thread of their own so that any tokio runtime (axum's, a CLI's)
 //! can talk to them through the router.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use actix::{Arbiter, Supervisor, System};
 use tally_state::Store;
 
+use crate::limits::{ShardLimits, SharedLimits};
 use crate::router::{ShardEndpoint, ShardRouter};
 use crate::shard::{Shard, ShardConfig};
 use crate::status::ShardStatus;
@@ -37,17 +38,26 @@ impl Engine {
                     let shards = (0..partitions)
                         .map(|p| {
                             let status = Arc::new(ShardStatus::default());
-                            let (store, config, q) =
-                                (store.clone(), config.clone(), status.clone());
+                            let limits: SharedLimits = Arc::new(Mutex::new(ShardLimits::new(
+                                p,
+                                store.clone(),
+                                config.limits.clone(),
+                            )));
+                            let (store, config, q, l) = (
+                                store.clone(),
+                                config.clone(),
+                                status.clone(),
+                                limits.clone(),
+                            );
                             let arbiter = &arbiters[usize::from(p) % threads];
                             let addr = Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
-                                Shard::new(p, store, config, q)
+                                Shard::new(p, store, config, q, l)
                             });
                             ShardEndpoint {
                                 apply: addr.clone().recipient(),
                                 flush: addr.clone().recipient(),
-                                control: addr.clone().recipient(),
-                                limits: addr.recipient(),
+                                control: addr.recipient(),
+                                limits,
                                 status,
                             }
                         })

@@ -112,9 +112,8 @@ pub struct FlushNow {
     pub ack: oneshot::Sender<Result<(), Error>>,
 }
 
-/// Rate-limit and quota requests, answered by the client's shard.
-#[derive(Message)]
-#[rtype(result = "Result<LimitReply, crate::Error>")]
+/// Rate-limit and quota requests, answered from the client's shard's
+/// limits (see [`crate::limits`] for why not through its mailbox).
 pub enum LimitRequest {
     /// A gateway check (`consume`) or a status read.
     Check {

@@ -12,6 +12,7 @@ use tally_pipelines::event::RequestEvent;
 use tally_pipelines::partitioner::partition_for;
 use tokio::sync::oneshot;
 
+use crate::limits::{lock, SharedLimits};
 use crate::messages::{
     ApplyBatch, BatchOutcome, FlushNow, LimitReply, LimitRequest, PartitionControl, Source, Urgency,
 };
@@ -23,7 +24,7 @@ pub struct ShardEndpoint {
     pub apply: Recipient<ApplyBatch>,
     pub flush: Recipient<FlushNow>,
     pub control: Recipient<PartitionControl>,
-    pub limits: Recipient<LimitRequest>,
+    pub limits: SharedLimits,
     pub status: Arc<ShardStatus>,
 }
 
@@ -190,18 +191,11 @@ impl ShardRouter {
             .map_err(|_| Error::ShardUnavailable { shard: partition })?
     }
 
-    /// A rate-limit or quota request, answered by the client's shard.
-    pub async fn limits(
-        &self,
-        client_id: &str,
-        request: LimitRequest,
-    ) -> Result<LimitReply, Error> {
+    /// A rate-limit or quota request, answered from the client's shard's
+    /// limits (briefly locked; see [`crate::limits`]).
+    pub fn limits(&self, client_id: &str, request: LimitRequest) -> Result<LimitReply, Error> {
         let partition = self.partition_of(client_id);
-        self.shard(partition)?
-            .limits
-            .send(request)
-            .await
-            .map_err(|_| Error::ShardUnavailable { shard: partition })?
+        lock(&self.shard(partition)?.limits).handle(request)
     }
 
     /// Utilization of the fullest shard mailbox, in 0..=1.

@@ -24,11 +24,8 @@ use tally_pipelines::event::RequestEvent;
 use tally_pipelines::ingest::{PartitionIngest, PartitionRules, Verdict};
 use tally_state::{Checkpoint, Store};
 
-use crate::limits::{LimitSettings, ShardLimits};
-use crate::messages::{
-    Ack, ApplyBatch, BatchOutcome, FlushNow, LimitReply, LimitRequest, PartitionControl, Source,
-    Urgency,
-};
+use crate::limits::{lock, LimitSettings, SharedLimits};
+use crate::messages::{Ack, ApplyBatch, BatchOutcome, FlushNow, PartitionControl, Source, Urgency};
 use crate::status::ShardStatus;
 use crate::telemetry::{BatchApplied, FlushCompleted, FlushFailed, MailboxDepth, ShardRestarted};
 use crate::Error;
@@ -92,8 +89,8 @@ pub struct Shard {
     /// accepted, and whether the partition is currently let go.
     epoch: u64,
     released: bool,
-    /// The clients' rate limiters and quotas.
-    limits: ShardLimits,
+    /// The clients' rate limiters and quotas (shared with HTTP handlers).
+    limits: SharedLimits,
 }
 
 /// Internal: flush once the mailbox is drained.
@@ -107,8 +104,8 @@ impl Shard {
         store: Arc<Store>,
         config: Arc<ShardConfig>,
         status: Arc<ShardStatus>,
+        limits: SharedLimits,
     ) -> Self {
-        let limits = ShardLimits::new(partition, store.clone(), config.limits.clone());
         let mut shard = Shard {
             partition,
             ingest: PartitionIngest::new(
@@ -165,7 +162,7 @@ impl Shard {
         self.positions = checkpoint.positions.clone();
         self.checkpoint = checkpoint;
         self.dirty = false;
-        self.limits.reload();
+        lock(&self.limits).reload();
     }
 
     fn apply(
@@ -229,13 +226,13 @@ impl Shard {
     }
 
     fn flush(&mut self, ctx: &mut Context<Self>) -> Result<(), Error> {
-        if !self.dirty && !self.limits.has_changes() {
+        if !self.dirty && !lock(&self.limits).has_changes() {
             self.answer_waiters(Ok(()));
             return Ok(());
         }
         let started = Instant::now();
         let content = self.ingest.take_flush();
-        let limit_writes = self.limits.take_writes();
+        let limit_writes = lock(&self.limits).take_writes();
         let mut next = self.checkpoint.clone();
         next.positions = self.positions.clone();
         let sync = self.config.sync_writes && self.sync_needed;
@@ -245,7 +242,7 @@ impl Shard {
         {
             Ok(stats) => {
                 self.checkpoint = next;
-                self.limits.after_flush(
+                lock(&self.limits).after_flush(
                     content.stats.iter().map(|d| d.client_id.as_str()),
                     tally_state::retention::wall_clock_ms(),
                 );
@@ -292,7 +289,7 @@ impl Actor for Shard {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.config.mailbox_capacity);
         ctx.run_interval(self.config.flush_interval, |shard, ctx| {
-            if shard.dirty || !shard.waiters.is_empty() || shard.limits.has_changes() {
+            if shard.dirty || !shard.waiters.is_empty() || lock(&shard.limits).has_changes() {
                 let _ = shard.flush(ctx);
             }
             MailboxDepth {
@@ -400,7 +397,7 @@ impl Handler<PartitionControl> for Shard {
                     DedupeIndex::new(1),
                 );
                 self.positions.clear();
-                self.limits.reload();
+                lock(&self.limits).reload();
                 self.released = true;
                 Ok(())
             }
@@ -421,40 +418,6 @@ impl Handler<PartitionControl> for Shard {
                 self.released = false;
                 Ok(())
             }
-        }
-    }
-}
-
-impl Handler<LimitRequest> for Shard {
-    type Result = Result<LimitReply, Error>;
-
-    fn handle(&mut self, msg: LimitRequest, _: &mut Context<Self>) -> Self::Result {
-        match msg {
-            LimitRequest::Check {
-                client_id,
-                endpoint,
-                cost,
-                consume,
-                now_ms,
-            } => self
-                .limits
-                .check(&client_id, &endpoint, cost, consume, now_ms)
-                .map(LimitReply::Check),
-            LimitRequest::SetConfig { client_id, config } => self
-                .limits
-                .set_config(&client_id, config)
-                .map(|()| LimitReply::Done),
-            LimitRequest::ResetCounters {
-                client_id,
-                endpoint,
-            } => self
-                .limits
-                .reset_counters(&client_id, endpoint.as_deref())
-                .map(|()| LimitReply::Done),
-            LimitRequest::SetQuota { client_id, config } => self
-                .limits
-                .set_quota(&client_id, config)
-                .map(|()| LimitReply::Done),
         }
     }
 }

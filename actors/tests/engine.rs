@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::{Actor, Context, Handler};
-use tally_actors::messages::{ApplyBatch, FlushNow, LimitReply, LimitRequest, PartitionControl};
+use tally_actors::messages::{ApplyBatch, FlushNow, PartitionControl};
 use tally_actors::router::{ShardEndpoint, ShardRouter};
 use tally_actors::status::ShardStatus;
 use tally_actors::{Engine, Error, ShardConfig, Source};
@@ -116,13 +116,6 @@ impl Handler<FlushNow> for StuckShard {
     fn handle(&mut self, _: FlushNow, _: &mut Context<Self>) {}
 }
 
-impl Handler<LimitRequest> for StuckShard {
-    type Result = Result<LimitReply, Error>;
-    fn handle(&mut self, _: LimitRequest, _: &mut Context<Self>) -> Self::Result {
-        Ok(LimitReply::Done)
-    }
-}
-
 impl Handler<PartitionControl> for StuckShard {
     type Result = Result<(), Error>;
     fn handle(&mut self, _: PartitionControl, _: &mut Context<Self>) -> Self::Result {
@@ -132,14 +125,21 @@ impl Handler<PartitionControl> for StuckShard {
 
 #[actix_rt::test]
 async fn ingest_is_refused_whole_when_a_shard_mailbox_is_full() {
+    let limits_dir = tempfile::tempdir().unwrap();
     let status = Arc::new(ShardStatus::default());
     let stuck = StuckShard { held: Vec::new() }.start();
     let router = ShardRouter::new(
         vec![ShardEndpoint {
             apply: stuck.clone().recipient(),
             flush: stuck.clone().recipient(),
-            control: stuck.clone().recipient(),
-            limits: stuck.recipient(),
+            control: stuck.recipient(),
+            limits: Arc::new(std::sync::Mutex::new(
+                tally_actors::limits::ShardLimits::new(
+                    0,
+                    Arc::new(Store::open(limits_dir.path(), StoreOptions::default()).unwrap()),
+                    Default::default(),
+                ),
+            )),
             status: status.clone(),
         }],
         2,

@@ -98,7 +98,7 @@ async fn ask(
     client: &str,
     request: LimitRequest,
 ) -> Result<LimitReply, ApiError> {
-    state.shards.limits(client, request).await.map_err(engine)
+    state.shards.limits(client, request).map_err(engine)
 }
 
 #[derive(Debug, Deserialize)]
