@@ -13,7 +13,7 @@ use tally_actors::Engine;
 use tally_state::Store;
 
 use crate::config::{Config, EngineArgs, ServeArgs};
-use crate::http::{app, AppState};
+use crate::http::{app, AppState, Shared};
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeCommand {
@@ -66,7 +66,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             }
             None => None,
         };
-        let state = AppState {
+        let state = AppState::new(Shared {
             shards: engine.router(),
             store: store.clone(),
             config: Arc::new(config.clone()),
@@ -79,7 +79,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             kafka_health: kafka.as_ref().map(|k| k.health()),
             membership: kafka.as_ref().map(|k| k.membership()),
             http_client: reqwest::Client::new(),
-        };
+        });
         let upkeep = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
