@@ -6,6 +6,7 @@
 //!   on a client's partition.
 //! - [`sketch`]: the sparse, mergeable latency sketch (≤ 0.5 % error).
 //! - [`aggregate`]: per-client, per-endpoint bucket statistics.
+//! - [`detect`]: anomaly detectors on closed minute buckets.
 //! - [`dedupe`]: the in-memory, flush-persisted event-id index.
 //! - [`ingest`]: per-partition watermark, dedupe and minute/hour/day rollup.
 //! - [`time`]: bucket and period boundaries in UTC.
@@ -19,6 +20,7 @@
 pub mod aggregate;
 pub mod decode;
 pub mod dedupe;
+pub mod detect;
 pub mod event;
 pub mod ingest;
 pub mod limit;
