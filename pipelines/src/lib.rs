@@ -5,6 +5,7 @@
 //! - [`partitioner`]: Kafka's default partitioner, so every source agrees
 //!   on a client's partition.
 //! - [`sketch`]: the sparse, mergeable latency sketch (≤ 0.5 % error).
+//! - [`circuit`]: the per-endpoint delivery circuit breaker and backoff.
 //! - [`aggregate`]: per-client, per-endpoint bucket statistics.
 //! - [`detect`]: anomaly detectors on closed minute buckets.
 //! - [`dedupe`]: the in-memory, flush-persisted event-id index.
@@ -18,6 +19,7 @@
 //! Time is always passed in, so every behaviour is testable and replayable.
 
 pub mod aggregate;
+pub mod circuit;
 pub mod decode;
 pub mod dedupe;
 pub mod detect;
