@@ -115,6 +115,10 @@ pub struct FileConfig {
     pub retention: RetentionFile,
     pub kafka: KafkaFile,
     pub limits: LimitsFile,
+    /// Anomaly detector tuning (thresholds, warm-up, rules).
+    pub detect: tally_pipelines::detect::DetectorConfig,
+    /// Close a quiet partition's open minutes after this long.
+    pub anomaly_idle_close: Option<String>,
     /// Compute units per endpoint template for events without their own.
     pub compute_units: HashMap<String, u64>,
 }
@@ -187,6 +191,8 @@ pub struct Config {
     pub advertise: Option<String>,
     pub limit_default: Option<tally_pipelines::limit::policy::LimitConfig>,
     pub limits_max_clients: usize,
+    pub detect: tally_pipelines::detect::DetectorConfig,
+    pub anomaly_idle_close: Duration,
     /// The adaptive limit factor, shared by shards and the HTTP API.
     pub adaptive: std::sync::Arc<tally_actors::adaptive::AdaptiveLimits>,
 }
@@ -237,6 +243,8 @@ impl Config {
         );
         let max_future = duration("max_future", &engine.max_future, &file.max_future, "15m");
         let request_timeout = duration("request_timeout", &None, &file.request_timeout, "60s");
+        let anomaly_idle_close =
+            duration("anomaly_idle_close", &None, &file.anomaly_idle_close, "2m");
         let kafka_outage_grace = duration(
             "kafka.outage_grace",
             &serve.kafka_outage_grace,
@@ -420,6 +428,8 @@ impl Config {
             limit_default,
             limits_max_clients,
             adaptive: Default::default(),
+            detect: file.detect,
+            anomaly_idle_close,
         })
     }
 
@@ -457,6 +467,10 @@ impl Config {
                 default_config: self.limit_default.clone(),
                 max_clients: (self.limits_max_clients / usize::from(self.partitions.max(1))).max(1),
                 adaptive: self.adaptive.clone(),
+            },
+            detect: tally_actors::anomaly::DetectSettings {
+                config: self.detect.clone(),
+                idle_close: self.anomaly_idle_close,
             },
         }
     }

@@ -11,6 +11,7 @@
 //! - [`changelog`]: changelog topics: publishing rounds, rebuilding.
 //! - [`membership`]: who owns which partition, for query forwarding.
 //! - [`limits`]: a shard's rate limiters and quotas; the gateway check.
+//! - [`anomaly`]: closing a shard's minutes and judging them.
 //! - [`adaptive`]: tightening every limit under pressure (hysteresis).
 //! - [`router`]: partitioning, admission and back-pressure.
 //! - [`engine`]: starts the actor system and the supervised shards.
@@ -19,6 +20,7 @@
 //! - [`telemetry`]: metric names and typed internal events.
 
 pub mod adaptive;
+pub mod anomaly;
 pub mod changelog;
 pub mod engine;
 pub mod kafka_decode;

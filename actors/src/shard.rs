@@ -24,6 +24,7 @@ use tally_pipelines::event::RequestEvent;
 use tally_pipelines::ingest::{PartitionIngest, PartitionRules, Verdict};
 use tally_state::{Checkpoint, Store};
 
+use crate::anomaly::{DetectSettings, ShardDetectors};
 use crate::limits::{lock, LimitSettings, SharedLimits};
 use crate::messages::{Ack, ApplyBatch, BatchOutcome, FlushNow, PartitionControl, Source, Urgency};
 use crate::status::ShardStatus;
@@ -48,6 +49,8 @@ pub struct ShardConfig {
     pub dedupe_max_ids: usize,
     /// Rate limits and quotas.
     pub limits: LimitSettings,
+    /// Anomaly detection on closed minutes.
+    pub detect: DetectSettings,
 }
 
 impl Default for ShardConfig {
@@ -61,6 +64,7 @@ impl Default for ShardConfig {
             sync_writes: true,
             dedupe_max_ids: 1_000_000,
             limits: LimitSettings::default(),
+            detect: DetectSettings::default(),
         }
     }
 }
@@ -91,6 +95,10 @@ pub struct Shard {
     released: bool,
     /// The clients' rate limiters and quotas (shared with HTTP handlers).
     limits: SharedLimits,
+    /// Closing minutes and judging them.
+    detectors: ShardDetectors,
+    /// When events last arrived (wall clock), for closing idle minutes.
+    last_events_at: Instant,
 }
 
 /// Internal: flush once the mailbox is drained.
@@ -106,6 +114,7 @@ impl Shard {
         status: Arc<ShardStatus>,
         limits: SharedLimits,
     ) -> Self {
+        let detectors = ShardDetectors::new(partition, store.clone(), config.detect.clone());
         let mut shard = Shard {
             partition,
             ingest: PartitionIngest::new(
@@ -126,6 +135,8 @@ impl Shard {
             status,
             epoch: 0,
             released: false,
+            detectors,
+            last_events_at: Instant::now(),
             limits,
         };
         shard.reload();
@@ -163,6 +174,7 @@ impl Shard {
         self.checkpoint = checkpoint;
         self.dirty = false;
         lock(&self.limits).reload();
+        self.detectors.reload();
     }
 
     fn apply(
@@ -213,6 +225,7 @@ impl Shard {
         }
         if !events.is_empty() {
             self.dirty = true;
+            self.last_events_at = Instant::now();
         }
         BatchApplied {
             shard: self.partition,
@@ -226,13 +239,14 @@ impl Shard {
     }
 
     fn flush(&mut self, ctx: &mut Context<Self>) -> Result<(), Error> {
-        if !self.dirty && !lock(&self.limits).has_changes() {
+        if !self.dirty && !lock(&self.limits).has_changes() && !self.detectors.has_changes() {
             self.answer_waiters(Ok(()));
             return Ok(());
         }
         let started = Instant::now();
         let content = self.ingest.take_flush();
-        let limit_writes = lock(&self.limits).take_writes();
+        let mut limit_writes = lock(&self.limits).take_writes();
+        limit_writes.detectors = self.detectors.take_changed();
         let mut next = self.checkpoint.clone();
         next.positions = self.positions.clone();
         let sync = self.config.sync_writes && self.sync_needed;
@@ -246,6 +260,12 @@ impl Shard {
                     content.stats.iter().map(|d| d.client_id.as_str()),
                     tally_state::retention::wall_clock_ms(),
                 );
+                self.detectors.note_flushed(&content);
+                let watermark = self
+                    .checkpoint
+                    .max_event_ms
+                    .map(|m| m.saturating_sub(self.config.rules.allowed_lateness_ms));
+                self.close_minutes(watermark);
                 self.status.flush_succeeded();
                 self.dirty = false;
                 self.sync_needed = false;
@@ -275,6 +295,13 @@ impl Shard {
         }
     }
 
+    /// Judges the minutes that closed (all open ones with `None`).
+    fn close_minutes(&mut self, watermark_ms: Option<i64>) {
+        if let Err(e) = self.detectors.close(watermark_ms) {
+            tracing::warn!(shard = self.partition, error = %e, "anomaly detection failed for closed minutes");
+        }
+    }
+
     fn answer_waiters(&mut self, result: Result<(), Error>) {
         for (ack, outcome) in self.waiters.drain(..) {
             // A sender that gave up (client disconnected) is not an error.
@@ -289,8 +316,18 @@ impl Actor for Shard {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.config.mailbox_capacity);
         ctx.run_interval(self.config.flush_interval, |shard, ctx| {
-            if shard.dirty || !shard.waiters.is_empty() || lock(&shard.limits).has_changes() {
+            if shard.dirty
+                || !shard.waiters.is_empty()
+                || lock(&shard.limits).has_changes()
+                || shard.detectors.has_changes()
+            {
                 let _ = shard.flush(ctx);
+            }
+            // A quiet partition still gets its last minutes judged.
+            if shard.detectors.has_open()
+                && shard.last_events_at.elapsed() >= shard.detectors.idle_close()
+            {
+                shard.close_minutes(None);
             }
             MailboxDepth {
                 shard: shard.partition,
@@ -398,6 +435,7 @@ impl Handler<PartitionControl> for Shard {
                 );
                 self.positions.clear();
                 lock(&self.limits).reload();
+                self.detectors.reload();
                 self.released = true;
                 Ok(())
             }

@@ -32,6 +32,7 @@ pub const RATE_LIMIT_FACTOR: &str = "tally_rate_limit_factor";
 pub const QUEUE_UTILIZATION: &str = "tally_queue_utilization";
 pub const CHECKS_DENIED: &str = "tally_checks_denied_total";
 pub const QUOTA_EVENTS: &str = "tally_quota_events_total";
+pub const ANOMALIES: &str = "tally_anomalies_total";
 
 /// Histogram buckets (seconds) shared by the latency histograms.
 pub const LATENCY_BUCKETS: [f64; 14] = [
@@ -223,6 +224,32 @@ impl QuotaEventRaised<'_> {
             client_id = self.client,
             percent_used = self.percent_used,
             "quota event"
+        );
+    }
+}
+
+/// A detector judged a closed bucket anomalous.
+pub struct AnomalyDetected<'a> {
+    pub anomaly: &'a tally_pipelines::detect::Anomaly,
+}
+
+impl AnomalyDetected<'_> {
+    pub fn emit(&self) {
+        let a = self.anomaly;
+        let severity = match a.severity {
+            tally_pipelines::detect::Severity::Low => "LOW",
+            tally_pipelines::detect::Severity::Medium => "MEDIUM",
+            tally_pipelines::detect::Severity::High => "HIGH",
+            tally_pipelines::detect::Severity::Critical => "CRITICAL",
+        };
+        counter!(ANOMALIES, "type" => a.anomaly_type.as_str(), "severity" => severity).increment(1);
+        tracing::info!(
+            anomaly_id = %a.anomaly_id,
+            client_id = %a.client_id,
+            anomaly_type = a.anomaly_type.as_str(),
+            severity,
+            "{}",
+            a.description
         );
     }
 }

@@ -2,6 +2,7 @@
 //! and adds the cross-cutting layers (request ids, tracing, metrics,
 //! timeouts, problem+json for unmatched routes).
 
+pub mod anomalies;
 pub mod dead_letters;
 pub mod forward;
 pub mod health;
@@ -76,12 +77,14 @@ pub fn app(state: AppState) -> Router {
         .merge(
             usage::router()
                 .merge(limits::client_router())
+                .merge(anomalies::client_router())
                 .route_layer(middleware::from_fn_with_state(
                     state.clone(),
                     forward::to_owner,
                 )),
         )
         .merge(limits::router())
+        .merge(anomalies::router())
         .merge(health::router())
         .merge(dead_letters::router())
         .route_layer(middleware::from_fn(record_http_metrics))

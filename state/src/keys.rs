@@ -9,7 +9,8 @@
 //! | `stats`       | partition, granularity, client len (u16), client, bucket start (u64 ms) | bucket stats |
 //! | `dedupe`      | partition, newest claim time (u64 ms), sequence (u64)   | claims of a flush  |
 //! | `dead_letter` | partition, sequence (u64)                                | dead-letter record |
-//! | `limits`      | partition, kind (u8), client len (u16), client           | limit config, limiter state, quota config, quota alerts |
+//! | `limits`      | partition, kind (u8), client len (u16), client           | limit config, limiter state, quota config, quota alerts, detector state |
+//! | `anomalies`   | partition, detected at (u64 ms), anomaly id              | anomaly record     |
 //! | `meta`        | partition, `0x01`                                        | checkpoint         |
 //! | `meta`        | partition, `0x02`                                        | changelog mark     |
 //! | `meta`        | `0xFFFF`, name                                           | store settings     |
@@ -21,7 +22,30 @@ pub const CF_DEDUPE: &str = "dedupe";
 pub const CF_DEAD_LETTER: &str = "dead_letter";
 pub const CF_META: &str = "meta";
 pub const CF_LIMITS: &str = "limits";
-pub const ALL_CFS: [&str; 5] = [CF_STATS, CF_DEDUPE, CF_DEAD_LETTER, CF_META, CF_LIMITS];
+pub const CF_ANOMALIES: &str = "anomalies";
+pub const ALL_CFS: [&str; 6] = [
+    CF_STATS,
+    CF_DEDUPE,
+    CF_DEAD_LETTER,
+    CF_META,
+    CF_LIMITS,
+    CF_ANOMALIES,
+];
+
+/// An anomaly: partition, detection time (event time), id.
+pub fn anomaly_key(partition: u16, detected_at_ms: i64, anomaly_id: &str) -> Vec<u8> {
+    let mut key = partition.to_be_bytes().to_vec();
+    key.extend_from_slice(&time_bytes(detected_at_ms));
+    key.extend_from_slice(anomaly_id.as_bytes());
+    key
+}
+
+/// The first anomaly key of `partition` detected at or after `ms`.
+pub fn anomalies_from(partition: u16, ms: i64) -> Vec<u8> {
+    let mut key = partition.to_be_bytes().to_vec();
+    key.extend_from_slice(&time_bytes(ms));
+    key
+}
 
 /// What a `limits` key holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +54,7 @@ pub enum LimitKind {
     Limiter = 2,
     Quota = 3,
     QuotaAlerts = 4,
+    Detector = 5,
 }
 
 /// Prefix of every `limits` key of one kind in a partition.

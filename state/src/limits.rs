@@ -6,12 +6,13 @@
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteOptions};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tally_pipelines::detect::{Anomaly, ClientDetector};
 use tally_pipelines::limit::policy::{ClientLimiter, LimitConfig};
 use tally_pipelines::quota::{QuotaAlerts, QuotaConfig};
 
 use crate::changelog::StateStore;
 use crate::codec::{decode, encode};
-use crate::keys::{self, LimitKind, CF_LIMITS};
+use crate::keys::{self, LimitKind, CF_ANOMALIES, CF_LIMITS};
 use crate::store::{rocks, Store};
 use crate::Result;
 
@@ -20,15 +21,23 @@ use crate::Result;
 pub struct LimitWrites {
     pub limiters: Vec<(String, ClientLimiter)>,
     pub quota_alerts: Vec<(String, QuotaAlerts)>,
+    /// Anomaly detectors' learned baselines.
+    pub detectors: Vec<(String, ClientDetector)>,
 }
 
 impl LimitWrites {
     pub fn is_empty(&self) -> bool {
-        self.limiters.is_empty() && self.quota_alerts.is_empty()
+        self.limiters.is_empty() && self.quota_alerts.is_empty() && self.detectors.is_empty()
     }
 
     pub(crate) fn encoded(&self, partition: u16) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::with_capacity(self.limiters.len() + self.quota_alerts.len());
+        for (client, detector) in &self.detectors {
+            out.push((
+                keys::limit_key(partition, LimitKind::Detector, client),
+                encode(detector)?,
+            ));
+        }
         for (client, state) in &self.limiters {
             out.push((
                 keys::limit_key(partition, LimitKind::Limiter, client),
@@ -124,6 +133,46 @@ impl Store {
 
     pub fn quota_alerts(&self, partition: u16, client: &str) -> Result<Option<QuotaAlerts>> {
         self.limit_get(partition, LimitKind::QuotaAlerts, client)
+    }
+
+    pub fn detector(&self, partition: u16, client: &str) -> Result<Option<ClientDetector>> {
+        self.limit_get(partition, LimitKind::Detector, client)
+    }
+
+    /// Stores anomalies (idempotent: ids are deterministic).
+    pub fn put_anomalies(&self, partition: u16, anomalies: &[Anomaly]) -> Result<()> {
+        let mut batch = rocksdb::WriteBatch::default();
+        let cf = self.cf(CF_ANOMALIES)?;
+        for a in anomalies {
+            batch.put_cf(
+                cf,
+                keys::anomaly_key(partition, a.detected_at_ms, &a.anomaly_id),
+                encode(a)?,
+            );
+        }
+        self.db.write(batch).map_err(rocks)
+    }
+
+    /// Anomalies of a partition detected at or after `from_ms`, oldest
+    /// first, at most `limit`.
+    pub fn anomalies(&self, partition: u16, from_ms: i64, limit: usize) -> Result<Vec<Anomaly>> {
+        let mut read = ReadOptions::default();
+        read.set_iterate_upper_bound(keys::partition_end(partition));
+        let start = keys::anomalies_from(partition, from_ms);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf_opt(
+                self.cf(CF_ANOMALIES)?,
+                read,
+                IteratorMode::From(&start, Direction::Forward),
+            )
+            .take(limit)
+        {
+            let (_, value) = item.map_err(rocks)?;
+            out.push(decode(&value)?);
+        }
+        Ok(out)
     }
 
     /// Every quota configured in a partition (bounded by the number of

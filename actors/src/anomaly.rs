@@ -1,0 +1,163 @@
+//! Closing a shard's minute buckets and judging them.
+//!
+//! A (client, minute) bucket is closed once the partition's watermark
+//! (newest event time minus the allowed lateness) passes the minute's end,
+//! or when the partition has been idle for `idle_close` of wall-clock time,
+//! so that a client who goes quiet still has its last minutes judged. A
+//! closed bucket is read back from the store (it was flushed), summarized,
+//! and fed to the client's detector; anomalies are stored at once (their
+//! ids are deterministic, so a repeat overwrites) and detectors' baselines
+//! go with the next flush.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tally_pipelines::detect::{Anomaly, ClientDetector, DetectorConfig, MinuteSummary};
+use tally_pipelines::ingest::FlushContent;
+use tally_pipelines::sketch::LatencySketch;
+use tally_pipelines::time::{Granularity, MINUTE_MS};
+use tally_state::Store;
+
+use crate::telemetry::AnomalyDetected;
+use crate::Error;
+
+/// Detector settings every shard shares.
+#[derive(Debug, Clone)]
+pub struct DetectSettings {
+    pub config: DetectorConfig,
+    /// Close every open minute after this long without events.
+    pub idle_close: Duration,
+}
+
+impl Default for DetectSettings {
+    fn default() -> Self {
+        Self {
+            config: DetectorConfig::default(),
+            idle_close: Duration::from_secs(120),
+        }
+    }
+}
+
+pub struct ShardDetectors {
+    partition: u16,
+    store: Arc<Store>,
+    settings: DetectSettings,
+    detectors: HashMap<String, ClientDetector>,
+    /// Flushed minutes not closed yet, with the clients seen in them.
+    open: BTreeMap<i64, HashSet<String>>,
+    changed: HashSet<String>,
+}
+
+impl ShardDetectors {
+    pub fn new(partition: u16, store: Arc<Store>, settings: DetectSettings) -> Self {
+        Self {
+            partition,
+            store,
+            settings,
+            detectors: HashMap::new(),
+            open: BTreeMap::new(),
+            changed: HashSet::new(),
+        }
+    }
+
+    /// Forgets everything in memory (restart, restore, release).
+    pub fn reload(&mut self) {
+        self.detectors.clear();
+        self.open.clear();
+        self.changed.clear();
+    }
+
+    pub fn idle_close(&self) -> Duration {
+        self.settings.idle_close
+    }
+
+    /// Notes the (client, minute) cells a flush wrote.
+    pub fn note_flushed(&mut self, content: &FlushContent) {
+        for delta in &content.stats {
+            self.open
+                .entry(delta.minute_start_ms)
+                .or_default()
+                .insert(delta.client_id.clone());
+        }
+    }
+
+    pub fn has_changes(&self) -> bool {
+        !self.changed.is_empty()
+    }
+
+    pub fn has_open(&self) -> bool {
+        !self.open.is_empty()
+    }
+
+    /// Closes and judges every open minute that ends at or before
+    /// `watermark_ms` (all of them with `None`), oldest first.
+    pub fn close(&mut self, watermark_ms: Option<i64>) -> Result<Vec<Anomaly>, Error> {
+        let mut found = Vec::new();
+        while let Some((&minute, _)) = self.open.first_key_value() {
+            if watermark_ms.is_some_and(|w| minute + MINUTE_MS > w) {
+                break;
+            }
+            let Some((minute, clients)) = self.open.pop_first() else {
+                break;
+            };
+            let mut clients: Vec<String> = clients.into_iter().collect();
+            clients.sort();
+            for client in clients {
+                let summary = self.summary(&client, minute)?;
+                let detector = match self.detectors.get_mut(&client) {
+                    Some(d) => d,
+                    None => {
+                        let stored = self
+                            .store
+                            .detector(self.partition, &client)?
+                            .unwrap_or_default();
+                        self.detectors.entry(client.clone()).or_insert(stored)
+                    }
+                };
+                found.extend(detector.evaluate(&client, &summary, &self.settings.config));
+                self.changed.insert(client);
+            }
+        }
+        if !found.is_empty() {
+            self.store.put_anomalies(self.partition, &found)?;
+            for a in &found {
+                AnomalyDetected { anomaly: a }.emit();
+            }
+        }
+        Ok(found)
+    }
+
+    fn summary(&self, client: &str, minute: i64) -> Result<MinuteSummary, Error> {
+        let mut s = MinuteSummary {
+            minute_start_ms: minute,
+            ..MinuteSummary::default()
+        };
+        let mut latency = LatencySketch::new();
+        for (_, bucket) in self.store.read_buckets(
+            self.partition,
+            client,
+            Granularity::Minute,
+            minute,
+            minute + MINUTE_MS,
+        )? {
+            for (endpoint, e) in bucket.endpoints() {
+                s.requests += e.requests;
+                s.server_errors += e.server_errors;
+                latency.merge(&e.latency);
+                s.endpoints.push((endpoint.to_string(), e.requests));
+            }
+        }
+        s.p95_latency_ms = latency.quantile(0.95);
+        Ok(s)
+    }
+
+    /// Detectors that learned since the last flush.
+    pub fn take_changed(&mut self) -> Vec<(String, ClientDetector)> {
+        let detectors = &self.detectors;
+        self.changed
+            .drain()
+            .filter_map(|c| detectors.get(&c).map(|d| (c.clone(), d.clone())))
+            .collect()
+    }
+}
