@@ -467,10 +467,13 @@ impl Config {
                 default_config: self.limit_default.clone(),
                 max_clients: (self.limits_max_clients / usize::from(self.partitions.max(1))).max(1),
                 adaptive: self.adaptive.clone(),
+                // Set by `serve`, which owns the event channel.
+                alerts: None,
             },
             detect: tally_actors::anomaly::DetectSettings {
                 config: self.detect.clone(),
                 idle_close: self.anomaly_idle_close,
+                alerts: None,
             },
         }
     }

@@ -37,7 +37,11 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
         Store::open(&config.data_dir, config.store_options())
             .with_context(|| format!("cannot open state in {}", config.data_dir.display()))?,
     );
-    let engine = Engine::start(store.clone(), config.shard_config(), config.shard_threads)?;
+    let alerts = tally_actors::alerts::AlertLog::open(store.clone())?;
+    let mut shard_config = config.shard_config();
+    shard_config.limits.alerts = Some(alerts.clone());
+    shard_config.detect.alerts = Some(alerts.clone());
+    let engine = Engine::start(store.clone(), shard_config, config.shard_threads)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -79,6 +83,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             kafka_health: kafka.as_ref().map(|k| k.health()),
             membership: kafka.as_ref().map(|k| k.membership()),
             http_client: reqwest::Client::new(),
+            alerts,
         });
         let upkeep = tokio::spawn(async move {
             loop {

@@ -28,6 +28,8 @@ pub struct DetectSettings {
     pub config: DetectorConfig,
     /// Close every open minute after this long without events.
     pub idle_close: Duration,
+    /// Where ANOMALY_DETECTED events go.
+    pub alerts: Option<Arc<crate::alerts::AlertLog>>,
 }
 
 impl Default for DetectSettings {
@@ -35,6 +37,7 @@ impl Default for DetectSettings {
         Self {
             config: DetectorConfig::default(),
             idle_close: Duration::from_secs(120),
+            alerts: None,
         }
     }
 }
@@ -123,6 +126,15 @@ impl ShardDetectors {
             self.store.put_anomalies(self.partition, &found)?;
             for a in &found {
                 AnomalyDetected { anomaly: a }.emit();
+                if let Some(alerts) = &self.settings.alerts {
+                    alerts.publish(
+                        "ANOMALY_DETECTED",
+                        &a.client_id,
+                        a.endpoint.as_deref(),
+                        a.detected_at_ms,
+                        serde_json::to_value(a).unwrap_or(serde_json::Value::Null),
+                    );
+                }
             }
         }
         Ok(found)

@@ -12,6 +12,7 @@
 //! - [`membership`]: who owns which partition, for query forwarding.
 //! - [`limits`]: a shard's rate limiters and quotas; the gateway check.
 //! - [`anomaly`]: closing a shard's minutes and judging them.
+//! - [`alerts`]: the event channel: persisted log and live broadcast.
 //! - [`adaptive`]: tightening every limit under pressure (hysteresis).
 //! - [`router`]: partitioning, admission and back-pressure.
 //! - [`engine`]: starts the actor system and the supervised shards.
@@ -20,6 +21,7 @@
 //! - [`telemetry`]: metric names and typed internal events.
 
 pub mod adaptive;
+pub mod alerts;
 pub mod anomaly;
 pub mod changelog;
 pub mod engine;

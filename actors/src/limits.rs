@@ -30,6 +30,7 @@ use tally_state::limits::LimitWrites;
 use tally_state::Store;
 
 use crate::adaptive::AdaptiveLimits;
+use crate::alerts::AlertLog;
 use crate::messages::{LimitReply, LimitRequest};
 use crate::telemetry::{QuotaEventRaised, RateLimited};
 use crate::Error;
@@ -42,6 +43,8 @@ pub struct LimitSettings {
     /// Clients whose limiter state a shard keeps in memory.
     pub max_clients: usize,
     pub adaptive: Arc<AdaptiveLimits>,
+    /// Where RATE_LIMITED and quota events go.
+    pub alerts: Option<Arc<AlertLog>>,
 }
 
 impl Default for LimitSettings {
@@ -50,6 +53,7 @@ impl Default for LimitSettings {
             default_config: None,
             max_clients: 100_000,
             adaptive: Arc::default(),
+            alerts: None,
         }
     }
 }
@@ -120,6 +124,9 @@ pub struct ShardLimits {
     /// Quota usage as of flush number `.0`.
     usage: HashMap<String, (u64, i64, QuotaUsage)>,
     flushes: u64,
+    /// The minute each client last had a RATE_LIMITED event (at most one
+    /// per client and minute goes on the channel).
+    limited_in_minute: HashMap<String, i64>,
 }
 
 impl ShardLimits {
@@ -136,6 +143,7 @@ impl ShardLimits {
             alerts_changed: HashSet::new(),
             usage: HashMap::new(),
             flushes: 0,
+            limited_in_minute: HashMap::new(),
         };
         limits.reload();
         limits
@@ -238,6 +246,9 @@ impl ShardLimits {
                     reason: DenyReason::Quota,
                 }
                 .emit();
+                if consume {
+                    self.rate_limited_event(client, endpoint, "quota", now_ms);
+                }
                 return Ok(CheckAnswer {
                     allowed: false,
                     reason: Some(DenyReason::Quota),
@@ -285,6 +296,14 @@ impl ShardLimits {
                 reason: DenyReason::RateLimit,
             }
             .emit();
+            if consume {
+                let reason = if outcome.allowed {
+                    "shadow"
+                } else {
+                    "rate_limit"
+                };
+                self.rate_limited_event(client, endpoint, reason, now_ms);
+            }
         }
         Ok(CheckAnswer {
             allowed: outcome.allowed,
@@ -300,6 +319,27 @@ impl ShardLimits {
             shadow_limited: outcome.limited && outcome.allowed,
             quota_overage,
         })
+    }
+
+    fn rate_limited_event(&mut self, client: &str, endpoint: &str, reason: &str, now_ms: i64) {
+        let Some(alerts) = &self.settings.alerts else {
+            return;
+        };
+        let minute = Granularity::Minute.bucket_start(now_ms);
+        if self.limited_in_minute.get(client) == Some(&minute) {
+            return;
+        }
+        if self.limited_in_minute.len() >= self.settings.max_clients {
+            self.limited_in_minute.clear();
+        }
+        self.limited_in_minute.insert(client.to_string(), minute);
+        alerts.publish(
+            "RATE_LIMITED",
+            client,
+            Some(endpoint),
+            now_ms,
+            serde_json::json!({"reason": reason}),
+        );
     }
 
     pub fn set_config(&mut self, client: &str, config: Option<LimitConfig>) -> Result<(), Error> {
@@ -390,6 +430,26 @@ impl ShardLimits {
                     percent_used: status.percent_used,
                 }
                 .emit();
+                if let Some(alerts) = &self.settings.alerts {
+                    let kind = match event {
+                        tally_pipelines::quota::QuotaEvent::QuotaWarning => "QUOTA_WARNING",
+                        tally_pipelines::quota::QuotaEvent::QuotaExceeded => "QUOTA_EXCEEDED",
+                    };
+                    alerts.publish(
+                        kind,
+                        &client,
+                        None,
+                        now_ms,
+                        serde_json::json!({
+                            "percent_used": status.percent_used,
+                            "requests_used": status.requests_used,
+                            "requests_limit": status.requests_limit,
+                            "data_transfer_used": status.data_transfer_used,
+                            "data_transfer_limit": status.data_transfer_limit,
+                            "period_start_ms": status.period_start_ms,
+                        }),
+                    );
+                }
             }
         }
     }

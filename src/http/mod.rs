@@ -2,6 +2,7 @@
 //! and adds the cross-cutting layers (request ids, tracing, metrics,
 //! timeouts, problem+json for unmatched routes).
 
+pub mod alerts;
 pub mod anomalies;
 pub mod dead_letters;
 pub mod forward;
@@ -66,6 +67,8 @@ pub struct Shared {
     pub membership: Option<Arc<tally_actors::membership::Membership>>,
     /// Forwards queries to the owning instance.
     pub http_client: reqwest::Client,
+    /// The event channel (alerts).
+    pub alerts: Arc<tally_actors::alerts::AlertLog>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -85,6 +88,7 @@ pub fn app(state: AppState) -> Router {
         )
         .merge(limits::router())
         .merge(anomalies::router())
+        .merge(alerts::router())
         .merge(health::router())
         .merge(dead_letters::router())
         .route_layer(middleware::from_fn(record_http_metrics))

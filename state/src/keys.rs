@@ -23,7 +23,10 @@ pub const CF_DEAD_LETTER: &str = "dead_letter";
 pub const CF_META: &str = "meta";
 pub const CF_LIMITS: &str = "limits";
 pub const CF_ANOMALIES: &str = "anomalies";
-pub const ALL_CFS: [&str; 6] = [
+/// The alert event log: sequence (u64) -> event JSON. Not per partition.
+pub const CF_ALERTS: &str = "alerts";
+pub const ALL_CFS: [&str; 7] = [
+    CF_ALERTS,
     CF_STATS,
     CF_DEDUPE,
     CF_DEAD_LETTER,

@@ -195,3 +195,54 @@ impl Store {
         Ok(out)
     }
 }
+
+impl Store {
+    /// Appends one event to the alert log under `sequence`.
+    pub fn append_alert(&self, sequence: u64, json: &str) -> Result<()> {
+        self.db
+            .put_cf(
+                self.cf(crate::keys::CF_ALERTS)?,
+                sequence.to_be_bytes(),
+                encode(&json)?,
+            )
+            .map_err(rocks)
+    }
+
+    /// Alert log entries after `sequence`, oldest first, at most `limit`.
+    pub fn alerts_after(&self, sequence: u64, limit: usize) -> Result<Vec<(u64, String)>> {
+        let start = sequence.saturating_add(1).to_be_bytes();
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(
+                self.cf(crate::keys::CF_ALERTS)?,
+                IteratorMode::From(&start, Direction::Forward),
+            )
+            .take(limit)
+        {
+            let (key, value) = item.map_err(rocks)?;
+            let seq = u64::from_be_bytes(
+                key.as_ref()
+                    .try_into()
+                    .map_err(|_| crate::Error::Corrupt(format!("alert key {key:?}")))?,
+            );
+            out.push((seq, decode(&value)?));
+        }
+        Ok(out)
+    }
+
+    /// The newest alert sequence, if any.
+    pub fn last_alert_sequence(&self) -> Result<Option<u64>> {
+        match self
+            .db
+            .iterator_cf(self.cf(crate::keys::CF_ALERTS)?, IteratorMode::End)
+            .next()
+        {
+            Some(item) => {
+                let (key, _) = item.map_err(rocks)?;
+                Ok(key.as_ref().try_into().ok().map(u64::from_be_bytes))
+            }
+            None => Ok(None),
+        }
+    }
+}

@@ -17,7 +17,9 @@ use tally_pipelines::time::Granularity;
 
 use crate::changelog::StateStore;
 use crate::codec::{decode, encode};
-use crate::keys::{self, CF_ANOMALIES, CF_DEAD_LETTER, CF_DEDUPE, CF_LIMITS, CF_META, CF_STATS};
+use crate::keys::{
+    self, CF_ALERTS, CF_ANOMALIES, CF_DEAD_LETTER, CF_DEDUPE, CF_LIMITS, CF_META, CF_STATS,
+};
 use crate::limits::LimitWrites;
 use crate::retention::{wall_clock_ms, PartitionClocks, Retention};
 use crate::snapshot::{ChangeTracker, ChangedKey};
@@ -214,6 +216,7 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_META, base(false)),
             ColumnFamilyDescriptor::new(CF_LIMITS, base(true)),
             ColumnFamilyDescriptor::new(CF_ANOMALIES, base(false)),
+            ColumnFamilyDescriptor::new(CF_ALERTS, base(false)),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(rocks)?;
         let store = Store {

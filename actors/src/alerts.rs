@@ -1,0 +1,110 @@
+//! The event channel: `RATE_LIMITED`, `QUOTA_WARNING`, `QUOTA_EXCEEDED`,
+//! `ANOMALY_DETECTED`. Each event gets the next sequence number (its
+//! `event_id`), is appended to a persisted log (so a subscriber can resume
+//! with `Last-Event-ID`), and is broadcast to live subscribers. Appending
+//! and broadcasting happen under one lock so that live order equals log
+//! order. The broadcast buffer is bounded: a subscriber that falls behind
+//! is told how far (and resumes from the log), the engine never waits.
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tally_state::Store;
+use tokio::sync::broadcast;
+
+/// One event on the channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertEvent {
+    pub event_id: u64,
+    pub event_type: String,
+    pub client_id: String,
+    pub endpoint: Option<String>,
+    /// Epoch ms (event time for anomalies, wall clock otherwise).
+    pub timestamp_ms: i64,
+    pub details: serde_json::Value,
+}
+
+pub struct AlertLog {
+    store: Arc<Store>,
+    /// The next sequence number; the lock also orders log and broadcast.
+    next: Mutex<u64>,
+    live: broadcast::Sender<Arc<AlertEvent>>,
+}
+
+impl std::fmt::Debug for AlertLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertLog").finish_non_exhaustive()
+    }
+}
+
+/// Live events buffered per subscriber before it counts as lagging.
+pub const SUBSCRIBER_BUFFER: usize = 4096;
+
+impl AlertLog {
+    pub fn open(store: Arc<Store>) -> Result<Arc<AlertLog>, crate::Error> {
+        let next = store.last_alert_sequence()?.map_or(1, |s| s + 1);
+        let (live, _) = broadcast::channel(SUBSCRIBER_BUFFER);
+        Ok(Arc::new(AlertLog {
+            store,
+            next: Mutex::new(next),
+            live,
+        }))
+    }
+
+    /// Appends and broadcasts one event; failures are logged, never
+    /// propagated (alerts must not stop the engine).
+    pub fn publish(
+        &self,
+        event_type: &str,
+        client_id: &str,
+        endpoint: Option<&str>,
+        timestamp_ms: i64,
+        details: serde_json::Value,
+    ) {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let event = AlertEvent {
+            event_id: *next,
+            event_type: event_type.to_string(),
+            client_id: client_id.to_string(),
+            endpoint: endpoint.map(str::to_string),
+            timestamp_ms,
+            details,
+        };
+        let json = match serde_json::to_string(&event) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode alert event");
+                return;
+            }
+        };
+        if let Err(e) = self.store.append_alert(event.event_id, &json) {
+            tracing::error!(error = %e, "cannot append to the alert log");
+            return;
+        }
+        *next += 1;
+        // No subscriber is not an error.
+        let _ = self.live.send(Arc::new(event));
+    }
+
+    /// The id of the newest logged event (0 when none).
+    pub fn last_id(&self) -> u64 {
+        self.next
+            .lock()
+            .map(|n| n.saturating_sub(1))
+            .unwrap_or_else(|e| e.into_inner().saturating_sub(1))
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<AlertEvent>> {
+        self.live.subscribe()
+    }
+
+    /// Logged events after `event_id`, oldest first (at most `limit`).
+    pub fn after(&self, event_id: u64, limit: usize) -> Result<Vec<AlertEvent>, crate::Error> {
+        Ok(self
+            .store
+            .alerts_after(event_id, limit)?
+            .into_iter()
+            .filter_map(|(_, json)| serde_json::from_str(&json).ok())
+            .collect())
+    }
+}
