@@ -174,3 +174,57 @@ async fn subscribers_get_every_event_in_order_and_resume_without_loss() {
         .unwrap();
     assert_eq!(r.status(), 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_subscribers_replay_then_follow_live() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let c = client();
+    let one = json!({"algorithm": "FIXED_WINDOW", "global_limit": {"requests": 1, "window_seconds": 86400}});
+    for i in 0..3 {
+        let r = c
+            .put(server.url(&format!("/v1/clients/w{i}/limits")))
+            .json(&one)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // Two RATE_LIMITED events before connecting (replayed), one after (live).
+    for client in ["w0", "w1"] {
+        check(&c, &server, client).await;
+        assert_eq!(check(&c, &server, client).await, 429);
+    }
+    let url = server
+        .url("/v1/alerts/ws?last_event_id=0&types=RATE_LIMITED")
+        .replacen("http://", "ws://", 1);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut received = Vec::new();
+    let mut triggered = false;
+    while received.len() < 3 {
+        if received.len() == 2 && !triggered {
+            check(&c, &server, "w2").await;
+            assert_eq!(check(&c, &server, "w2").await, 429);
+            triggered = true;
+        }
+        let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("no event within 20 s")
+            .expect("socket closed")
+            .unwrap();
+        if let Message::Text(text) = msg {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            received.push((
+                v["event_id"].as_u64().unwrap(),
+                v["client_id"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    let clients: Vec<&str> = received.iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(clients, ["w0", "w1", "w2"]);
+    assert!(received.windows(2).all(|w| w[0].0 < w[1].0));
+    ws.send(Message::Close(None)).await.unwrap();
+}

@@ -1,4 +1,6 @@
-//! `GET /v1/alerts/stream`: the event channel as Server-Sent Events.
+//! The event channel for people and systems: `GET /v1/alerts/stream`
+//! (Server-Sent Events) and `GET /v1/alerts/ws` (WebSocket, one JSON text
+//! message per event), with the same filters.
 //!
 //! With `Last-Event-ID` (header, or `last_event_id` in the query) the
 //! stream first replays the persisted log after that id, then continues
@@ -12,9 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use futures::Stream;
@@ -27,7 +31,9 @@ use super::AppState;
 use crate::error::{ApiError, FieldProblem};
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/alerts/stream", get(stream))
+    Router::new()
+        .route("/v1/alerts/stream", get(stream))
+        .route("/v1/alerts/ws", get(websocket))
 }
 
 const EVENT_TYPES: [&str; 5] = [
@@ -127,11 +133,11 @@ impl Subscription {
     }
 }
 
-async fn stream(
-    State(state): State<AppState>,
-    headers: HeaderMap,
+fn subscription(
+    state: &AppState,
+    headers: &HeaderMap,
     q: Result<Query<Params>, QueryRejection>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+) -> Result<Subscription, ApiError> {
     let Query(params) =
         q.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}"), vec![]))?;
     let types = match &params.types {
@@ -173,9 +179,47 @@ async fn stream(
             types,
         },
     };
+    Ok(subscription)
+}
+
+async fn stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<Params>, QueryRejection>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let subscription = subscription(&state, &headers, q)?;
     let events = futures::stream::unfold(subscription, |mut s| async move {
         let e = s.next().await?;
         Some((Ok(sse(&e)), s))
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+async fn websocket(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<Params>, QueryRejection>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let mut subscription = subscription(&state, &headers, q)?;
+    Ok(upgrade.on_upgrade(move |mut socket: WebSocket| async move {
+        loop {
+            tokio::select! {
+                event = subscription.next() => {
+                    let Some(e) = event else { break };
+                    let Ok(text) = serde_json::to_string(&e) else { continue };
+                    // A slow reader holds this send (TCP back-pressure); the
+                    // subscription meanwhile falls behind the live buffer
+                    // and later catches up from the log: bounded memory.
+                    if socket.send(Message::Text(text.into())).await.is_err() {
+                        break;
+                    }
+                }
+                incoming = socket.recv() => match incoming {
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+    }))
 }

@@ -128,6 +128,9 @@ impl Broker {
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "20")
             .set("enable.idempotence", "true")
+            // Fail fast and send again (see `produce_all`) rather than wait
+            // out librdkafka's 5-minute default after a broker restart.
+            .set("message.timeout.ms", "60000")
             .create()
             .unwrap()
     }
@@ -141,32 +144,53 @@ impl Drop for Broker {
 }
 
 /// Produces `(key, payload)` records and waits for every delivery.
+/// Records whose delivery fails (a broker that just restarted may time
+/// out a batch) are sent again, a few times: the events carry ids, so a
+/// record delivered twice is a duplicate the engine drops.
 pub async fn produce_all(producer: &FutureProducer, topic: &str, records: &[(String, String)]) {
-    let mut in_flight = Vec::new();
-    for (key, payload) in records {
-        let mut record = FutureRecord::to(topic)
-            .key(key.as_str())
-            .payload(payload.as_str());
-        loop {
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    in_flight.push(delivery);
-                    break;
+    let mut todo: Vec<usize> = (0..records.len()).collect();
+    for attempt in 0..5 {
+        let mut failed = Vec::new();
+        let mut in_flight = Vec::new();
+        for &i in &todo {
+            let (key, payload) = &records[i];
+            let mut record = FutureRecord::to(topic)
+                .key(key.as_str())
+                .payload(payload.as_str());
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        in_flight.push((i, delivery));
+                        break;
+                    }
+                    Err((_, back)) => {
+                        // Local queue full: let deliveries drain.
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
                 }
-                Err((_, back)) => {
-                    // Local queue full: let deliveries drain.
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if in_flight.len() >= 20_000 {
+                for (i, d) in in_flight.drain(..) {
+                    if !matches!(d.await, Ok(Ok(_))) {
+                        failed.push(i);
+                    }
                 }
             }
         }
-        if in_flight.len() >= 20_000 {
-            for d in in_flight.drain(..) {
-                d.await.unwrap().unwrap();
+        for (i, d) in in_flight.drain(..) {
+            if !matches!(d.await, Ok(Ok(_))) {
+                failed.push(i);
             }
         }
+        if failed.is_empty() {
+            return;
+        }
+        eprintln!(
+            "attempt {attempt}: {} records not delivered; sending them again",
+            failed.len()
+        );
+        todo = failed;
     }
-    for d in in_flight.drain(..) {
-        d.await.unwrap().unwrap();
-    }
+    panic!("{} records could not be produced", todo.len());
 }
