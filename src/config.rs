@@ -130,6 +130,7 @@ pub struct RetentionFile {
     pub hour: Option<String>,
     pub day: Option<String>,
     pub dead_letter: Option<String>,
+    pub alerts: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -183,6 +184,7 @@ pub struct Config {
     pub retention_hour: Duration,
     pub retention_day: Duration,
     pub retention_dead_letter: Duration,
+    pub retention_alerts: Duration,
     pub log_format: Option<LogFormat>,
     pub compute_units: HashMap<String, u64>,
     pub kafka: Option<tally_actors::kafka_source::KafkaConfig>,
@@ -266,6 +268,7 @@ impl Config {
         let retention_minute = duration("retention.minute", &None, &file.retention.minute, "48h");
         let retention_hour = duration("retention.hour", &None, &file.retention.hour, "90days");
         let retention_day = duration("retention.day", &None, &file.retention.day, "730days");
+        let retention_alerts = duration("retention.alerts", &None, &file.retention.alerts, "7days");
         let retention_dead_letter = duration(
             "retention.dead_letter",
             &None,
@@ -420,6 +423,7 @@ impl Config {
             retention_hour,
             retention_day,
             retention_dead_letter,
+            retention_alerts,
             log_format,
             compute_units: file.compute_units,
             kafka,
@@ -443,6 +447,7 @@ impl Config {
                 day_ms: ms(self.retention_day),
                 dedupe_window_ms: ms(self.dedupe_window),
                 dead_letter_ms: ms(self.retention_dead_letter),
+                alerts_ms: ms(self.retention_alerts),
             },
             ..Default::default()
         }

@@ -42,7 +42,7 @@ pub const SUBSCRIBER_BUFFER: usize = 4096;
 
 impl AlertLog {
     pub fn open(store: Arc<Store>) -> Result<Arc<AlertLog>, crate::Error> {
-        let next = store.last_alert_sequence()?.map_or(1, |s| s + 1);
+        let next = store.next_alert_sequence()?;
         let (live, _) = broadcast::channel(SUBSCRIBER_BUFFER);
         Ok(Arc::new(AlertLog {
             store,
@@ -77,7 +77,8 @@ impl AlertLog {
                 return;
             }
         };
-        if let Err(e) = self.store.append_alert(event.event_id, &json) {
+        let logged_at = tally_state::retention::wall_clock_ms();
+        if let Err(e) = self.store.append_alert(event.event_id, logged_at, &json) {
             tracing::error!(error = %e, "cannot append to the alert log");
             return;
         }

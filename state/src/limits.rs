@@ -197,15 +197,23 @@ impl Store {
 }
 
 impl Store {
-    /// Appends one event to the alert log under `sequence`.
-    pub fn append_alert(&self, sequence: u64, json: &str) -> Result<()> {
-        self.db
-            .put_cf(
-                self.cf(crate::keys::CF_ALERTS)?,
-                sequence.to_be_bytes(),
-                encode(&json)?,
-            )
-            .map_err(rocks)
+    /// Appends one event to the alert log under `sequence`, logged at
+    /// `logged_at_ms` (wall clock, for retention). The next sequence is
+    /// stored with it, so ids never repeat even after retention empties
+    /// the log.
+    pub fn append_alert(&self, sequence: u64, logged_at_ms: i64, json: &str) -> Result<()> {
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(
+            self.cf(crate::keys::CF_ALERTS)?,
+            sequence.to_be_bytes(),
+            encode(&(logged_at_ms, json))?,
+        );
+        batch.put_cf(
+            self.cf(crate::keys::CF_META)?,
+            keys::setting_key("alert_next"),
+            encode(&sequence.saturating_add(1))?,
+        );
+        self.db.write(batch).map_err(rocks)
     }
 
     /// Alert log entries after `sequence`, oldest first, at most `limit`.
@@ -226,23 +234,24 @@ impl Store {
                     .try_into()
                     .map_err(|_| crate::Error::Corrupt(format!("alert key {key:?}")))?,
             );
-            out.push((seq, decode(&value)?));
+            let (_, json): (i64, String) = decode(&value)?;
+            out.push((seq, json));
         }
         Ok(out)
     }
 
-    /// The newest alert sequence, if any.
-    pub fn last_alert_sequence(&self) -> Result<Option<u64>> {
+    /// The sequence number the next alert gets (1 for a new store).
+    pub fn next_alert_sequence(&self) -> Result<u64> {
         match self
             .db
-            .iterator_cf(self.cf(crate::keys::CF_ALERTS)?, IteratorMode::End)
-            .next()
+            .get_cf(
+                self.cf(crate::keys::CF_META)?,
+                keys::setting_key("alert_next"),
+            )
+            .map_err(rocks)?
         {
-            Some(item) => {
-                let (key, _) = item.map_err(rocks)?;
-                Ok(key.as_ref().try_into().ok().map(u64::from_be_bytes))
-            }
-            None => Ok(None),
+            Some(v) => decode(&v),
+            None => Ok(1),
         }
     }
 }

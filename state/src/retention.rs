@@ -18,6 +18,9 @@ pub struct Retention {
     pub dedupe_window_ms: i64,
     /// Dead letters are kept this long after they were recorded (wall clock).
     pub dead_letter_ms: i64,
+    /// Alert log entries are kept this long after they were logged (wall
+    /// clock): how far back a subscriber can resume.
+    pub alerts_ms: i64,
 }
 
 impl Default for Retention {
@@ -28,6 +31,7 @@ impl Default for Retention {
             day_ms: 730 * DAY_MS,
             dedupe_window_ms: HOUR_MS,
             dead_letter_ms: 7 * DAY_MS,
+            alerts_ms: 7 * DAY_MS,
         }
     }
 }

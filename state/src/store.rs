@@ -209,6 +209,19 @@ impl Store {
             },
         );
 
+        let mut alerts = base(false);
+        alerts.set_compaction_filter(
+            "tally.alert_retention",
+            move |_level: u32, _key: &[u8], value: &[u8]| match decode::<(i64, String)>(value) {
+                Ok((logged_at, _))
+                    if logged_at < wall_clock_ms().saturating_sub(retention.alerts_ms) =>
+                {
+                    Decision::Remove
+                }
+                _ => Decision::Keep,
+            },
+        );
+
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_STATS, stats),
             ColumnFamilyDescriptor::new(CF_DEDUPE, dedupe),
@@ -216,7 +229,7 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_META, base(false)),
             ColumnFamilyDescriptor::new(CF_LIMITS, base(true)),
             ColumnFamilyDescriptor::new(CF_ANOMALIES, base(false)),
-            ColumnFamilyDescriptor::new(CF_ALERTS, base(false)),
+            ColumnFamilyDescriptor::new(CF_ALERTS, alerts),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(rocks)?;
         let store = Store {

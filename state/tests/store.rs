@@ -337,3 +337,55 @@ fn a_published_round_rebuilds_the_partition_elsewhere() {
     // The restore itself is no change to republish.
     assert!(dst.begin_round(2).1.is_empty());
 }
+
+/// The alert log forgets entries logged before its retention (wall clock)
+/// at compaction, and never hands out a sequence number twice, even once
+/// retention has emptied it.
+#[test]
+fn alert_log_retention_and_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = tally_state::retention::wall_clock_ms();
+    {
+        let store = Store::open(
+            dir.path(),
+            StoreOptions {
+                retention: Retention {
+                    alerts_ms: DAY_MS,
+                    ..Retention::default()
+                },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(store.next_alert_sequence().unwrap(), 1);
+        store.append_alert(1, now - 2 * DAY_MS, "old-1").unwrap();
+        store.append_alert(2, now - 2 * DAY_MS, "old-2").unwrap();
+        store.append_alert(3, now, "new-3").unwrap();
+        assert_eq!(store.alerts_after(0, 10).unwrap().len(), 3);
+        assert_eq!(
+            store.alerts_after(1, 10).unwrap()[0],
+            (2, "old-2".to_string())
+        );
+        store.compact().unwrap();
+        assert_eq!(
+            store.alerts_after(0, 10).unwrap(),
+            vec![(3, "new-3".to_string())]
+        );
+        assert_eq!(store.next_alert_sequence().unwrap(), 4);
+    }
+    // Retention of everything, then a restart: numbering goes on.
+    let store = Store::open(
+        dir.path(),
+        StoreOptions {
+            retention: Retention {
+                alerts_ms: 0,
+                ..Retention::default()
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    store.compact().unwrap();
+    assert!(store.alerts_after(0, 10).unwrap().is_empty());
+    assert_eq!(store.next_alert_sequence().unwrap(), 4);
+}
