@@ -469,7 +469,7 @@ impl Config {
             sync_writes: self.sync_writes,
             dedupe_max_ids: self.dedupe_max_ids,
             limits: tally_actors::limits::LimitSettings {
-                default_config: self.limit_default.clone(),
+                default_config: self.limit_default.clone().map(std::sync::Arc::new),
                 max_clients: (self.limits_max_clients / usize::from(self.partitions.max(1))).max(1),
                 adaptive: self.adaptive.clone(),
                 // Set by `serve`, which owns the event channel.

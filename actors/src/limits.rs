@@ -39,7 +39,8 @@ use crate::Error;
 #[derive(Debug, Clone)]
 pub struct LimitSettings {
     /// Applies to clients without their own configuration.
-    pub default_config: Option<LimitConfig>,
+    /// Shared, not copied: a check takes it on every call.
+    pub default_config: Option<Arc<LimitConfig>>,
     /// Clients whose limiter state a shard keeps in memory.
     pub max_clients: usize,
     pub adaptive: Arc<AdaptiveLimits>,
@@ -98,7 +99,7 @@ pub struct CheckAnswer {
 
 struct Client {
     /// The client's own configuration (else the default applies).
-    config: Option<LimitConfig>,
+    config: Option<Arc<LimitConfig>>,
     limiter: ClientLimiter,
 }
 
@@ -169,7 +170,10 @@ impl ShardLimits {
     fn client(&mut self, client: &str) -> Result<&mut Client, Error> {
         if !self.clients.contains(client) {
             let loaded = Client {
-                config: self.store.limit_config(self.partition, client)?,
+                config: self
+                    .store
+                    .limit_config(self.partition, client)?
+                    .map(Arc::new),
                 limiter: self
                     .store
                     .limiter(self.partition, client)?
@@ -231,10 +235,7 @@ impl ShardLimits {
         };
         let default = self.settings.default_config.clone();
         let entry = self.client(client)?;
-        let config = match &entry.config {
-            Some(own) => Some(own.clone()),
-            None => default,
-        };
+        let config = entry.config.clone().or(default);
         if let Some((status, q)) = &quota {
             if status.is_exceeded && q.hard_limit {
                 let limit = q
@@ -349,7 +350,7 @@ impl ShardLimits {
         if let Some(c) = &config {
             entry.limiter.retain_configured(c);
         }
-        entry.config = config;
+        entry.config = config.map(Arc::new);
         self.changed.insert(client.to_string());
         Ok(())
     }

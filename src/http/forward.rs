@@ -41,29 +41,24 @@ pub async fn to_owner(
     let Some(client) = params.get("client_id") else {
         return next.run(req).await;
     };
-    let partition = state.shards.partition_of(client);
-    match membership.owner(partition) {
-        Owner::Local => {
+    match owner_of(&state, client, req.headers()) {
+        Ok(None) => {
             let mut response = next.run(req).await;
             if let Ok(v) = HeaderValue::from_str(membership.address()) {
                 response.headers_mut().insert(SERVED_BY, v);
             }
             response
         }
-        Owner::Remote(owner) if !req.headers().contains_key(&FORWARDED_BY) => {
-            match forward(&state, membership.address(), &owner, req).await {
-                Ok(response) => response,
-                Err(detail) => ApiError::OwnerUnreachable {
-                    partition,
-                    owner,
-                    detail,
-                }
-                .into_response(),
+        Ok(Some(owner)) => match forward(&state, membership.address(), &owner, req).await {
+            Ok(response) => response,
+            Err(detail) => ApiError::OwnerUnreachable {
+                partition: state.shards.partition_of(client),
+                owner,
+                detail,
             }
-        }
-        Owner::Remote(_) | Owner::Unknown => {
-            ApiError::PartitionMoving { partition }.into_response()
-        }
+            .into_response(),
+        },
+        Err(e) => e.into_response(),
     }
 }
 

@@ -220,21 +220,27 @@ async fn check(
             vec![FieldProblem::field("endpoint", "must not be empty")],
         ));
     }
+    checked(&state, req.client_id, req.endpoint, req.cost, true).await
+}
+
+/// A check (or, without `consume`, a status read) and its HTTP answer.
+async fn checked(
+    state: &AppState,
+    client_id: String,
+    endpoint: String,
+    cost: u64,
+    consume: bool,
+) -> Result<Response, ApiError> {
     let now_ms = wall_clock_ms();
-    let reply = ask(
-        &state,
-        &req.client_id,
-        LimitRequest::Check {
-            client_id: req.client_id.clone(),
-            endpoint: req.endpoint,
-            cost: req.cost,
-            consume: true,
-            now_ms,
-        },
-    )
-    .await?;
-    match reply {
-        LimitReply::Check(a) => Ok(answer(req.client_id, a, now_ms)),
+    let request = LimitRequest::Check {
+        client_id: client_id.clone(),
+        endpoint,
+        cost,
+        consume,
+        now_ms,
+    };
+    match ask(state, &client_id, request).await? {
+        LimitReply::Check(a) => Ok(answer(client_id, a, now_ms)),
         LimitReply::Done => Err(ApiError::Internal("unexpected shard reply".into())),
     }
 }
@@ -258,23 +264,7 @@ async fn limit_status(
 ) -> Result<Response, ApiError> {
     valid_client(&client)?;
     let endpoint = endpoint_param(q)?.unwrap_or_else(|| "*".into());
-    let now_ms = wall_clock_ms();
-    let reply = ask(
-        &state,
-        &client,
-        LimitRequest::Check {
-            client_id: client.clone(),
-            endpoint,
-            cost: 0,
-            consume: false,
-            now_ms,
-        },
-    )
-    .await?;
-    match reply {
-        LimitReply::Check(a) => Ok(answer(client, a, now_ms)),
-        LimitReply::Done => Err(ApiError::Internal("unexpected shard reply".into())),
-    }
+    checked(&state, client, endpoint, 0, false).await
 }
 
 async fn put_limits(
