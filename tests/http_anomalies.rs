@@ -111,3 +111,91 @@ async fn a_request_spike_is_detected_stored_and_replayed_identically() {
         found
     );
 }
+
+/// Abuse rules fed by what the engine counts: 401/403 answers in the
+/// events, and checks the gateway was told to deny. Neither needs a
+/// warm-up, and a denied client's minute is judged even though none of
+/// its requests reached the event stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_failure_bursts_and_sustained_denials_are_potential_abuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tally.toml");
+    std::fs::write(
+        &config,
+        "anomaly_idle_close = \"1s\"\n[detect]\nauth_failure_burst = 10\ndenial_burst = 5\ndenial_minutes = 1\n",
+    )
+    .unwrap();
+    let c = client();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--flush-interval",
+            "100ms",
+        ],
+    );
+
+    // 25 x 401/403 (a burst of 2.5x the trigger) and a calm client with
+    // 9 of them (below the trigger), in one minute.
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let minute = now / MINUTE * MINUTE - 5 * MINUTE;
+    let mut lines = Vec::new();
+    for (client, failures) in [("prober", 25), ("fumbler", 9)] {
+        for i in 0..failures {
+            let status = if i % 2 == 0 { 401 } else { 403 };
+            lines.push(format!(
+                r#"{{"client_id":"{client}","endpoint":"/login","status":{status},"latency_ms":3,"timestamp":{}}}"#,
+                minute + i * 1000
+            ));
+        }
+    }
+    feed(&c, &server, lines.join("\n")).await;
+
+    // A fixed window of 2: 12 checks, 10 denied.
+    let limits = serde_json::json!({"algorithm": "FIXED_WINDOW", "global_limit": {"requests": 2, "window_seconds": 3600}});
+    let r = c
+        .put(server.url("/v1/clients/hammer/limits"))
+        .json(&limits)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut denied = 0;
+    for _ in 0..12 {
+        let r = c
+            .post(server.url("/v1/check"))
+            .json(&serde_json::json!({"client_id": "hammer", "endpoint": "/x"}))
+            .send()
+            .await
+            .unwrap();
+        denied += u32::from(r.status() == 429);
+    }
+    assert_eq!(denied, 10);
+
+    let mut prober = Vec::new();
+    let mut hammer = Vec::new();
+    for _ in 0..100 {
+        prober = anomalies(&c, &server, "/v1/clients/prober/anomalies").await;
+        hammer = anomalies(&c, &server, "/v1/clients/hammer/anomalies").await;
+        if !prober.is_empty() && !hammer.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(prober.len(), 1, "{prober:#?}");
+    assert_eq!(prober[0]["anomaly_type"], "POTENTIAL_ABUSE");
+    assert_eq!(prober[0]["observed"].as_f64(), Some(25.0));
+    // Score 2.5 on the rule scale (medium from 2, high from 4).
+    assert_eq!(prober[0]["severity"], "MEDIUM");
+    assert_eq!(hammer.len(), 1, "{hammer:#?}");
+    assert_eq!(hammer[0]["anomaly_type"], "POTENTIAL_ABUSE");
+    assert_eq!(hammer[0]["observed"].as_f64(), Some(10.0));
+    assert_eq!(hammer[0]["severity"], "MEDIUM");
+    assert!(anomalies(&c, &server, "/v1/clients/fumbler/anomalies")
+        .await
+        .is_empty());
+}

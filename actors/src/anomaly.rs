@@ -49,6 +49,8 @@ pub struct ShardDetectors {
     detectors: HashMap<String, ClientDetector>,
     /// Flushed minutes not closed yet, with the clients seen in them.
     open: BTreeMap<i64, HashSet<String>>,
+    /// Gateway denials per (minute, client) not judged yet.
+    denials: HashMap<(i64, String), u64>,
     changed: HashSet<String>,
 }
 
@@ -60,6 +62,7 @@ impl ShardDetectors {
             settings,
             detectors: HashMap::new(),
             open: BTreeMap::new(),
+            denials: HashMap::new(),
             changed: HashSet::new(),
         }
     }
@@ -68,6 +71,7 @@ impl ShardDetectors {
     pub fn reload(&mut self) {
         self.detectors.clear();
         self.open.clear();
+        self.denials.clear();
         self.changed.clear();
     }
 
@@ -82,6 +86,16 @@ impl ShardDetectors {
                 .entry(delta.minute_start_ms)
                 .or_default()
                 .insert(delta.client_id.clone());
+        }
+    }
+
+    /// Notes the checks the gateway was told to deny, per (minute,
+    /// client): a denied client's minute is judged even when none of its
+    /// requests reached the event stream.
+    pub fn note_denials(&mut self, denials: impl IntoIterator<Item = ((i64, String), u64)>) {
+        for ((minute, client), n) in denials {
+            self.open.entry(minute).or_default().insert(client.clone());
+            *self.denials.entry((minute, client)).or_default() += n;
         }
     }
 
@@ -108,6 +122,7 @@ impl ShardDetectors {
             clients.sort();
             for client in clients {
                 let summary = self.summary(&client, minute)?;
+                self.denials.remove(&(minute, client.clone()));
                 let detector = match self.detectors.get_mut(&client) {
                     Some(d) => d,
                     None => {
@@ -143,6 +158,11 @@ impl ShardDetectors {
     fn summary(&self, client: &str, minute: i64) -> Result<MinuteSummary, Error> {
         let mut s = MinuteSummary {
             minute_start_ms: minute,
+            denials: self
+                .denials
+                .get(&(minute, client.to_string()))
+                .copied()
+                .unwrap_or(0),
             ..MinuteSummary::default()
         };
         let mut latency = LatencySketch::new();
@@ -156,6 +176,7 @@ impl ShardDetectors {
             for (endpoint, e) in bucket.endpoints() {
                 s.requests += e.requests;
                 s.server_errors += e.server_errors;
+                s.auth_failures += e.auth_failures;
                 latency.merge(&e.latency);
                 s.endpoints.push((endpoint.to_string(), e.requests));
             }

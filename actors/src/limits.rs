@@ -32,7 +32,7 @@ use tally_state::Store;
 use crate::adaptive::AdaptiveLimits;
 use crate::alerts::AlertLog;
 use crate::messages::{LimitReply, LimitRequest};
-use crate::telemetry::{QuotaEventRaised, RateLimited};
+use crate::telemetry::{DenialsDropped, QuotaEventRaised, RateLimited};
 use crate::Error;
 
 /// Limit settings every shard shares.
@@ -128,6 +128,9 @@ pub struct ShardLimits {
     /// The minute each client last had a RATE_LIMITED event (at most one
     /// per client and minute goes on the channel).
     limited_in_minute: HashMap<String, i64>,
+    /// Denied checks per (minute, client) since the detectors last took
+    /// them; bounded by `max_clients` entries.
+    denials: HashMap<(i64, String), u64>,
 }
 
 impl ShardLimits {
@@ -145,6 +148,7 @@ impl ShardLimits {
             usage: HashMap::new(),
             flushes: 0,
             limited_in_minute: HashMap::new(),
+            denials: HashMap::new(),
         };
         limits.reload();
         limits
@@ -248,6 +252,7 @@ impl ShardLimits {
                 }
                 .emit();
                 if consume {
+                    self.count_denial(client, now_ms);
                     self.rate_limited_event(client, endpoint, "quota", now_ms);
                 }
                 return Ok(CheckAnswer {
@@ -297,6 +302,9 @@ impl ShardLimits {
                 reason: DenyReason::RateLimit,
             }
             .emit();
+            if consume && !outcome.allowed {
+                self.count_denial(client, now_ms);
+            }
             if consume {
                 let reason = if outcome.allowed {
                     "shadow"
@@ -320,6 +328,22 @@ impl ShardLimits {
             shadow_limited: outcome.limited && outcome.allowed,
             quota_overage,
         })
+    }
+
+    /// Denied checks per (minute, client) since the last call.
+    pub fn take_denials(&mut self) -> HashMap<(i64, String), u64> {
+        std::mem::take(&mut self.denials)
+    }
+
+    fn count_denial(&mut self, client: &str, now_ms: i64) {
+        let key = (Granularity::Minute.bucket_start(now_ms), client.to_string());
+        if let Some(n) = self.denials.get_mut(&key) {
+            *n += 1;
+        } else if self.denials.len() < self.settings.max_clients {
+            self.denials.insert(key, 1);
+        } else {
+            DenialsDropped.emit();
+        }
     }
 
     fn rate_limited_event(&mut self, client: &str, endpoint: &str, reason: &str, now_ms: i64) {

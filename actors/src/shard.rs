@@ -297,6 +297,8 @@ impl Shard {
 
     /// Judges the minutes that closed (all open ones with `None`).
     fn close_minutes(&mut self, watermark_ms: Option<i64>) {
+        let denials = lock(&self.limits).take_denials();
+        self.detectors.note_denials(denials);
         if let Err(e) = self.detectors.close(watermark_ms) {
             tracing::warn!(shard = self.partition, error = %e, "anomaly detection failed for closed minutes");
         }

@@ -33,6 +33,7 @@ pub const QUEUE_UTILIZATION: &str = "tally_queue_utilization";
 pub const CHECKS_DENIED: &str = "tally_checks_denied_total";
 pub const QUOTA_EVENTS: &str = "tally_quota_events_total";
 pub const ANOMALIES: &str = "tally_anomalies_total";
+pub const DENIALS_UNCOUNTED: &str = "tally_detector_denials_uncounted_total";
 
 /// Histogram buckets (seconds) shared by the latency histograms.
 pub const LATENCY_BUCKETS: [f64; 14] = [
@@ -201,6 +202,16 @@ pub struct RateLimited {
 impl RateLimited {
     pub fn emit(&self) {
         counter!(CHECKS_DENIED, "reason" => self.reason.as_str()).increment(1);
+    }
+}
+
+/// A denied check could not be counted for abuse detection: the per-minute
+/// denial table of its shard was full (`[limits] max_clients` entries).
+pub struct DenialsDropped;
+
+impl DenialsDropped {
+    pub fn emit(&self) {
+        counter!(DENIALS_UNCOUNTED).increment(1);
     }
 }
 

@@ -20,6 +20,8 @@ pub struct EndpointStats {
     pub failed: u64,
     /// status >= 500
     pub server_errors: u64,
+    /// status 401 or 403 (abuse detection)
+    pub auth_failures: u64,
     /// request + response bytes
     pub bytes: u128,
     pub latency_ns: u128,
@@ -36,6 +38,9 @@ impl EndpointStats {
         if event.status >= 500 {
             self.server_errors = self.server_errors.saturating_add(1);
         }
+        if matches!(event.status, 401 | 403) {
+            self.auth_failures = self.auth_failures.saturating_add(1);
+        }
         self.bytes += u128::from(event.request_bytes) + u128::from(event.response_bytes);
         self.latency_ns += latency_ns(event.latency_ms);
         self.compute_units += u128::from(compute_units);
@@ -46,6 +51,7 @@ impl EndpointStats {
         self.requests = self.requests.saturating_add(other.requests);
         self.failed = self.failed.saturating_add(other.failed);
         self.server_errors = self.server_errors.saturating_add(other.server_errors);
+        self.auth_failures = self.auth_failures.saturating_add(other.auth_failures);
         self.bytes = self.bytes.saturating_add(other.bytes);
         self.latency_ns = self.latency_ns.saturating_add(other.latency_ns);
         self.compute_units = self.compute_units.saturating_add(other.compute_units);
@@ -184,13 +190,16 @@ mod tests {
         b.record(&event("/a", 200, 10.0, 5), 1);
         b.record(&event("/a", 404, 20.0, 5), 1);
         b.record(&event("/b", 503, 30.0, 5), 3);
+        b.record(&event("/b", 401, 30.0, 5), 0);
+        b.record(&event("/b", 403, 30.0, 5), 0);
         let t = b.totals();
-        assert_eq!(t.requests, 3);
-        assert_eq!(t.failed, 2);
+        assert_eq!(t.requests, 5);
+        assert_eq!(t.failed, 4);
         assert_eq!(t.server_errors, 1);
-        assert_eq!(t.bytes, 30);
+        assert_eq!(t.auth_failures, 2);
+        assert_eq!(t.bytes, 50);
         assert_eq!(t.compute_units, 5);
-        assert!((t.average_latency_ms() - 20.0).abs() < 1e-9);
+        assert!((t.average_latency_ms() - 24.0).abs() < 1e-9);
         assert_eq!(b.distinct_endpoints(), 2);
         assert_eq!(b.endpoint("/a").unwrap().failed, 1);
         let names: Vec<&str> = b.endpoints().map(|(e, _)| e).collect();
