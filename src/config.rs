@@ -121,6 +121,15 @@ pub struct FileConfig {
     pub anomaly_idle_close: Option<String>,
     /// Compute units per endpoint template for events without their own.
     pub compute_units: HashMap<String, u64>,
+    pub top: TopFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopFile {
+    /// A change beyond this share of the previous period is a trend
+    /// (0.1 = ±10 %).
+    pub trend_threshold: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -195,6 +204,8 @@ pub struct Config {
     pub limits_max_clients: usize,
     pub detect: tally_pipelines::detect::DetectorConfig,
     pub anomaly_idle_close: Duration,
+    /// Top consumers: a change beyond this share is a trend.
+    pub top_trend_threshold: f64,
     /// The adaptive limit factor, shared by shards and the HTTP API.
     pub adaptive: std::sync::Arc<tally_actors::adaptive::AdaptiveLimits>,
 }
@@ -212,6 +223,12 @@ impl Config {
             },
             None => FileConfig::default(),
         };
+        let top_trend_threshold = file.top.trend_threshold.unwrap_or(0.10);
+        if !(0.0..=10.0).contains(&top_trend_threshold) {
+            problems.push(format!(
+                "[top] trend_threshold must be within 0..=10 (a share: 0.1 = 10 %), got {top_trend_threshold}"
+            ));
+        }
         let mut duration =
             |name: &str, flag: &Option<String>, file: &Option<String>, default: &str| -> Duration {
                 let text = flag.as_deref().or(file.as_deref()).unwrap_or(default);
@@ -434,6 +451,7 @@ impl Config {
             adaptive: Default::default(),
             detect: file.detect,
             anomaly_idle_close,
+            top_trend_threshold,
         })
     }
 

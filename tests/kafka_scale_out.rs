@@ -164,6 +164,44 @@ async fn two_instances_split_partitions_forward_queries_and_survive_a_kill() {
         "each client is local to exactly one of the two instances ({split:?})"
     );
 
+    // Top consumers span both instances: each asks the other for its
+    // partitions' share; both answer the same, equal to the reference.
+    let mut per_client: std::collections::HashMap<&str, u64> = Default::default();
+    for l in first.iter().filter(|l| l.kind == Kind::Good) {
+        *per_client.entry(l.client.as_str()).or_default() += 1;
+    }
+    let mut want: Vec<(&str, u64)> = per_client.into_iter().collect();
+    want.sort_by(|x, y| y.1.cmp(&x.1).then_with(|| x.0.cmp(y.0)));
+    want.truncate(15);
+    let mut tops = Vec::new();
+    for server in [&a, &b] {
+        let r = c
+            .get(server.url(&format!(
+                "/v1/usage/top?period=month&at={START_MS}&limit=15"
+            )))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["total"].as_u64(), Some(want_first));
+        let got: Vec<(String, u64)> = body["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["client_id"].as_str().unwrap().to_string(),
+                    e["metric_value"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, u64)> = want.iter().map(|(c, n)| (c.to_string(), *n)).collect();
+        assert_eq!(got, want);
+        tops.push(body["top"].clone());
+    }
+    assert_eq!(tops[0], tops[1]);
+
     // Checks are exact across instances: whichever instance is asked, the
     // owner's limiter decides (20 tokens, no refill within the test).
     let bucket = serde_json::json!({"algorithm": "TOKEN_BUCKET", "global_limit": {"requests": 20, "window_seconds": 360000}});

@@ -13,6 +13,7 @@ use crate::limits::{ShardLimits, SharedLimits};
 use crate::router::{ShardEndpoint, ShardRouter};
 use crate::shard::{Shard, ShardConfig};
 use crate::status::ShardStatus;
+use crate::top::{ShardTop, SharedTop};
 use crate::Error;
 
 pub struct Engine {
@@ -43,21 +44,24 @@ impl Engine {
                                 store.clone(),
                                 config.limits.clone(),
                             )));
-                            let (store, config, q, l) = (
+                            let top: SharedTop = Arc::new(Mutex::new(ShardTop::new(p)));
+                            let (store, config, q, l, t) = (
                                 store.clone(),
                                 config.clone(),
                                 status.clone(),
                                 limits.clone(),
+                                top.clone(),
                             );
                             let arbiter = &arbiters[usize::from(p) % threads];
                             let addr = Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
-                                Shard::new(p, store, config, q, l)
+                                Shard::new(p, store, config, q, l, t.clone())
                             });
                             ShardEndpoint {
                                 apply: addr.clone().recipient(),
                                 flush: addr.clone().recipient(),
                                 control: addr.recipient(),
                                 limits,
+                                top,
                                 status,
                             }
                         })

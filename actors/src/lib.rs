@@ -12,6 +12,7 @@
 //! - [`membership`]: who owns which partition, for query forwarding.
 //! - [`limits`]: a shard's rate limiters and quotas; the gateway check.
 //! - [`anomaly`]: closing a shard's minutes and judging them.
+//! - [`top`]: a shard's incremental top-consumer ranking.
 //! - [`alerts`]: the event channel: persisted log and live broadcast.
 //! - [`adaptive`]: tightening every limit under pressure (hysteresis).
 //! - [`router`]: partitioning, admission and back-pressure.
@@ -37,6 +38,7 @@ pub mod router;
 pub mod shard;
 pub mod status;
 pub mod telemetry;
+pub mod top;
 
 pub use engine::Engine;
 pub use messages::{BatchOutcome, Source};

@@ -25,6 +25,7 @@ pub struct ShardEndpoint {
     pub flush: Recipient<FlushNow>,
     pub control: Recipient<PartitionControl>,
     pub limits: SharedLimits,
+    pub top: crate::top::SharedTop,
     pub status: Arc<ShardStatus>,
 }
 
@@ -76,6 +77,11 @@ impl ShardRouter {
                 .map(|(p, (e, pos))| (p as u16, e, pos))
                 .collect(),
         }
+    }
+
+    /// The top-consumer index of a partition's shard.
+    pub fn top(&self, partition: u16) -> Result<&crate::top::SharedTop, Error> {
+        Ok(&self.shard(partition)?.top)
     }
 
     fn shard(&self, partition: u16) -> Result<&ShardEndpoint, Error> {

@@ -29,6 +29,7 @@ use crate::limits::{lock, LimitSettings, SharedLimits};
 use crate::messages::{Ack, ApplyBatch, BatchOutcome, FlushNow, PartitionControl, Source, Urgency};
 use crate::status::ShardStatus;
 use crate::telemetry::{BatchApplied, FlushCompleted, FlushFailed, MailboxDepth, ShardRestarted};
+use crate::top::{lock_top, SharedTop};
 use crate::Error;
 
 /// Settings every shard shares.
@@ -95,6 +96,8 @@ pub struct Shard {
     released: bool,
     /// The clients' rate limiters and quotas (shared with HTTP handlers).
     limits: SharedLimits,
+    /// The top-consumer ranking (shared with HTTP handlers).
+    top: SharedTop,
     /// Closing minutes and judging them.
     detectors: ShardDetectors,
     /// When events last arrived (wall clock), for closing idle minutes.
@@ -113,6 +116,7 @@ impl Shard {
         config: Arc<ShardConfig>,
         status: Arc<ShardStatus>,
         limits: SharedLimits,
+        top: SharedTop,
     ) -> Self {
         let detectors = ShardDetectors::new(partition, store.clone(), config.detect.clone());
         let mut shard = Shard {
@@ -138,6 +142,7 @@ impl Shard {
             detectors,
             last_events_at: Instant::now(),
             limits,
+            top,
         };
         shard.reload();
         shard
@@ -175,6 +180,9 @@ impl Shard {
         self.dirty = false;
         lock(&self.limits).reload();
         self.detectors.reload();
+        if let Err(e) = lock_top(&self.top).load(&self.store) {
+            tracing::error!(shard = self.partition, error = %e, "cannot load the top-consumer index; queries read the store");
+        }
     }
 
     fn apply(
@@ -261,6 +269,7 @@ impl Shard {
                     tally_state::retention::wall_clock_ms(),
                 );
                 self.detectors.note_flushed(&content);
+                lock_top(&self.top).note_flushed(&content);
                 let watermark = self
                     .checkpoint
                     .max_event_ms
@@ -438,6 +447,7 @@ impl Handler<PartitionControl> for Shard {
                 self.positions.clear();
                 lock(&self.limits).reload();
                 self.detectors.reload();
+                lock_top(&self.top).clear();
                 self.released = true;
                 Ok(())
             }

@@ -140,6 +140,7 @@ async fn ingest_is_refused_whole_when_a_shard_mailbox_is_full() {
                     Default::default(),
                 ),
             )),
+            top: Arc::new(std::sync::Mutex::new(tally_actors::top::ShardTop::new(0))),
             status: status.clone(),
         }],
         2,

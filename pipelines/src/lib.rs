@@ -15,6 +15,8 @@
 //!   leaky bucket) over explicit time.
 //! - [`quota`]: billing periods, quota status and once-per-period events.
 //! - [`synthetic`]: deterministic synthetic traffic.
+//! - [`top`]: per-period client totals and the incremental top-consumer
+//!   ranking.
 //!
 //! Time is always passed in, so every behaviour is testable and replayable.
 
@@ -31,6 +33,7 @@ pub mod quota;
 pub mod sketch;
 pub mod synthetic;
 pub mod time;
+pub mod top;
 
 /// Errors of the pure layer that are not per-event rejections.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

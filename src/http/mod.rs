@@ -9,6 +9,7 @@ pub mod forward;
 pub mod health;
 pub mod ingest;
 pub mod limits;
+pub mod top;
 pub mod usage;
 
 use std::sync::atomic::AtomicBool;
@@ -87,6 +88,7 @@ pub fn app(state: AppState) -> Router {
                 )),
         )
         .merge(limits::router())
+        .merge(top::router())
         .merge(anomalies::router())
         .merge(alerts::router())
         .merge(health::router())

@@ -70,7 +70,7 @@ fn client_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiErr
     Ok(client)
 }
 
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+pub(super) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     q.map(|Query(t)| t)
         .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}"), vec![]))
 }
@@ -89,7 +89,23 @@ fn instant(field: &str, value: Option<&str>, problems: &mut Vec<FieldProblem>) -
 /// The period and instant of a period query, every problem reported.
 fn period_of(params: &PeriodParams) -> Result<(Period, i64), ApiError> {
     let mut problems = Vec::new();
-    let period = match params.period.as_deref() {
+    match parse_period(
+        params.period.as_deref(),
+        params.at.as_deref(),
+        &mut problems,
+    ) {
+        Some(p) if problems.is_empty() => Ok(p),
+        _ => Err(ApiError::bad_request("invalid query parameters", problems)),
+    }
+}
+
+/// `period` (default day) and `at` (default now); problems are collected.
+pub(super) fn parse_period(
+    period: Option<&str>,
+    at: Option<&str>,
+    problems: &mut Vec<FieldProblem>,
+) -> Option<(Period, i64)> {
+    let period = match period {
         None => Some(Period::Day),
         Some(p) => Period::parse(p).or_else(|| {
             problems.push(FieldProblem::field(
@@ -99,11 +115,8 @@ fn period_of(params: &PeriodParams) -> Result<(Period, i64), ApiError> {
             None
         }),
     };
-    let at = instant("at", params.at.as_deref(), &mut problems);
-    match period {
-        Some(period) if problems.is_empty() => Ok((period, at.unwrap_or_else(wall_clock_ms))),
-        _ => Err(ApiError::bad_request("invalid query parameters", problems)),
-    }
+    let at = instant("at", at, problems);
+    Some((period?, at.unwrap_or_else(wall_clock_ms)))
 }
 
 /// Merges a client's buckets in `[start, end)` at `granularity`.

@@ -7,6 +7,7 @@
 //! | CF            | key                                                      | value              |
 //! |---------------|----------------------------------------------------------|--------------------|
 //! | `stats`       | partition, granularity, client len (u16), client, bucket start (u64 ms) | bucket stats |
+//! | `stats`       | partition, period tag, period start (u64 ms), client len (u16), client | period totals (top consumers) |
 //! | `dedupe`      | partition, newest claim time (u64 ms), sequence (u64)   | claims of a flush  |
 //! | `dead_letter` | partition, sequence (u64)                                | dead-letter record |
 //! | `limits`      | partition, kind (u8), client len (u16), client           | limit config, limiter state, quota config, quota alerts, detector state |
@@ -15,7 +16,7 @@
 //! | `meta`        | partition, `0x02`                                        | changelog mark     |
 //! | `meta`        | `0xFFFF`, name                                           | store settings     |
 
-use tally_pipelines::time::Granularity;
+use tally_pipelines::time::{Granularity, Period};
 
 pub const CF_STATS: &str = "stats";
 pub const CF_DEDUPE: &str = "dedupe";
@@ -106,6 +107,82 @@ fn granularity_from_tag(tag: u8) -> Option<Granularity> {
         3 => Some(Granularity::Day),
         _ => None,
     }
+}
+
+/// Period totals share the `stats` column family (and its changelog) with
+/// the buckets, under tags above the granularity tags; the period start
+/// comes before the client so that one period of a partition is one range.
+fn period_tag(p: Period) -> u8 {
+    match p {
+        Period::Hour => 0x11,
+        Period::Day => 0x12,
+        Period::Week => 0x13,
+        Period::Month => 0x14,
+    }
+}
+
+fn period_from_tag(tag: u8) -> Option<Period> {
+    match tag {
+        0x11 => Some(Period::Hour),
+        0x12 => Some(Period::Day),
+        0x13 => Some(Period::Week),
+        0x14 => Some(Period::Month),
+        _ => None,
+    }
+}
+
+/// The prefix of every client's totals of one period of a partition.
+pub fn period_totals_prefix(partition: u16, period: Period, period_start_ms: i64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + 1 + 8 + 2 + 16);
+    key.extend_from_slice(&partition.to_be_bytes());
+    key.push(period_tag(period));
+    key.extend_from_slice(&time_bytes(period_start_ms));
+    key
+}
+
+pub fn period_totals_key(
+    partition: u16,
+    period: Period,
+    period_start_ms: i64,
+    client_id: &str,
+) -> Vec<u8> {
+    let client = client_id.as_bytes();
+    let len = u16::try_from(client.len()).unwrap_or(u16::MAX);
+    let mut key = period_totals_prefix(partition, period, period_start_ms);
+    key.extend_from_slice(&len.to_be_bytes());
+    key.extend_from_slice(&client[..usize::from(len)]);
+    key
+}
+
+/// A decoded period-totals key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeriodTotalsKey {
+    pub partition: u16,
+    pub period: Period,
+    pub period_start_ms: i64,
+    pub client_id: String,
+}
+
+/// Whether a `stats` key holds period totals (not a bucket).
+pub fn is_period_totals_key(key: &[u8]) -> bool {
+    key.get(2).copied().and_then(period_from_tag).is_some()
+}
+
+pub fn decode_period_totals_key(key: &[u8]) -> Option<PeriodTotalsKey> {
+    let partition = u16::from_be_bytes(key.get(0..2)?.try_into().ok()?);
+    let period = period_from_tag(*key.get(2)?)?;
+    let start = u64::from_be_bytes(key.get(3..11)?.try_into().ok()?);
+    let len = usize::from(u16::from_be_bytes(key.get(11..13)?.try_into().ok()?));
+    let client = key.get(13..13 + len)?;
+    if key.len() != 13 + len {
+        return None;
+    }
+    Some(PeriodTotalsKey {
+        partition,
+        period,
+        period_start_ms: i64::try_from(start).ok()?,
+        client_id: String::from_utf8(client.to_vec()).ok()?,
+    })
 }
 
 /// A decoded `stats` key.
@@ -272,6 +349,33 @@ mod tests {
         fn dead_letter_keys_sort_by_sequence(a: u64, b: u64) {
             prop_assert_eq!(dead_letter_key(1, a).cmp(&dead_letter_key(1, b)), a.cmp(&b));
         }
+    }
+
+    #[test]
+    fn period_totals_keys_round_trip_and_are_no_bucket_keys() {
+        for period in [Period::Hour, Period::Day, Period::Week, Period::Month] {
+            let key = period_totals_key(4, period, 1_767_225_600_000, "клиент/1");
+            assert_eq!(
+                decode_period_totals_key(&key),
+                Some(PeriodTotalsKey {
+                    partition: 4,
+                    period,
+                    period_start_ms: 1_767_225_600_000,
+                    client_id: "клиент/1".into()
+                })
+            );
+            assert!(is_period_totals_key(&key));
+            assert_eq!(decode_stats_key(&key), None);
+            assert!(key.starts_with(&period_totals_prefix(4, period, 1_767_225_600_000)));
+            assert!(key < partition_end(4));
+        }
+        assert!(!is_period_totals_key(&stats_key(
+            4,
+            Granularity::Day,
+            "c",
+            0
+        )));
+        assert_eq!(decode_period_totals_key(&changelog_marker_key(4)), None);
     }
 
     #[test]

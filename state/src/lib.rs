@@ -8,6 +8,7 @@
 //!   dedupe claims, dead letters and positions in one WriteBatch), reads.
 //! - [`snapshot`]: consistent snapshots, changed-key tracking and
 //!   whole-partition replacement, for the changelog.
+//! - [`top`]: per-period client totals for the top-consumer ranking.
 //! - [`changelog`]: changelog records and the rule that rebuilds a
 //!   partition from them.
 
@@ -18,6 +19,7 @@ pub mod limits;
 pub mod retention;
 pub mod snapshot;
 pub mod store;
+pub mod top;
 
 pub use retention::Retention;
 pub use store::{Checkpoint, CommitStats, DeadLetterRecord, Store, StoreOptions};

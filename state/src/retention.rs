@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tally_pipelines::time::{Granularity, DAY_MS, HOUR_MS};
+use tally_pipelines::time::{Granularity, Period, DAY_MS, HOUR_MS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
@@ -43,6 +43,21 @@ impl Retention {
             Granularity::Hour => self.hour_ms,
             Granularity::Day => self.day_ms,
         }
+    }
+
+    /// Whether a period's totals have aged out: they are kept as long as
+    /// the buckets they are assembled from (hour buckets for hours, day
+    /// buckets for the rest).
+    pub fn period_expired(
+        &self,
+        period: Period,
+        period_start_ms: i64,
+        clock_ms: Option<i64>,
+    ) -> bool {
+        let (_, end) = period.bounds(period_start_ms);
+        clock_ms.is_some_and(|now| {
+            end <= now.saturating_sub(self.for_granularity(period.granularity()))
+        })
     }
 
     /// Whether a bucket has aged out, given its partition's clock.

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tally_pipelines::aggregate::BucketStats;
 use tally_pipelines::ingest::FlushContent;
 use tally_pipelines::time::Granularity;
+use tally_pipelines::top::PeriodTotals;
 
 use crate::changelog::StateStore;
 use crate::codec::{decode, encode};
@@ -98,6 +99,15 @@ pub(crate) fn rocks(e: rocksdb::Error) -> Error {
     Error::Storage(e.into_string())
 }
 
+/// The `stats` CF holds buckets and period totals; each merges its own way.
+fn merge_stats(key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    if keys::is_period_totals_key(key) {
+        crate::top::merge_period_totals(key, existing, operands)
+    } else {
+        merge_buckets(key, existing, operands)
+    }
+}
+
 /// Merges stored bucket stats with deltas. A value that fails to decode is
 /// logged and skipped instead of failing every read of the key.
 fn merge_buckets(key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
@@ -175,21 +185,30 @@ impl Store {
         };
 
         let mut stats = base(true);
-        stats.set_merge_operator_associative("tally.bucket_stats.v1", merge_buckets);
+        stats.set_merge_operator_associative("tally.bucket_stats.v1", merge_stats);
         let stats_clocks = clocks.clone();
         stats.set_compaction_filter(
             "tally.stats_retention",
-            move |_level: u32, key: &[u8], _value: &[u8]| match keys::decode_stats_key(key) {
-                Some(k)
-                    if retention.bucket_expired(
+            move |_level: u32, key: &[u8], _value: &[u8]| {
+                let expired = match keys::decode_stats_key(key) {
+                    Some(k) => retention.bucket_expired(
                         k.granularity,
                         k.bucket_start_ms,
                         stats_clocks.get(k.partition),
-                    ) =>
-                {
+                    ),
+                    None => keys::decode_period_totals_key(key).is_some_and(|k| {
+                        retention.period_expired(
+                            k.period,
+                            k.period_start_ms,
+                            stats_clocks.get(k.partition),
+                        )
+                    }),
+                };
+                if expired {
                     Decision::Remove
+                } else {
+                    Decision::Keep
                 }
-                _ => Decision::Keep,
             },
         );
 
@@ -364,6 +383,16 @@ impl Store {
                     g.bucket_start(delta.minute_start_ms),
                 );
                 batch.merge_cf(stats_cf, &key, &value);
+                if tracking {
+                    changed.push((StateStore::Stats, key));
+                }
+            }
+            // And its totals into the client's hour, day, week and month.
+            let totals = encode(&PeriodTotals::of(&delta.stats))?;
+            for period in crate::top::PERIODS {
+                let (start, _) = period.bounds(delta.minute_start_ms);
+                let key = keys::period_totals_key(partition, period, start, &delta.client_id);
+                batch.merge_cf(stats_cf, &key, &totals);
                 if tracking {
                     changed.push((StateStore::Stats, key));
                 }

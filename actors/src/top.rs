@@ -1,0 +1,176 @@
+//! A shard's top-consumer index: the ranking of the newest hour, day, week
+//! and month of its partition, updated after every flush from what the
+//! flush wrote, so that a query reads the top N off ordered indexes
+//! instead of visiting every client.
+//!
+//! The index is loaded from the stored period totals when the shard
+//! (re)loads its state, and only ever by the shard itself, between two
+//! flushes: loading can then never count a flush twice. Older periods (or
+//! a period a shard has not reached yet) are answered from the stored
+//! totals by the caller.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tally_pipelines::ingest::FlushContent;
+use tally_pipelines::time::Period;
+use tally_pipelines::top::{PeriodRanking, PeriodTotals, TopMetric};
+use tally_state::top::PERIODS;
+use tally_state::Store;
+
+use crate::Error;
+
+/// A shard's index, shared with the HTTP handlers.
+pub type SharedTop = Arc<Mutex<ShardTop>>;
+
+/// Locks a shard's index (an update is a few map operations; a panic in
+/// one cannot leave it worse than one delta off, so poisoning is ignored).
+pub fn lock_top(top: &SharedTop) -> MutexGuard<'_, ShardTop> {
+    top.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub struct ShardTop {
+    partition: u16,
+    /// `(period start, ranking)` of the newest period of each kind, in
+    /// [`PERIODS`] order; `None` until loaded.
+    current: [Option<(i64, PeriodRanking)>; 4],
+    loaded: bool,
+}
+
+/// One partition's share of a top query.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionTop {
+    pub total: u128,
+    pub entries: Vec<(String, u128)>,
+}
+
+fn slot(period: Period) -> usize {
+    match period {
+        Period::Hour => 0,
+        Period::Day => 1,
+        Period::Week => 2,
+        Period::Month => 3,
+    }
+}
+
+impl ShardTop {
+    pub fn new(partition: u16) -> Self {
+        Self {
+            partition,
+            current: Default::default(),
+            loaded: false,
+        }
+    }
+
+    /// Forgets the index (the partition was released).
+    pub fn clear(&mut self) {
+        self.current = Default::default();
+        self.loaded = false;
+    }
+
+    /// Loads the periods containing the partition's clock from the store.
+    /// Called by the shard only, between flushes.
+    pub fn load(&mut self, store: &Store) -> Result<(), Error> {
+        self.clear();
+        if let Some(clock) = store.partition_clock(self.partition) {
+            for period in PERIODS {
+                let (start, _) = period.bounds(clock);
+                let mut ranking = PeriodRanking::new();
+                for (client, totals) in store.period_totals(self.partition, period, start)? {
+                    ranking.add(&client, &totals);
+                }
+                self.current[slot(period)] = Some((start, ranking));
+            }
+        }
+        self.loaded = true;
+        Ok(())
+    }
+
+    /// Adds what a committed flush wrote. A delta of a newer period starts
+    /// that period's ranking (the store holds nothing of it yet); a delta
+    /// of an older period is only in the store.
+    pub fn note_flushed(&mut self, content: &FlushContent) {
+        if !self.loaded {
+            return;
+        }
+        for delta in &content.stats {
+            let totals = PeriodTotals::of(&delta.stats);
+            for period in PERIODS {
+                let (start, _) = period.bounds(delta.minute_start_ms);
+                let current = &mut self.current[slot(period)];
+                match current {
+                    Some((s, ranking)) if *s == start => ranking.add(&delta.client_id, &totals),
+                    Some((s, _)) if *s > start => {}
+                    _ => {
+                        let mut ranking = PeriodRanking::new();
+                        ranking.add(&delta.client_id, &totals);
+                        *current = Some((start, ranking));
+                    }
+                }
+            }
+        }
+    }
+
+    fn ranking(&self, period: Period, start: i64) -> Option<&PeriodRanking> {
+        match &self.current[slot(period)] {
+            Some((s, ranking)) if self.loaded && *s == start => Some(ranking),
+            _ => None,
+        }
+    }
+
+    /// The partition's top of a period, if that period is in memory.
+    pub fn top(
+        &self,
+        period: Period,
+        start: i64,
+        metric: TopMetric,
+        limit: usize,
+    ) -> Option<PartitionTop> {
+        self.ranking(period, start).map(|r| PartitionTop {
+            total: r.total(metric),
+            entries: r.top(metric, limit),
+        })
+    }
+
+    /// A client's totals of a period, if that period is in memory.
+    pub fn totals(&self, period: Period, start: i64, client: &str) -> Option<PeriodTotals> {
+        self.ranking(period, start)
+            .map(|r| r.get(client).copied().unwrap_or_default())
+    }
+
+    /// Clients ranked in memory (all periods), for the memory gauge.
+    pub fn indexed_clients(&self) -> usize {
+        self.current
+            .iter()
+            .flatten()
+            .map(|(_, r)| r.clients())
+            .sum()
+    }
+}
+
+/// A partition's top of a period from the stored totals (one range read).
+pub fn stored_top(
+    store: &Store,
+    partition: u16,
+    period: Period,
+    start: i64,
+    metric: TopMetric,
+    limit: usize,
+) -> Result<PartitionTop, Error> {
+    let mut total = 0u128;
+    let mut entries: Vec<(String, u128)> = Vec::new();
+    for (client, totals) in store.period_totals(partition, period, start)? {
+        let v = totals.get(metric);
+        total = total.saturating_add(v);
+        if v > 0 {
+            entries.push((client, v));
+        }
+    }
+    let entries = tally_pipelines::top::merge_top(
+        entries.into_iter().map(|(c, v)| (c, v, ())).collect(),
+        limit,
+    )
+    .into_iter()
+    .map(|(c, v, ())| (c, v))
+    .collect();
+    Ok(PartitionTop { total, entries })
+}

@@ -1,0 +1,88 @@
+//! Period totals of each client (hour, day, week, month), for the
+//! top-consumer ranking: written with every flush next to the buckets, in
+//! the `stats` column family (so they move with the partition's
+//! changelog), and read back one period of one partition at a time.
+
+use rocksdb::{Direction, IteratorMode, MergeOperands, ReadOptions};
+use tally_pipelines::time::Period;
+use tally_pipelines::top::PeriodTotals;
+
+use crate::codec::{decode, encode};
+use crate::keys::{self, CF_STATS};
+use crate::store::{rocks, Store};
+use crate::Result;
+
+/// The periods totals are kept for.
+pub const PERIODS: [Period; 4] = [Period::Hour, Period::Day, Period::Week, Period::Month];
+
+/// Adds stored totals and deltas. An undecodable value is logged and
+/// skipped rather than failing every read of the key.
+pub(crate) fn merge_period_totals(
+    key: &[u8],
+    existing: Option<&[u8]>,
+    operands: &MergeOperands,
+) -> Option<Vec<u8>> {
+    let mut acc = PeriodTotals::default();
+    for value in existing.into_iter().chain(operands.iter()) {
+        match decode::<PeriodTotals>(value) {
+            Ok(t) => acc.add(&t),
+            Err(e) => tracing::error!(error = %e, key = ?key, "dropping undecodable period totals"),
+        }
+    }
+    encode(&acc).ok()
+}
+
+impl Store {
+    /// Every client's totals in one period of a partition (one sequential
+    /// range read), excluding periods past retention.
+    pub fn period_totals(
+        &self,
+        partition: u16,
+        period: Period,
+        period_start_ms: i64,
+    ) -> Result<Vec<(String, PeriodTotals)>> {
+        if self
+            .retention()
+            .period_expired(period, period_start_ms, self.partition_clock(partition))
+        {
+            return Ok(Vec::new());
+        }
+        let prefix = keys::period_totals_prefix(partition, period, period_start_ms);
+        let mut read = ReadOptions::default();
+        read.set_iterate_upper_bound(keys::prefix_end(&prefix));
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(
+            self.cf(CF_STATS)?,
+            read,
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (key, value) = item.map_err(rocks)?;
+            let Some(k) = keys::decode_period_totals_key(&key) else {
+                continue;
+            };
+            out.push((k.client_id, decode(&value)?));
+        }
+        Ok(out)
+    }
+
+    /// One client's totals in one period.
+    pub fn client_period_totals(
+        &self,
+        partition: u16,
+        period: Period,
+        period_start_ms: i64,
+        client_id: &str,
+    ) -> Result<PeriodTotals> {
+        if self
+            .retention()
+            .period_expired(period, period_start_ms, self.partition_clock(partition))
+        {
+            return Ok(PeriodTotals::default());
+        }
+        let key = keys::period_totals_key(partition, period, period_start_ms, client_id);
+        match self.db.get_cf(self.cf(CF_STATS)?, key).map_err(rocks)? {
+            Some(v) => decode(&v),
+            None => Ok(PeriodTotals::default()),
+        }
+    }
+}
