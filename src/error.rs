@@ -38,6 +38,8 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("no route for {0}")]
     NotFound(String),
+    #[error("{0}")]
+    NoSuchResource(String),
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("{detail}")]
@@ -95,7 +97,9 @@ impl ApiError {
                 "unsupported-media-type",
                 "Unsupported media type",
             ),
-            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
+            ApiError::NotFound(_) | ApiError::NoSuchResource(_) => {
+                (StatusCode::NOT_FOUND, "not-found", "Not found")
+            }
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method-not-allowed",

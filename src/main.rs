@@ -15,6 +15,7 @@ mod http;
 mod observability;
 mod replay;
 mod serve;
+mod webhooks;
 
 use std::process::ExitCode;
 

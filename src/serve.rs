@@ -70,6 +70,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             }
             None => None,
         };
+        let webhooks = crate::webhooks::Webhooks::start(store.clone(), alerts.clone())?;
         let state = AppState::new(Shared {
             shards: engine.router(),
             store: store.clone(),
@@ -84,6 +85,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             membership: kafka.as_ref().map(|k| k.membership()),
             http_client: reqwest::Client::new(),
             alerts,
+            webhooks: webhooks.clone(),
         });
         let upkeep = tokio::spawn(async move {
             loop {
@@ -128,6 +130,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
         }
         upkeep.abort();
         adaptive_tick.abort();
+        webhooks.stop();
         if let Some(kafka) = kafka {
             // Stop consuming and hand the partitions over (flush, last
             // changelog rounds, leave the membership).

@@ -1,5 +1,6 @@
 //! The event channel: `RATE_LIMITED`, `QUOTA_WARNING`, `QUOTA_EXCEEDED`,
-//! `ANOMALY_DETECTED`. Each event gets the next sequence number (its
+//! `ANOMALY_DETECTED`, `REQUEST_RECORDED` (opt-in, sampled) and
+//! `CIRCUIT_STATE_CHANGED` (a webhook's circuit breaker). Each event gets the next sequence number (its
 //! `event_id`), is appended to a persisted log (so a subscriber can resume
 //! with `Last-Event-ID`), and is broadcast to live subscribers. Appending
 //! and broadcasting happen under one lock so that live order equals log
@@ -11,6 +12,16 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tally_state::Store;
 use tokio::sync::broadcast;
+
+/// Every event type the channel carries.
+pub const EVENT_TYPES: [&str; 6] = [
+    "RATE_LIMITED",
+    "QUOTA_WARNING",
+    "QUOTA_EXCEEDED",
+    "ANOMALY_DETECTED",
+    "REQUEST_RECORDED",
+    "CIRCUIT_STATE_CHANGED",
+];
 
 /// One event on the channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -34,6 +34,13 @@ pub const CHECKS_DENIED: &str = "tally_checks_denied_total";
 pub const QUOTA_EVENTS: &str = "tally_quota_events_total";
 pub const ANOMALIES: &str = "tally_anomalies_total";
 pub const DENIALS_UNCOUNTED: &str = "tally_detector_denials_uncounted_total";
+pub const WEBHOOK_DELIVERIES: &str = "tally_webhook_deliveries_total";
+pub const WEBHOOK_ATTEMPTS: &str = "tally_webhook_attempts_total";
+pub const WEBHOOK_CIRCUIT_TRANSITIONS: &str = "tally_webhook_circuit_transitions_total";
+pub const WEBHOOK_CIRCUIT_STATE: &str = "tally_webhook_circuit_state";
+pub const WEBHOOK_PENDING: &str = "tally_webhook_pending";
+pub const WEBHOOK_OVERFLOW: &str = "tally_webhook_overflow_total";
+pub const ALERT_TOPIC_PUBLISHED: &str = "tally_alert_topic_published_total";
 
 /// Histogram buckets (seconds) shared by the latency histograms.
 pub const LATENCY_BUCKETS: [f64; 14] = [

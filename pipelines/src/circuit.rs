@@ -19,7 +19,7 @@ pub enum CircuitState {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct CircuitConfig {
     pub failure_threshold: u32,
     pub success_threshold: u32,
@@ -59,6 +59,7 @@ pub trait Classify {
 /// The usual classification: 5xx and 429 answers, timeouts, connection
 /// failures, and (optionally) answers slower than a latency bound.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct StatusTimeoutLatency {
     pub fail_on_5xx: bool,
     pub fail_on_429: bool,

@@ -23,7 +23,7 @@ use axum::routing::get;
 use axum::Router;
 use futures::Stream;
 use serde::Deserialize;
-use tally_actors::alerts::{AlertEvent, AlertLog};
+use tally_actors::alerts::{AlertEvent, AlertLog, EVENT_TYPES};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::broadcast::Receiver;
 
@@ -36,13 +36,6 @@ pub fn router() -> Router<AppState> {
         .route("/v1/alerts/ws", get(websocket))
 }
 
-const EVENT_TYPES: [&str; 5] = [
-    "RATE_LIMITED",
-    "QUOTA_WARNING",
-    "QUOTA_EXCEEDED",
-    "ANOMALY_DETECTED",
-    "REQUEST_RECORDED",
-];
 
 /// Log entries read per catch-up step.
 const CATCH_UP_BATCH: usize = 1000;

@@ -11,6 +11,7 @@ pub mod ingest;
 pub mod limits;
 pub mod top;
 pub mod usage;
+pub mod webhooks;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -70,6 +71,8 @@ pub struct Shared {
     pub http_client: reqwest::Client,
     /// The event channel (alerts).
     pub alerts: Arc<tally_actors::alerts::AlertLog>,
+    /// Webhook configurations and their delivery tasks.
+    pub webhooks: Arc<crate::webhooks::Webhooks>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -89,6 +92,7 @@ pub fn app(state: AppState) -> Router {
         )
         .merge(limits::router())
         .merge(top::router())
+        .merge(webhooks::router())
         .merge(anomalies::router())
         .merge(alerts::router())
         .merge(health::router())

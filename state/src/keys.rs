@@ -15,6 +15,8 @@
 //! | `meta`        | partition, `0x01`                                        | checkpoint         |
 //! | `meta`        | partition, `0x02`                                        | changelog mark     |
 //! | `meta`        | `0xFFFF`, name                                           | store settings     |
+//! | `meta`        | `0xFFFF`, `webhook/` id                                  | webhook config     |
+//! | `meta`        | `0xFFFF`, `sink/` sink name                              | sink cursor        |
 
 use tally_pipelines::time::{Granularity, Period};
 

@@ -8,6 +8,7 @@
 //!   dedupe claims, dead letters and positions in one WriteBatch), reads.
 //! - [`snapshot`]: consistent snapshots, changed-key tracking and
 //!   whole-partition replacement, for the changelog.
+//! - [`sinks`]: webhook configurations and alert-sink cursors.
 //! - [`top`]: per-period client totals for the top-consumer ranking.
 //! - [`changelog`]: changelog records and the rule that rebuilds a
 //!   partition from them.
@@ -17,6 +18,7 @@ pub mod codec;
 pub mod keys;
 pub mod limits;
 pub mod retention;
+pub mod sinks;
 pub mod snapshot;
 pub mod store;
 pub mod top;

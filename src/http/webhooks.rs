@@ -1,0 +1,127 @@
+//! `PUT|GET|DELETE /v1/webhooks/{id}` and `GET /v1/webhooks`: webhook
+//! configuration and delivery status. The secret is write-only.
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+
+use super::AppState;
+use crate::error::ApiError;
+use crate::webhooks::{validate, WebhookConfig, WebhookStatus};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/webhooks", get(list))
+        .route("/v1/webhooks/{id}", get(show).put(put).delete(delete))
+}
+
+#[derive(Serialize)]
+struct WebhookView {
+    id: String,
+    url: String,
+    event_types: Vec<String>,
+    client_ids: Vec<String>,
+    enabled: bool,
+    delivery: crate::webhooks::DeliveryConfig,
+    circuit: tally_pipelines::circuit::CircuitConfig,
+    failure: tally_pipelines::circuit::StatusTimeoutLatency,
+    status: WebhookStatus,
+}
+
+fn view(id: &str, config: WebhookConfig, status: WebhookStatus) -> WebhookView {
+    WebhookView {
+        id: id.to_string(),
+        url: config.url,
+        event_types: config.event_types.into_iter().collect(),
+        client_ids: config.client_ids.into_iter().collect(),
+        enabled: config.enabled,
+        delivery: config.delivery,
+        circuit: config.circuit,
+        failure: config.failure,
+        status,
+    }
+}
+
+fn id_of(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(id)| id)
+        .map_err(|e| ApiError::bad_request(format!("invalid webhook id in path: {e}"), vec![]))
+}
+
+fn missing(id: &str) -> ApiError {
+    ApiError::NoSuchResource(format!("no webhook with id {id:?}"))
+}
+
+fn internal(e: anyhow::Error) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+async fn put(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Json<WebhookConfig>, JsonRejection>,
+) -> Result<(StatusCode, Json<WebhookView>), ApiError> {
+    let id = id_of(path)?;
+    let Json(config) = body.map_err(|e| {
+        ApiError::bad_request(
+            format!("invalid webhook configuration: {}", e.body_text()),
+            vec![],
+        )
+    })?;
+    let problems = validate(&id, &config);
+    if !problems.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid webhook configuration",
+            problems,
+        ));
+    }
+    let created = state.webhooks.put(&id, config).map_err(internal)?;
+    let (config, status) = state.webhooks.get(&id).ok_or_else(|| missing(&id))?;
+    let code = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((code, Json(view(&id, config, status))))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<WebhookView>, ApiError> {
+    let id = id_of(path)?;
+    let (config, status) = state.webhooks.get(&id).ok_or_else(|| missing(&id))?;
+    Ok(Json(view(&id, config, status)))
+}
+
+#[derive(Serialize)]
+struct WebhookList {
+    webhooks: Vec<WebhookView>,
+}
+
+async fn list(State(state): State<AppState>) -> Json<WebhookList> {
+    let webhooks = state
+        .webhooks
+        .ids()
+        .into_iter()
+        .filter_map(|id| {
+            let (config, status) = state.webhooks.get(&id)?;
+            Some(view(&id, config, status))
+        })
+        .collect();
+    Json(WebhookList { webhooks })
+}
+
+async fn delete(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let id = id_of(path)?;
+    if state.webhooks.delete(&id).map_err(internal)? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(missing(&id))
+    }
+}
