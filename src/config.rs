@@ -122,6 +122,15 @@ pub struct FileConfig {
     /// Compute units per endpoint template for events without their own.
     pub compute_units: HashMap<String, u64>,
     pub top: TopFile,
+    pub alerts: AlertsFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsFile {
+    /// Share of accepted events published as `REQUEST_RECORDED` (0..=1;
+    /// 0, the default, publishes none).
+    pub request_sample_rate: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -206,6 +215,8 @@ pub struct Config {
     pub anomaly_idle_close: Duration,
     /// Top consumers: a change beyond this share is a trend.
     pub top_trend_threshold: f64,
+    /// Share of accepted events published as `REQUEST_RECORDED`.
+    pub request_sample_rate: f64,
     /// The adaptive limit factor, shared by shards and the HTTP API.
     pub adaptive: std::sync::Arc<tally_actors::adaptive::AdaptiveLimits>,
 }
@@ -223,6 +234,12 @@ impl Config {
             },
             None => FileConfig::default(),
         };
+        let request_sample_rate = file.alerts.request_sample_rate.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&request_sample_rate) {
+            problems.push(format!(
+                "[alerts] request_sample_rate must be within 0..=1, got {request_sample_rate}"
+            ));
+        }
         let top_trend_threshold = file.top.trend_threshold.unwrap_or(0.10);
         if !(0.0..=10.0).contains(&top_trend_threshold) {
             problems.push(format!(
@@ -452,6 +469,7 @@ impl Config {
             detect: file.detect,
             anomaly_idle_close,
             top_trend_threshold,
+            request_sample_rate,
         })
     }
 
@@ -498,6 +516,7 @@ impl Config {
                 idle_close: self.anomaly_idle_close,
                 alerts: None,
             },
+            request_sampler: tally_pipelines::sample::RequestSampler::new(self.request_sample_rate),
         }
     }
 

@@ -22,6 +22,7 @@ use tally_pipelines::aggregate::ComputeWeights;
 use tally_pipelines::dedupe::DedupeIndex;
 use tally_pipelines::event::RequestEvent;
 use tally_pipelines::ingest::{PartitionIngest, PartitionRules, Verdict};
+use tally_pipelines::sample::RequestSampler;
 use tally_state::{Checkpoint, Store};
 
 use crate::anomaly::{DetectSettings, ShardDetectors};
@@ -52,6 +53,9 @@ pub struct ShardConfig {
     pub limits: LimitSettings,
     /// Anomaly detection on closed minutes.
     pub detect: DetectSettings,
+    /// Which accepted events go on the channel as `REQUEST_RECORDED`
+    /// (published once durable; off by default).
+    pub request_sampler: RequestSampler,
 }
 
 impl Default for ShardConfig {
@@ -66,6 +70,7 @@ impl Default for ShardConfig {
             dedupe_max_ids: 1_000_000,
             limits: LimitSettings::default(),
             detect: DetectSettings::default(),
+            request_sampler: RequestSampler::new(0.0),
         }
     }
 }
@@ -102,6 +107,9 @@ pub struct Shard {
     detectors: ShardDetectors,
     /// When events last arrived (wall clock), for closing idle minutes.
     last_events_at: Instant,
+    /// Sampled accepted events, published as `REQUEST_RECORDED` once the
+    /// flush that makes them durable commits.
+    sampled: Vec<RequestEvent>,
 }
 
 /// Internal: flush once the mailbox is drained.
@@ -141,6 +149,7 @@ impl Shard {
             released: false,
             detectors,
             last_events_at: Instant::now(),
+            sampled: Vec::new(),
             limits,
             top,
         };
@@ -178,6 +187,8 @@ impl Shard {
         self.positions = checkpoint.positions.clone();
         self.checkpoint = checkpoint;
         self.dirty = false;
+        // Not durable, so never published: the source sends them again.
+        self.sampled.clear();
         lock(&self.limits).reload();
         self.detectors.reload();
         if let Err(e) = lock_top(&self.top).load(&self.store) {
@@ -221,7 +232,12 @@ impl Shard {
         let events = &events[start..];
         for event in events {
             match self.ingest.apply(event) {
-                Verdict::Accepted => outcome.accepted += 1,
+                Verdict::Accepted => {
+                    outcome.accepted += 1;
+                    if self.config.request_sampler.keep(event) {
+                        self.sampled.push(event.clone());
+                    }
+                }
                 Verdict::Duplicate => outcome.duplicates += 1,
                 Verdict::Late { .. } => outcome.late += 1,
             }
@@ -270,6 +286,7 @@ impl Shard {
                 );
                 self.detectors.note_flushed(&content);
                 lock_top(&self.top).note_flushed(&content);
+                self.publish_sampled();
                 let watermark = self
                     .checkpoint
                     .max_event_ms
@@ -301,6 +318,29 @@ impl Shard {
                 ctx.stop();
                 Err(error)
             }
+        }
+    }
+
+    fn publish_sampled(&mut self) {
+        let Some(alerts) = &self.config.detect.alerts else {
+            self.sampled.clear();
+            return;
+        };
+        for e in self.sampled.drain(..) {
+            alerts.publish(
+                "REQUEST_RECORDED",
+                &e.client_id,
+                Some(&e.endpoint),
+                e.timestamp_ms,
+                serde_json::json!({
+                    "event_id": e.event_id,
+                    "method": e.method,
+                    "status": e.status,
+                    "latency_ms": e.latency_ms,
+                    "request_bytes": e.request_bytes,
+                    "response_bytes": e.response_bytes,
+                }),
+            );
         }
     }
 

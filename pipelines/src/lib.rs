@@ -14,6 +14,7 @@
 //! - [`limit`]: rate-limit algorithms (fixed and sliding window, token and
 //!   leaky bucket) over explicit time.
 //! - [`quota`]: billing periods, quota status and once-per-period events.
+//! - [`sample`]: deterministic sampling for `REQUEST_RECORDED`.
 //! - [`synthetic`]: deterministic synthetic traffic.
 //! - [`top`]: per-period client totals and the incremental top-consumer
 //!   ranking.
@@ -30,6 +31,7 @@ pub mod ingest;
 pub mod limit;
 pub mod partitioner;
 pub mod quota;
+pub mod sample;
 pub mod sketch;
 pub mod synthetic;
 pub mod time;
