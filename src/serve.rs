@@ -71,6 +71,10 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             None => None,
         };
         let webhooks = crate::webhooks::Webhooks::start(store.clone(), alerts.clone())?;
+        let alert_topic = match &config.kafka {
+            Some(k) => Some(tally_actors::alert_topic::start(k, store.clone(), alerts.clone())?),
+            None => None,
+        };
         let state = AppState::new(Shared {
             shards: engine.router(),
             store: store.clone(),
@@ -131,6 +135,9 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
         upkeep.abort();
         adaptive_tick.abort();
         webhooks.stop();
+        if let Some(task) = alert_topic {
+            task.abort();
+        }
         if let Some(kafka) = kafka {
             // Stop consuming and hand the partitions over (flush, last
             // changelog rounds, leave the membership).

@@ -192,6 +192,44 @@ async fn http_ingest_in_kafka_mode_goes_through_the_topic() {
     // Produced, then consumed by the same instance's Kafka source.
     wait_for_totals(&c, &server, &lines).await;
     check_every_client(&c, &server, &lines).await;
+
+    // The event channel is also on the alert topic: a client made rate
+    // limited shows up there, keyed by its id.
+    let one = serde_json::json!({"algorithm": "FIXED_WINDOW", "global_limit": {"requests": 1, "window_seconds": 3600}});
+    let r = c
+        .put(server.url("/v1/clients/noisy/limits"))
+        .json(&one)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for want in [200, 429] {
+        let r = c
+            .post(server.url("/v1/check"))
+            .json(&serde_json::json!({"client_id": "noisy", "endpoint": "/x"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), want);
+    }
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("group.id", "alert-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&format!("{TOPIC}.alerts")]).unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+        .await
+        .expect("no event on the alert topic")
+        .unwrap();
+    assert_eq!(m.key(), Some(&b"noisy"[..]));
+    let event: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+    assert_eq!(event["event_type"], "RATE_LIMITED");
+    assert_eq!(event["client_id"], "noisy");
+    assert!(event["event_id"].as_u64().unwrap() >= 1);
+    let at = event["timestamp"].as_str().unwrap();
+    assert!(tally_pipelines::time::parse_rfc3339_ms(at).is_ok(), "{at}");
 }
 
 async fn status(c: &reqwest::Client, url: String) -> (u16, Value) {

@@ -30,7 +30,9 @@ pub struct AlertEvent {
     pub event_type: String,
     pub client_id: String,
     pub endpoint: Option<String>,
-    /// Epoch ms (event time for anomalies, wall clock otherwise).
+    /// Event time for anomalies and recorded requests, wall clock
+    /// otherwise; RFC 3339 on the wire (`timestamp`).
+    #[serde(rename = "timestamp", with = "rfc3339")]
     pub timestamp_ms: i64,
     pub details: serde_json::Value,
 }
@@ -118,5 +120,20 @@ impl AlertLog {
             .into_iter()
             .filter_map(|(_, json)| serde_json::from_str(&json).ok())
             .collect())
+    }
+}
+
+/// Epoch ms as RFC 3339 (UTC, milliseconds), the API's time format.
+mod rfc3339 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use tally_pipelines::time::{format_rfc3339_ms, parse_rfc3339_ms};
+
+    pub fn serialize<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_rfc3339_ms(*ms))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_rfc3339_ms(&text).map_err(serde::de::Error::custom)
     }
 }

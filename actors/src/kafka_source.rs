@@ -114,6 +114,14 @@ impl KafkaSource {
                     .set("retention.ms", "-1")
             })
             .collect();
+        // The alert topic is an event stream, not state: plain retention.
+        let alerts = crate::alert_topic::alerts_topic(&config.topic);
+        let mut topics = topics;
+        topics.push(NewTopic::new(
+            &alerts,
+            i32::from(partitions),
+            TopicReplication::Fixed(1),
+        ));
         let results = admin
             .create_topics(
                 &topics,

@@ -13,6 +13,7 @@
 //! - [`limits`]: a shard's rate limiters and quotas; the gateway check.
 //! - [`anomaly`]: closing a shard's minutes and judging them.
 //! - [`top`]: a shard's incremental top-consumer ranking.
+//! - [`alert_topic`]: the event channel produced to `<topic>.alerts`.
 //! - [`alerts`]: the event channel: persisted log and live broadcast.
 //! - [`adaptive`]: tightening every limit under pressure (hysteresis).
 //! - [`router`]: partitioning, admission and back-pressure.
@@ -22,6 +23,7 @@
 //! - [`telemetry`]: metric names and typed internal events.
 
 pub mod adaptive;
+pub mod alert_topic;
 pub mod alerts;
 pub mod anomaly;
 pub mod changelog;

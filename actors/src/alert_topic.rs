@@ -1,0 +1,120 @@
+//! The event channel on Kafka: in Kafka mode every event of the alert log
+//! is also produced to `<topic>.alerts`, keyed by client id (so one
+//! client's events stay in order), as the same JSON the streams carry.
+//!
+//! Like a webhook, the topic follows the persisted log from a stored
+//! cursor, advanced only once the broker has acknowledged a batch: a
+//! broker outage delays events, a crash can repeat the last batch (each
+//! carries its `event_id`), nothing is lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::counter;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tally_state::Store;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::alerts::AlertLog;
+use crate::kafka_source::KafkaConfig;
+use crate::telemetry::ALERT_TOPIC_PUBLISHED;
+use crate::Error;
+
+/// The sink name of the topic's cursor.
+const SINK: &str = "kafka";
+/// Events produced per round.
+const BATCH: usize = 500;
+
+pub fn alerts_topic(topic: &str) -> String {
+    format!("{topic}.alerts")
+}
+
+/// Starts following the alert log into the topic (on the current tokio
+/// runtime).
+pub fn start(
+    config: &KafkaConfig,
+    store: Arc<Store>,
+    alerts: Arc<AlertLog>,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .map_err(|e| Error::Kafka(e.to_string()))?;
+    let cursor = match store.sink_state::<u64>(SINK)? {
+        Some(c) => c,
+        None => {
+            // The topic carries what happens from its first start on.
+            let c = alerts.last_id();
+            store.put_sink_state(SINK, &c)?;
+            c
+        }
+    };
+    let topic = alerts_topic(&config.topic);
+    Ok(tokio::spawn(run(producer, topic, store, alerts, cursor)))
+}
+
+async fn run(
+    producer: FutureProducer,
+    topic: String,
+    store: Arc<Store>,
+    alerts: Arc<AlertLog>,
+    mut cursor: u64,
+) {
+    let mut live = alerts.subscribe();
+    loop {
+        let batch = match alerts.after(cursor, BATCH) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the alert log");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                match live.recv().await {
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => tokio::time::sleep(Duration::from_secs(1)).await,
+                }
+            })
+            .await;
+            continue;
+        }
+        let mut payloads = Vec::with_capacity(batch.len());
+        for e in &batch {
+            match serde_json::to_string(e) {
+                Ok(json) => payloads.push((e.client_id.clone(), json)),
+                Err(err) => {
+                    tracing::error!(error = %err, event_id = e.event_id, "cannot encode alert event")
+                }
+            }
+        }
+        let sends = payloads.iter().map(|(key, json)| {
+            producer.send(
+                FutureRecord::to(&topic).key(key).payload(json),
+                Duration::from_secs(30),
+            )
+        });
+        let results = futures::future::join_all(sends).await;
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        if failed > 0 {
+            if let Some(Err((e, _))) = results.iter().find(|r| r.is_err()) {
+                tracing::warn!(error = %e, failed, "alert topic delivery failed; retrying the batch");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        counter!(ALERT_TOPIC_PUBLISHED).increment(payloads.len() as u64);
+        if let Some(last) = batch.last() {
+            cursor = last.event_id;
+            if let Err(e) = store.put_sink_state(SINK, &cursor) {
+                tracing::error!(error = %e, "cannot store the alert topic cursor");
+            }
+        }
+    }
+}
