@@ -85,18 +85,13 @@ async fn run(
             .await;
             continue;
         }
-        let mut payloads = Vec::with_capacity(batch.len());
-        for e in &batch {
-            match serde_json::to_string(e) {
-                Ok(json) => payloads.push((e.client_id.clone(), json)),
-                Err(err) => {
-                    tracing::error!(error = %err, event_id = e.event_id, "cannot encode alert event")
-                }
-            }
-        }
+        let payloads: Vec<(String, std::sync::Arc<str>)> = batch
+            .iter()
+            .map(|e| (e.client_id.clone(), e.to_json()))
+            .collect();
         let sends = payloads.iter().map(|(key, json)| {
             producer.send(
-                FutureRecord::to(&topic).key(key).payload(json),
+                FutureRecord::to(&topic).key(key).payload(&**json),
                 Duration::from_secs(30),
             )
         });

@@ -24,7 +24,7 @@ pub const EVENT_TYPES: [&str; 6] = [
 ];
 
 /// One event on the channel.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AlertEvent {
     pub event_id: u64,
     pub event_type: String,
@@ -34,7 +34,23 @@ pub struct AlertEvent {
     /// otherwise; RFC 3339 on the wire (`timestamp`).
     #[serde(rename = "timestamp", with = "rfc3339")]
     pub timestamp_ms: i64,
-    pub details: serde_json::Value,
+    /// Kept as raw JSON: subscribers catching up from the log read many
+    /// events, and only relay this part.
+    pub details: Box<serde_json::value::RawValue>,
+    /// This event as JSON, encoded once when logged and shared by every
+    /// subscriber (fan-out to many streams must not re-encode per stream).
+    #[serde(skip)]
+    pub json: Option<Arc<str>>,
+}
+
+impl AlertEvent {
+    /// The event as JSON (cached when it came from the log).
+    pub fn to_json(&self) -> Arc<str> {
+        match &self.json {
+            Some(j) => j.clone(),
+            None => Arc::from(serde_json::to_string(self).unwrap_or_default()),
+        }
+    }
 }
 
 pub struct AlertLog {
@@ -51,7 +67,7 @@ impl std::fmt::Debug for AlertLog {
 }
 
 /// Live events buffered per subscriber before it counts as lagging.
-pub const SUBSCRIBER_BUFFER: usize = 4096;
+pub const SUBSCRIBER_BUFFER: usize = 16_384;
 
 impl AlertLog {
     pub fn open(store: Arc<Store>) -> Result<Arc<AlertLog>, crate::Error> {
@@ -74,14 +90,22 @@ impl AlertLog {
         timestamp_ms: i64,
         details: serde_json::Value,
     ) {
+        let details = match serde_json::value::to_raw_value(&details) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode alert details");
+                return;
+            }
+        };
         let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        let event = AlertEvent {
+        let mut event = AlertEvent {
             event_id: *next,
             event_type: event_type.to_string(),
             client_id: client_id.to_string(),
             endpoint: endpoint.map(str::to_string),
             timestamp_ms,
             details,
+            json: None,
         };
         let json = match serde_json::to_string(&event) {
             Ok(j) => j,
@@ -96,6 +120,7 @@ impl AlertLog {
             return;
         }
         *next += 1;
+        event.json = Some(Arc::from(json));
         // No subscriber is not an error.
         let _ = self.live.send(Arc::new(event));
     }
@@ -118,7 +143,11 @@ impl AlertLog {
             .store
             .alerts_after(event_id, limit)?
             .into_iter()
-            .filter_map(|(_, json)| serde_json::from_str(&json).ok())
+            .filter_map(|(_, json)| {
+                let mut e: AlertEvent = serde_json::from_str(&json).ok()?;
+                e.json = Some(Arc::from(json));
+                Some(e)
+            })
             .collect())
     }
 }

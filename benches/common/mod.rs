@@ -41,3 +41,55 @@ pub fn generate(bin: &str, events: usize, clients: usize, file: &Path) {
         .unwrap_or(false);
     assert!(ok, "tally gen failed");
 }
+
+/// Starts `tally serve` on a free loopback port with `config` (TOML) and
+/// returns it with its base URL.
+pub fn start_tally(dir: &Path, config: &str) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let file = dir.join("tally.toml");
+    std::fs::write(&file, config).expect("write config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--config",
+        ])
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run tally serve");
+    let mut line = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        let _ = BufReader::new(stdout).read_line(&mut line);
+    }
+    let base = line.trim().trim_start_matches("listening on ").to_string();
+    (child, base)
+}
+
+/// Current RSS (KiB) of a running process.
+pub fn vm_rss_kib(pid: u32) -> Option<i64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Nearest-rank percentile of sorted values.
+pub fn percentile<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}

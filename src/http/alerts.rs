@@ -36,9 +36,8 @@ pub fn router() -> Router<AppState> {
         .route("/v1/alerts/ws", get(websocket))
 }
 
-
 /// Log entries read per catch-up step.
-const CATCH_UP_BATCH: usize = 1000;
+const CATCH_UP_BATCH: usize = 256;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,8 +79,7 @@ fn sse(e: &AlertEvent) -> Event {
     Event::default()
         .id(e.event_id.to_string())
         .event(e.event_type.clone())
-        .json_data(e)
-        .unwrap_or_else(|_| Event::default().comment("unencodable event"))
+        .data(&*e.to_json())
 }
 
 impl Subscription {
@@ -200,7 +198,7 @@ async fn websocket(
             tokio::select! {
                 event = subscription.next() => {
                     let Some(e) = event else { break };
-                    let Ok(text) = serde_json::to_string(&e) else { continue };
+                    let text = e.to_json().to_string();
                     // A slow reader holds this send (TCP back-pressure); the
                     // subscription meanwhile falls behind the live buffer
                     // and later catches up from the log: bounded memory.
