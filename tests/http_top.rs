@@ -96,14 +96,17 @@ fn totals(events: &[Ev], metric: &str, from: i64, to: i64) -> HashMap<String, u1
     t
 }
 
-/// The reference answer: `(client, value, previous, percent, trend)`.
+/// One reference row: `(client, value, previous, percent, trend)`.
+type Row = (String, u128, u128, f64, &'static str);
+
+/// The reference answer.
 fn reference(
     events: &[Ev],
     period: Period,
     at: i64,
     metric: &str,
     limit: usize,
-) -> (u128, Vec<(String, u128, u128, f64, &'static str)>) {
+) -> (u128, Vec<Row>) {
     let (start, end) = period.bounds(at);
     let (previous_start, previous_end) = period.bounds(start - 1);
     let current = totals(events, metric, start, end);
