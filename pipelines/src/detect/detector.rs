@@ -25,6 +25,10 @@ pub struct ClientDetector {
     known_endpoints: BTreeSet<String>,
     /// Consecutive minutes with denials at or above the burst.
     denial_streak: u32,
+    /// 401/403 answers per minute.
+    auth_failures: Ewma,
+    /// Requests the baseline has seen (endpoint novelty needs enough).
+    learned_requests: u64,
 }
 
 struct Finding {
@@ -81,9 +85,17 @@ impl ClientDetector {
         // Error rate.
         let mut errors_anomalous = false;
         let rate = (s.requests > 0).then(|| s.server_errors as f64 / requests);
-        if let Some(rate) = rate.filter(|_| warm && s.requests >= cfg.error_min_requests) {
+        if let Some(rate) = rate.filter(|_| {
+            warm && s.requests >= cfg.error_min_requests
+                && s.server_errors >= cfg.error_min_errors
+                && self.error_rate.samples() >= cfg.min_baseline_samples
+        }) {
             let mean = self.error_rate.mean();
-            let score = self.error_rate.score(rate, 0.02);
+            // Binomial noise of this minute's count, at least 2 points.
+            let p = mean.clamp(0.02, 0.98);
+            let score = self
+                .error_rate
+                .score(rate, (p * (1.0 - p) / requests).sqrt().max(0.02));
             if rate - mean >= cfg.error_min_increase && score >= cfg.statistical.low {
                 errors_anomalous = true;
                 findings.push(Finding {
@@ -105,9 +117,16 @@ impl ClientDetector {
 
         // Latency.
         let mut latency_anomalous = false;
-        if let Some(p95) = s.p95_latency_ms.filter(|_| warm && s.requests > 0) {
+        if let Some(p95) = s.p95_latency_ms.filter(|_| {
+            warm && s.requests >= cfg.latency_min_requests.max(1)
+                && self.p95.samples() >= cfg.min_baseline_samples
+        }) {
             let mean = self.p95.mean();
-            let score = self.p95.score(p95, (mean * 0.1).max(1.0));
+            // A p95 over n requests of a heavy-tailed latency wanders by
+            // about 2.2/sqrt(n) of itself (28 % at 60 requests), never
+            // less than 10 %.
+            let spread = (2.2 / requests.sqrt()).max(0.1);
+            let score = self.p95.score(p95, (mean * spread).max(1.0));
             if p95 >= cfg.latency_min_ratio * mean && score >= cfg.statistical.low {
                 latency_anomalous = true;
                 findings.push(Finding {
@@ -132,8 +151,9 @@ impl ClientDetector {
             .filter(|(e, n)| *n > 0 && !self.known_endpoints.contains(e))
             .collect();
         new.sort();
+        let new_requests: u64 = new.iter().map(|(_, n)| n).sum();
+        let established = self.learned_requests >= cfg.endpoint_baseline_min_requests;
         if warm && !new.is_empty() {
-            let new_requests: u64 = new.iter().map(|(_, n)| n).sum();
             if new.len() >= cfg.enumeration_endpoints {
                 findings.push(Finding {
                     kind: AnomalyType::PotentialAbuse,
@@ -148,7 +168,7 @@ impl ClientDetector {
                         new.len()
                     ),
                 });
-            } else {
+            } else if established && new_requests >= cfg.new_endpoint_min_requests {
                 // Severity grows with the share of traffic they take:
                 // 5 % of requests is the trigger (score 1).
                 let share = new_requests as f64 / requests.max(1.0);
@@ -173,14 +193,28 @@ impl ClientDetector {
             }
         }
 
-        // Bursts of 401/403.
-        if s.auth_failures >= cfg.auth_failure_burst {
+        // Bursts of 401/403: against the fixed trigger, and for a warm
+        // client also against its own usual rate.
+        let auth_learned = self.auth_failures.samples() >= cfg.min_baseline_samples;
+        let usual_auth = if auth_learned {
+            self.auth_failures.mean()
+        } else {
+            0.0
+        };
+        // Before it has learned, a busy client's share decides: 5 % of its
+        // requests (90 of 9,000 is its normal 1 %, not a burst).
+        let unlearned_floor = if auth_learned { 0.0 } else { 0.05 * requests };
+        let auth_trigger = (cfg.auth_failure_burst.max(1) as f64)
+            .max(cfg.auth_failure_baseline_ratio * usual_auth)
+            .max(unlearned_floor);
+        let auth_anomalous = s.auth_failures as f64 >= auth_trigger;
+        if auth_anomalous {
             findings.push(Finding {
                 kind: AnomalyType::PotentialAbuse,
                 rule: "auth-failures",
-                score: s.auth_failures as f64 / cfg.auth_failure_burst.max(1) as f64,
+                score: s.auth_failures as f64 / auth_trigger,
                 endpoint: None,
-                baseline: 0.0,
+                baseline: usual_auth,
                 observed: s.auth_failures as f64,
                 floor: 1.0,
                 description: format!(
@@ -221,11 +255,23 @@ impl ClientDetector {
         {
             self.error_rate.update(rate, cfg.alpha);
         }
-        if let Some(p95) = s.p95_latency_ms.filter(|_| !latency_anomalous) {
+        if let Some(p95) = s
+            .p95_latency_ms
+            .filter(|_| !latency_anomalous && s.requests >= cfg.latency_min_requests.max(1))
+        {
             self.p95.update(p95, cfg.alpha);
         }
+        // Until it has learned, a client's baseline takes every minute
+        // (a busy client's ordinary 401s must not lock it at zero).
+        if !auth_anomalous || !auth_learned {
+            self.auth_failures.update(s.auth_failures as f64, cfg.alpha);
+        }
+        self.learned_requests = self.learned_requests.saturating_add(s.requests);
         for (e, n) in &s.endpoints {
-            if *n > 0 && self.known_endpoints.len() < cfg.max_known_endpoints {
+            if *n > 0
+                && self.known_endpoints.len() < cfg.max_known_endpoints
+                && !self.known_endpoints.contains(e)
+            {
                 self.known_endpoints.insert(e.clone());
             }
         }

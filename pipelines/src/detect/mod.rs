@@ -85,6 +85,10 @@ pub struct DetectorConfig {
     pub warmup_buckets: u32,
     /// EWMA weight of each new bucket.
     pub alpha: f64,
+    /// A statistical baseline (error rate, p95, usual 401/403) judges
+    /// only once it has learned from this many buckets: a light client's
+    /// first busy minute is not compared with nothing.
+    pub min_baseline_samples: u32,
     /// In standard deviations above the baseline.
     pub statistical: SeverityThresholds,
     /// In multiples of the rule's trigger (1 = just reached it).
@@ -97,16 +101,30 @@ pub struct DetectorConfig {
     pub error_min_requests: u64,
     /// An error-rate spike must exceed the baseline by this much (0..1).
     pub error_min_increase: f64,
-    /// A latency degradation must be this many times the baseline p95.
+    /// A latency degradation must be this many times the baseline p95...
     pub latency_min_ratio: f64,
-    /// 401/403 answers in one minute that count as a burst.
+    /// ...measured over at least this many requests in the minute (the p95
+    /// of a handful of requests is their maximum).
+    pub latency_min_requests: u64,
+    /// An error-rate spike needs at least this many 5xx in the minute.
+    pub error_min_errors: u64,
+    /// 401/403 answers in one minute that count as a burst...
     pub auth_failure_burst: u64,
+    /// ...and, for a warm client, this many times its own usual number
+    /// (a busy client's ordinary 1 % of 401s is not a burst).
+    pub auth_failure_baseline_ratio: f64,
     /// Gateway denials per minute that, sustained, count as abuse...
     pub denial_burst: u64,
     /// ...for this many consecutive minutes.
     pub denial_minutes: u32,
     /// Never-seen endpoints in one minute that count as enumeration.
     pub enumeration_endpoints: usize,
+    /// Requests to never-seen endpoints in a minute before they are
+    /// unusual (one stray request is not)...
+    pub new_endpoint_min_requests: u64,
+    /// ...and only once the client's baseline holds this many requests
+    /// (a light client has not shown all its endpoints yet).
+    pub endpoint_baseline_min_requests: u64,
     /// Endpoints remembered per client (beyond, none are added).
     pub max_known_endpoints: usize,
 }
@@ -116,6 +134,7 @@ impl Default for DetectorConfig {
         Self {
             warmup_buckets: 30,
             alpha: 0.1,
+            min_baseline_samples: 10,
             statistical: SeverityThresholds {
                 low: 4.0,
                 medium: 6.0,
@@ -133,10 +152,15 @@ impl Default for DetectorConfig {
             error_min_requests: 20,
             error_min_increase: 0.1,
             latency_min_ratio: 1.5,
+            latency_min_requests: 20,
+            error_min_errors: 5,
             auth_failure_burst: 20,
+            auth_failure_baseline_ratio: 3.0,
             denial_burst: 50,
             denial_minutes: 3,
             enumeration_endpoints: 10,
+            new_endpoint_min_requests: 3,
+            endpoint_baseline_min_requests: 500,
             max_known_endpoints: 1000,
         }
     }

@@ -225,3 +225,73 @@ fn nothing_alarms_during_warm_up_and_replays_are_identical() {
     assert_eq!(a.len(), 2);
     assert_ne!(a[0].anomaly_id, a[1].anomaly_id);
 }
+
+#[test]
+fn a_stray_request_to_a_new_endpoint_is_not_unusual_but_a_habit_is() {
+    let unusual = |n: u64| {
+        inject(14, 100, |s| s.endpoints.push(("/v1/new".into(), n)))
+            .into_iter()
+            .filter(|a| a.anomaly_type == AnomalyType::UnusualEndpointAccess)
+            .count()
+    };
+    // The trigger is 3 requests (`new_endpoint_min_requests`).
+    assert_eq!(unusual(1), 0);
+    assert_eq!(unusual(2), 0);
+    assert_eq!(unusual(3), 1);
+}
+
+#[test]
+fn a_light_client_is_not_judged_on_endpoints_before_its_baseline_holds_enough() {
+    // 4 requests a minute for 60 minutes = 240 learned requests, below
+    // the 500 the endpoint baseline needs: a new endpoint is not unusual.
+    let cfg = DetectorConfig::default();
+    let mut d = ClientDetector::default();
+    let minute = |m: i64, endpoints: Vec<(String, u64)>| MinuteSummary {
+        minute_start_ms: m * MINUTE,
+        requests: endpoints.iter().map(|(_, n)| n).sum(),
+        endpoints,
+        ..MinuteSummary::default()
+    };
+    for m in 0..60 {
+        assert!(d
+            .evaluate("light", &minute(m, vec![("/v1/a".into(), 4)]), &cfg)
+            .is_empty());
+    }
+    let found = d.evaluate("light", &minute(60, vec![("/v1/b".into(), 4)]), &cfg);
+    assert!(found.is_empty(), "{found:#?}");
+}
+
+#[test]
+fn a_busy_clients_usual_auth_failures_are_no_burst_but_three_times_them_is() {
+    // A busy client: 3,000 requests a minute with its ordinary 1 % of
+    // 401/403 (~30, over the fixed trigger of 20). Neither its first
+    // minutes (5 % of requests decides before the baseline has learned)
+    // nor later ones (3x its usual decides) are bursts.
+    let cfg = DetectorConfig::default();
+    let mut d = ClientDetector::default();
+    let mut steady = Steady::new(15);
+    let mut alarms = 0;
+    for _ in 0..100 {
+        let mut s = steady.next();
+        s.requests = 3_000;
+        s.auth_failures += 28;
+        alarms += d
+            .evaluate("busy", &s, &cfg)
+            .iter()
+            .filter(|a| a.anomaly_type == AnomalyType::PotentialAbuse)
+            .count();
+    }
+    assert_eq!(alarms, 0, "its usual 401/403s raised {alarms} alarms");
+    let mut s = steady.next();
+    s.requests = 3_000;
+    s.auth_failures = 100;
+    let found = d.evaluate("busy", &s, &cfg);
+    assert_eq!(
+        found
+            .iter()
+            .filter(|a| a.anomaly_type == AnomalyType::PotentialAbuse)
+            .count(),
+        1,
+        "{found:#?}"
+    );
+}
