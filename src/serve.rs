@@ -70,7 +70,21 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             }
             None => None,
         };
-        let webhooks = crate::webhooks::Webhooks::start(store.clone(), alerts.clone())?;
+        let webhooks = crate::webhooks::Webhooks::start(
+            store.clone(),
+            alerts.clone(),
+            config.kafka.is_none(),
+        )?;
+        let control = match &config.kafka {
+            Some(k) => {
+                let hooks = webhooks.clone();
+                Some(tally_actors::control_topic::ControlTopic::start(
+                    k,
+                    Box::new(move |key, value| hooks.apply_control(key, value)),
+                )?)
+            }
+            None => None,
+        };
         let alert_topic = match &config.kafka {
             Some(k) => Some(tally_actors::alert_topic::start(k, store.clone(), alerts.clone())?),
             None => None,
@@ -90,6 +104,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             http_client: reqwest::Client::new(),
             alerts,
             webhooks: webhooks.clone(),
+            control,
         });
         let upkeep = tokio::spawn(async move {
             loop {

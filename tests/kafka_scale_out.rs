@@ -202,6 +202,88 @@ async fn two_instances_split_partitions_forward_queries_and_survive_a_kill() {
     }
     assert_eq!(tops[0], tops[1]);
 
+    // A webhook configured at A reaches B through the control topic, and
+    // receives the events both instances raise.
+    let received: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let payload: Value = serde_json::from_slice(&body).unwrap();
+                sink.lock().unwrap().push(payload["event"].clone());
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let r = c
+        .put(a.url("/v1/webhooks/shared"))
+        .json(&serde_json::json!({"url": hook_url, "secret": "0123456789abcdef", "event_types": ["RATE_LIMITED"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c
+        .get(b.url("/v1/webhooks/shared"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(Instant::now() < deadline, "the webhook never reached B");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let one = serde_json::json!({"algorithm": "FIXED_WINDOW", "global_limit": {"requests": 1, "window_seconds": 3600}});
+    let mut owners = BTreeSet::new();
+    let hooked: Vec<String> = (0..8).map(|i| format!("hooked-{i}")).collect();
+    for client in &hooked {
+        let r = c
+            .put(a.url(&format!("/v1/clients/{client}/limits")))
+            .json(&one)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        for want in [200, 429] {
+            let r = c
+                .post(b.url("/v1/check"))
+                .json(&serde_json::json!({"client_id": client, "endpoint": "/x"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), want);
+        }
+        let r = c
+            .get(b.url(&format!("/v1/clients/{client}/limits")))
+            .send()
+            .await
+            .unwrap();
+        if let Some(v) = r.headers().get("x-tally-served-by") {
+            owners.insert(v.to_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(owners.len(), 2, "the 8 clients should span both instances");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got: BTreeSet<String> = received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e["client_id"].as_str().unwrap().to_string())
+            .collect();
+        if got == hooked.iter().cloned().collect::<BTreeSet<_>>() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "webhook got {got:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // Checks are exact across instances: whichever instance is asked, the
     // owner's limiter decides (20 tokens, no refill within the test).
     let bucket = serde_json::json!({"algorithm": "TOKEN_BUCKET", "global_limit": {"requests": 20, "window_seconds": 360000}});

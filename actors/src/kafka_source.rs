@@ -100,11 +100,13 @@ impl KafkaSource {
             .map(|s| changelog_topic(&config.topic, *s))
             .collect();
         let members = Membership::members_topic(&config.topic);
+        let control = crate::control_topic::control_topic(&config.topic);
         let mut topics: Vec<NewTopic<'_>> = names
             .iter()
             .map(|n| NewTopic::new(n, i32::from(partitions), TopicReplication::Fixed(1)))
             .collect();
         topics.push(NewTopic::new(&members, 1, TopicReplication::Fixed(1)));
+        topics.push(NewTopic::new(&control, 1, TopicReplication::Fixed(1)));
         let topics: Vec<NewTopic<'_>> = topics
             .into_iter()
             .map(|t| {

@@ -8,6 +8,7 @@
 //! - [`kafka_source`]: consumer-group source, positions from the store.
 //! - [`kafka_rebalance`]: what moves with a partition: flush and last
 //!   changelog round on revocation, restore on assignment.
+//! - [`control_topic`]: configuration every instance shares (webhooks).
 //! - [`changelog`]: changelog topics: publishing rounds, rebuilding.
 //! - [`membership`]: who owns which partition, for query forwarding.
 //! - [`limits`]: a shard's rate limiters and quotas; the gateway check.
@@ -27,6 +28,7 @@ pub mod alert_topic;
 pub mod alerts;
 pub mod anomaly;
 pub mod changelog;
+pub mod control_topic;
 pub mod engine;
 pub mod kafka_decode;
 pub mod kafka_health;

@@ -73,6 +73,8 @@ pub struct Shared {
     pub alerts: Arc<tally_actors::alerts::AlertLog>,
     /// Webhook configurations and their delivery tasks.
     pub webhooks: Arc<crate::webhooks::Webhooks>,
+    /// In Kafka mode, configuration shared by every instance.
+    pub control: Option<Arc<tally_actors::control_topic::ControlTopic>>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::AppState;
 use crate::error::ApiError;
-use crate::webhooks::{validate, WebhookConfig, WebhookStatus};
+use crate::webhooks::{control_key, validate, WebhookConfig, WebhookStatus};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -77,6 +77,15 @@ async fn put(
             problems,
         ));
     }
+    // In Kafka mode every instance delivers its own events: the change
+    // goes to all of them through the control topic.
+    if let Some(control) = &state.control {
+        let json = serde_json::to_string(&config).map_err(|e| internal(e.into()))?;
+        control
+            .publish(&control_key(&id), Some(&json))
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("cannot publish the webhook: {e}")))?;
+    }
     let created = state.webhooks.put(&id, config).map_err(internal)?;
     let (config, status) = state.webhooks.get(&id).ok_or_else(|| missing(&id))?;
     let code = if created {
@@ -119,6 +128,15 @@ async fn delete(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
     let id = id_of(path)?;
+    if state.webhooks.get(&id).is_none() {
+        return Err(missing(&id));
+    }
+    if let Some(control) = &state.control {
+        control
+            .publish(&control_key(&id), None)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("cannot publish the deletion: {e}")))?;
+    }
     if state.webhooks.delete(&id).map_err(internal)? {
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -195,6 +195,14 @@ pub struct Webhooks {
     alerts: Arc<AlertLog>,
     client: reqwest::Client,
     running: Mutex<BTreeMap<String, Running>>,
+    /// Where delivery tasks run (configuration may arrive on another
+    /// thread: the control topic's).
+    runtime: tokio::runtime::Handle,
+}
+
+/// The control-topic key of a webhook's configuration.
+pub fn control_key(id: &str) -> String {
+    format!("webhook/{id}")
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -202,9 +210,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Webhooks {
-    /// Loads the stored webhooks and starts delivering (inside a tokio
-    /// runtime).
-    pub fn start(store: Arc<Store>, alerts: Arc<AlertLog>) -> anyhow::Result<Arc<Webhooks>> {
+    /// Starts delivering to the stored webhooks (inside a tokio runtime).
+    /// In Kafka mode (`from_store` false) the configurations come from the
+    /// control topic instead, which every instance shares.
+    pub fn start(
+        store: Arc<Store>,
+        alerts: Arc<AlertLog>,
+        from_store: bool,
+    ) -> anyhow::Result<Arc<Webhooks>> {
         let client = reqwest::Client::builder()
             .user_agent(concat!("tally-webhooks/", env!("CARGO_PKG_VERSION")))
             .build()?;
@@ -213,8 +226,14 @@ impl Webhooks {
             alerts,
             client,
             running: Mutex::new(BTreeMap::new()),
+            runtime: tokio::runtime::Handle::current(),
         });
-        for (id, json) in hooks.store.webhooks()? {
+        let stored = if from_store {
+            hooks.store.webhooks()?
+        } else {
+            Vec::new()
+        };
+        for (id, json) in stored {
             match serde_json::from_str::<WebhookConfig>(&json) {
                 Ok(config) => hooks.spawn(&id, config)?,
                 Err(e) => {
@@ -246,7 +265,7 @@ impl Webhooks {
             last_error: None,
             last_delivered_at: None,
         }));
-        let task = tokio::spawn(delivery::run(delivery::Delivery {
+        let task = self.runtime.spawn(delivery::run(delivery::Delivery {
             id: id.to_string(),
             config: config.clone(),
             store: self.store.clone(),
@@ -288,6 +307,34 @@ impl Webhooks {
         old.task.abort();
         self.store.delete_webhook(id)?;
         Ok(true)
+    }
+
+    /// Applies a control-topic record (`webhook/<id>`); others are not
+    /// for webhooks. A configuration equal to the running one changes
+    /// nothing (this instance's own changes come back this way too).
+    pub fn apply_control(&self, key: &str, value: Option<&str>) {
+        let Some(id) = key.strip_prefix("webhook/") else {
+            return;
+        };
+        let result = match value {
+            None => self.delete(id).map(|_| ()),
+            Some(json) => match serde_json::from_str::<WebhookConfig>(json) {
+                Ok(config) => {
+                    let same = lock(&self.running)
+                        .get(id)
+                        .is_some_and(|r| r.config == config);
+                    if same {
+                        Ok(())
+                    } else {
+                        self.put(id, config).map(|_| ())
+                    }
+                }
+                Err(e) => Err(anyhow::anyhow!("undecodable configuration: {e}")),
+            },
+        };
+        if let Err(e) = result {
+            tracing::error!(webhook = id, error = %e, "cannot apply a webhook change from the control topic");
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<(WebhookConfig, WebhookStatus)> {
