@@ -9,6 +9,7 @@
 //! a period a shard has not reached yet) are answered from the stored
 //! totals by the caller.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tally_pipelines::ingest::FlushContent;
@@ -92,19 +93,31 @@ impl ShardTop {
         if !self.loaded {
             return;
         }
+        // Summed per client and period first: a client's minutes in one
+        // flush mostly share their periods, and each ranking update moves
+        // the client in four ordered indexes.
+        let mut sums: HashMap<(usize, i64, &str), PeriodTotals> = HashMap::new();
         for delta in &content.stats {
             let totals = PeriodTotals::of(&delta.stats);
             for period in PERIODS {
                 let (start, _) = period.bounds(delta.minute_start_ms);
-                let current = &mut self.current[slot(period)];
-                match current {
-                    Some((s, ranking)) if *s == start => ranking.add(&delta.client_id, &totals),
-                    Some((s, _)) if *s > start => {}
-                    _ => {
-                        let mut ranking = PeriodRanking::new();
-                        ranking.add(&delta.client_id, &totals);
-                        *current = Some((start, ranking));
-                    }
+                sums.entry((slot(period), start, delta.client_id.as_str()))
+                    .or_default()
+                    .add(&totals);
+            }
+        }
+        // Oldest first, so that a newer period replaces an older one.
+        let mut sums: Vec<_> = sums.into_iter().collect();
+        sums.sort_unstable_by_key(|((slot, start, _), _)| (*slot, *start));
+        for ((slot, start, client), totals) in sums {
+            let current = &mut self.current[slot];
+            match current {
+                Some((s, ranking)) if *s == start => ranking.add(client, &totals),
+                Some((s, _)) if *s > start => {}
+                _ => {
+                    let mut ranking = PeriodRanking::new();
+                    ranking.add(client, &totals);
+                    *current = Some((start, ranking));
                 }
             }
         }

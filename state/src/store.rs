@@ -1,7 +1,7 @@
 //! The RocksDB store. This module and [`crate::snapshot`] are the only ones
 //! that touch RocksDB types; everything above talks to [`Store`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
@@ -13,7 +13,7 @@ use rocksdb::{
 use serde::{Deserialize, Serialize};
 use tally_pipelines::aggregate::BucketStats;
 use tally_pipelines::ingest::FlushContent;
-use tally_pipelines::time::Granularity;
+use tally_pipelines::time::{Granularity, Period};
 use tally_pipelines::top::PeriodTotals;
 
 use crate::changelog::StateStore;
@@ -372,6 +372,7 @@ impl Store {
         let tracking = self.changes.get().is_some();
         let mut changed: Vec<ChangedKey> = Vec::new();
         let stats_cf = self.cf(CF_STATS)?;
+        let mut period_totals: HashMap<(Period, i64, &str), PeriodTotals> = HashMap::new();
         for delta in &content.stats {
             // One encoded delta is merged into its minute, hour and day.
             let value = encode(&delta.stats)?;
@@ -387,15 +388,24 @@ impl Store {
                     changed.push((StateStore::Stats, key));
                 }
             }
-            // And its totals into the client's hour, day, week and month.
-            let totals = encode(&PeriodTotals::of(&delta.stats))?;
+            // And its totals into the client's hour, day, week and month,
+            // summed over the flush first (a client's minutes mostly share
+            // their periods, so this is one operand per period, not one
+            // per minute).
+            let totals = PeriodTotals::of(&delta.stats);
             for period in crate::top::PERIODS {
                 let (start, _) = period.bounds(delta.minute_start_ms);
-                let key = keys::period_totals_key(partition, period, start, &delta.client_id);
-                batch.merge_cf(stats_cf, &key, &totals);
-                if tracking {
-                    changed.push((StateStore::Stats, key));
-                }
+                period_totals
+                    .entry((period, start, delta.client_id.as_str()))
+                    .or_default()
+                    .add(&totals);
+            }
+        }
+        for ((period, start, client), totals) in period_totals {
+            let key = keys::period_totals_key(partition, period, start, client);
+            batch.merge_cf(stats_cf, &key, encode(&totals)?);
+            if tracking {
+                changed.push((StateStore::Stats, key));
             }
         }
         let mut next = checkpoint.clone();
