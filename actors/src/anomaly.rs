@@ -52,6 +52,8 @@ pub struct ShardDetectors {
     /// Gateway denials per (minute, client) not judged yet.
     denials: HashMap<(i64, String), u64>,
     changed: HashSet<String>,
+    /// Judged since the last flush: their open marks go with it.
+    closed: Vec<(i64, String)>,
 }
 
 impl ShardDetectors {
@@ -64,15 +66,58 @@ impl ShardDetectors {
             open: BTreeMap::new(),
             denials: HashMap::new(),
             changed: HashSet::new(),
+            closed: Vec::new(),
         }
     }
 
-    /// Forgets everything in memory (restart, restore, release).
-    pub fn reload(&mut self) {
+    /// Forgets everything in memory (the partition was released).
+    pub fn clear(&mut self) {
         self.detectors.clear();
         self.open.clear();
         self.denials.clear();
         self.changed.clear();
+        self.closed.clear();
+    }
+
+    /// Back to the last flush (restart, restore): the minutes flushed and
+    /// not judged are read back, so none is skipped, whoever judges it. A
+    /// minute judged after the last flush is judged again, against the
+    /// baseline of that flush, with the same outcome (ids included).
+    pub fn reload(&mut self) {
+        self.clear();
+        match self.store.open_minutes(self.partition) {
+            Ok(open) => {
+                for (minute, client) in open {
+                    self.open.entry(minute).or_default().insert(client);
+                }
+            }
+            Err(e) => {
+                tracing::error!(shard = self.partition, error = %e, "cannot read the minutes waiting to be judged")
+            }
+        }
+    }
+
+    /// The (minute, client) buckets a flush opens, to be marked with it.
+    pub fn opened_by(&self, content: &FlushContent) -> Vec<(i64, String)> {
+        let mut pairs: Vec<(i64, String)> = content
+            .stats
+            .iter()
+            .filter(|d| {
+                !self
+                    .open
+                    .get(&d.minute_start_ms)
+                    .is_some_and(|c| c.contains(&d.client_id))
+            })
+            .map(|d| (d.minute_start_ms, d.client_id.clone()))
+            .collect();
+        pairs.sort();
+        pairs.dedup();
+        pairs
+    }
+
+    /// Buckets judged since the last flush (their marks are removed by it).
+    pub fn take_closed(&mut self) -> Vec<(i64, String)> {
+        std::mem::take(&mut self.closed)
     }
 
     pub fn idle_close(&self) -> Duration {
@@ -100,7 +145,7 @@ impl ShardDetectors {
     }
 
     pub fn has_changes(&self) -> bool {
-        !self.changed.is_empty()
+        !self.changed.is_empty() || !self.closed.is_empty()
     }
 
     pub fn has_open(&self) -> bool {
@@ -134,7 +179,8 @@ impl ShardDetectors {
                     }
                 };
                 found.extend(detector.evaluate(&client, &summary, &self.settings.config));
-                self.changed.insert(client);
+                self.changed.insert(client.clone());
+                self.closed.push((minute, client));
             }
         }
         if !found.is_empty() {

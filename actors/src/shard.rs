@@ -271,6 +271,8 @@ impl Shard {
         let content = self.ingest.take_flush();
         let mut limit_writes = lock(&self.limits).take_writes();
         limit_writes.detectors = self.detectors.take_changed();
+        limit_writes.open_minutes = self.detectors.opened_by(&content);
+        limit_writes.closed_minutes = self.detectors.take_closed();
         let mut next = self.checkpoint.clone();
         next.positions = self.positions.clone();
         let sync = self.config.sync_writes && self.sync_needed;
@@ -486,7 +488,7 @@ impl Handler<PartitionControl> for Shard {
                 );
                 self.positions.clear();
                 lock(&self.limits).reload();
-                self.detectors.reload();
+                self.detectors.clear();
                 lock_top(&self.top).clear();
                 self.released = true;
                 Ok(())

@@ -61,6 +61,8 @@ pub enum LimitKind {
     Quota = 3,
     QuotaAlerts = 4,
     Detector = 5,
+    /// A (minute, client) bucket flushed and not judged yet.
+    OpenMinute = 6,
 }
 
 /// Prefix of every `limits` key of one kind in a partition.
@@ -77,6 +79,24 @@ pub fn limit_key(partition: u16, kind: LimitKind, client_id: &str) -> Vec<u8> {
     key.extend_from_slice(&len.to_be_bytes());
     key.extend_from_slice(&client[..usize::from(len)]);
     key
+}
+
+/// A minute bucket waiting to be judged: partition, kind, minute start
+/// (u64 ms), client (the rest of the key).
+pub fn open_minute_key(partition: u16, minute_start_ms: i64, client_id: &str) -> Vec<u8> {
+    let mut key = limit_prefix(partition, LimitKind::OpenMinute);
+    key.extend_from_slice(&time_bytes(minute_start_ms));
+    key.extend_from_slice(client_id.as_bytes());
+    key
+}
+
+pub fn decode_open_minute_key(key: &[u8]) -> Option<(i64, String)> {
+    if key.get(2) != Some(&(LimitKind::OpenMinute as u8)) {
+        return None;
+    }
+    let minute = u64::from_be_bytes(key.get(3..11)?.try_into().ok()?);
+    let client = String::from_utf8(key.get(11..)?.to_vec()).ok()?;
+    Some((i64::try_from(minute).ok()?, client))
 }
 
 /// The client of a `limits` key.
@@ -378,6 +398,20 @@ mod tests {
             0
         )));
         assert_eq!(decode_period_totals_key(&changelog_marker_key(4)), None);
+    }
+
+    #[test]
+    fn open_minute_keys_round_trip() {
+        let key = open_minute_key(3, 1_767_225_600_000, "a/b c");
+        assert_eq!(
+            decode_open_minute_key(&key),
+            Some((1_767_225_600_000, "a/b c".to_string()))
+        );
+        assert!(key.starts_with(&limit_prefix(3, LimitKind::OpenMinute)));
+        assert_eq!(
+            decode_open_minute_key(&limit_key(3, LimitKind::Detector, "x")),
+            None
+        );
     }
 
     #[test]

@@ -23,11 +23,27 @@ pub struct LimitWrites {
     pub quota_alerts: Vec<(String, QuotaAlerts)>,
     /// Anomaly detectors' learned baselines.
     pub detectors: Vec<(String, ClientDetector)>,
+    /// (minute, client) buckets this flush opens for judging...
+    pub open_minutes: Vec<(i64, String)>,
+    /// ...and those judged since the last flush.
+    pub closed_minutes: Vec<(i64, String)>,
 }
 
 impl LimitWrites {
     pub fn is_empty(&self) -> bool {
-        self.limiters.is_empty() && self.quota_alerts.is_empty() && self.detectors.is_empty()
+        self.limiters.is_empty()
+            && self.quota_alerts.is_empty()
+            && self.detectors.is_empty()
+            && self.open_minutes.is_empty()
+            && self.closed_minutes.is_empty()
+    }
+
+    /// Keys this flush deletes.
+    pub(crate) fn deleted(&self, partition: u16) -> Vec<Vec<u8>> {
+        self.closed_minutes
+            .iter()
+            .map(|(minute, client)| keys::open_minute_key(partition, *minute, client))
+            .collect()
     }
 
     pub(crate) fn encoded(&self, partition: u16) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
@@ -48,6 +64,12 @@ impl LimitWrites {
             out.push((
                 keys::limit_key(partition, LimitKind::QuotaAlerts, client),
                 encode(alerts)?,
+            ));
+        }
+        for (minute, client) in &self.open_minutes {
+            out.push((
+                keys::open_minute_key(partition, *minute, client),
+                Vec::new(),
             ));
         }
         Ok(out)
@@ -171,6 +193,25 @@ impl Store {
         {
             let (_, value) = item.map_err(rocks)?;
             out.push(decode(&value)?);
+        }
+        Ok(out)
+    }
+
+    /// Minute buckets flushed and not judged yet, `(minute, client)`.
+    pub fn open_minutes(&self, partition: u16) -> Result<Vec<(i64, String)>> {
+        let prefix = keys::limit_prefix(partition, LimitKind::OpenMinute);
+        let mut read = ReadOptions::default();
+        read.set_iterate_upper_bound(keys::prefix_end(&prefix));
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(
+            self.cf(CF_LIMITS)?,
+            read,
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (key, _) = item.map_err(rocks)?;
+            if let Some(open) = keys::decode_open_minute_key(&key) {
+                out.push(open);
+            }
         }
         Ok(out)
     }

@@ -454,6 +454,12 @@ impl Store {
                 changed.push((StateStore::Limits, key));
             }
         }
+        for key in limits.deleted(partition) {
+            batch.delete_cf(self.cf(CF_LIMITS)?, &key);
+            if tracking {
+                changed.push((StateStore::Limits, key));
+            }
+        }
         next.max_event_ms = content.max_event_ms.max(next.max_event_ms);
         batch.put_cf(
             self.cf(CF_META)?,
