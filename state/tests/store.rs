@@ -261,12 +261,14 @@ fn a_published_round_rebuilds_the_partition_elsewhere() {
             commit(&src, &mut cp, 2, client, ts, pos);
         }
         let (snap, keys) = src.begin_round(2);
-        // Round 1: (a, b) x (minute, hour, day), different clients share
-        // nothing = 6 stats keys + 2 dedupe segments; round 2: a's minute
-        // and hour at t + 1 h, its minute and hour at t, and its one day
-        // = 5 stats keys + 2 segments.
+        // Round 1: (a, b) x (minute, hour, day) buckets, different clients
+        // share nothing = 6, plus (a, b) x (hour, day, week, month) period
+        // totals = 8: 14 stats keys + 2 dedupe segments. Round 2: a's
+        // minute and hour at t + 1 h, its minute and hour at t, its one
+        // day = 5, plus its totals of two hours, the day, week and month
+        // = 5: 10 stats keys + 2 segments.
         let stats = keys.iter().filter(|(s, _)| *s == StateStore::Stats).count();
-        assert_eq!(stats, if round == 1 { 6 } else { 5 }, "round {round}");
+        assert_eq!(stats, if round == 1 { 14 } else { 10 }, "round {round}");
         assert_eq!(keys.len() - stats, 2, "round {round}");
         for (store, key) in keys {
             let value = ChangelogValue::Change {
