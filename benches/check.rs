@@ -14,7 +14,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -152,33 +151,10 @@ fn free_port() -> u16 {
 
 async fn tally(connections: usize, seconds: u64, clients: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("tally.toml");
-    std::fs::write(
-        &config,
+    let (mut child, base) = common::start_tally(
+        dir.path(),
         "[limits.default]\nalgorithm = \"SLIDING_WINDOW\"\nglobal_limit = { requests = 1000, window_seconds = 60 }\n",
-    )
-    .expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--config",
-        ])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run tally serve");
-    let mut line = String::new();
-    if let Some(stdout) = child.stdout.take() {
-        let _ = BufReader::new(stdout).read_line(&mut line);
-    }
-    let base = line.trim().trim_start_matches("listening on ").to_string();
+    );
     let url = format!("{base}/v1/check");
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(connections)

@@ -34,30 +34,11 @@ impl SseReader {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut out = Vec::new();
         while out.len() < n {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
-                let (mut id, mut kind, mut data) = (None, String::new(), String::new());
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("id:") {
-                        id = v.trim().parse().ok();
-                    } else if let Some(v) = line.strip_prefix("event:") {
-                        kind = v.trim().to_string();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.trim());
-                    }
-                }
-                if let Some(id) = id {
-                    out.push((id, kind, serde_json::from_str(&data).unwrap()));
-                }
-                continue;
-            }
             let left = deadline.saturating_duration_since(Instant::now());
-            let chunk = tokio::time::timeout(left, self.body.chunk())
-                .await
-                .unwrap_or_else(|_| panic!("only {} of {n} events within 20 s: {out:?}", out.len()))
-                .unwrap()
-                .expect("stream ended");
-            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+            match self.next_within(left).await {
+                Some(e) => out.push(e),
+                None => panic!("only {} of {n} events within 20 s: {out:?}", out.len()),
+            }
         }
         out
     }

@@ -14,7 +14,6 @@ use metrics::counter;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tally_state::Store;
-use tokio::sync::broadcast::error::RecvError;
 
 use crate::alerts::AlertLog;
 use crate::kafka_source::KafkaConfig;
@@ -65,24 +64,10 @@ async fn run(
     alerts: Arc<AlertLog>,
     mut cursor: u64,
 ) {
-    let mut live = alerts.subscribe();
+    let mut follower = alerts.follow();
     loop {
-        let batch = match alerts.after(cursor, BATCH) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the alert log");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
+        let batch = follower.next_batch(cursor, BATCH).await;
         if batch.is_empty() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                match live.recv().await {
-                    Ok(_) | Err(RecvError::Lagged(_)) => {}
-                    Err(RecvError::Closed) => tokio::time::sleep(Duration::from_secs(1)).await,
-                }
-            })
-            .await;
             continue;
         }
         let payloads: Vec<(String, std::sync::Arc<str>)> = batch

@@ -137,6 +137,15 @@ impl AlertLog {
         self.live.subscribe()
     }
 
+    /// A reader that follows the log from a cursor (sinks: webhooks, the
+    /// alert topic).
+    pub fn follow(self: &Arc<Self>) -> Follower {
+        Follower {
+            log: self.clone(),
+            live: self.subscribe(),
+        }
+    }
+
     /// Logged events after `event_id`, oldest first (at most `limit`).
     pub fn after(&self, event_id: u64, limit: usize) -> Result<Vec<AlertEvent>, crate::Error> {
         Ok(self
@@ -149,6 +158,39 @@ impl AlertLog {
                 Some(e)
             })
             .collect())
+    }
+}
+
+/// Follows the persisted log for a sink: each call returns the events
+/// after a cursor, or, when there are none, waits for news (a second at
+/// most) and returns nothing, so the caller can look at its own state.
+pub struct Follower {
+    log: Arc<AlertLog>,
+    live: broadcast::Receiver<Arc<AlertEvent>>,
+}
+
+impl Follower {
+    pub async fn next_batch(&mut self, cursor: u64, limit: usize) -> Vec<AlertEvent> {
+        match self.log.after(cursor, limit) {
+            Ok(batch) if !batch.is_empty() => batch,
+            Ok(_) => {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                    match self.live.recv().await {
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => {
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await
+                        }
+                    }
+                })
+                .await;
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the alert log");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                Vec::new()
+            }
+        }
     }
 }
 

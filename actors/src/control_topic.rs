@@ -22,6 +22,32 @@ pub fn control_topic(topic: &str) -> String {
     format!("{topic}.control")
 }
 
+/// A consumer of a one-partition topic from its first record, outside any
+/// group (every instance reads everything): membership, control.
+pub(crate) fn read_from_beginning(
+    brokers: &str,
+    topic: &str,
+    reader: &str,
+) -> Result<BaseConsumer, Error> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set(
+            "group.id",
+            format!("tally-{reader}-reader-{}", std::process::id()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .map_err(|e| Error::Kafka(e.to_string()))?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .map_err(|e| Error::Kafka(e.to_string()))?;
+    consumer
+        .assign(&tpl)
+        .map_err(|e| Error::Kafka(e.to_string()))?;
+    Ok(consumer)
+}
+
 /// Applies one record: `(key, Some(value))` sets, `(key, None)` deletes.
 pub type Apply = Box<dyn Fn(&str, Option<&str>) + Send + 'static>;
 
@@ -36,22 +62,7 @@ impl ControlTopic {
     /// every record in order.
     pub fn start(config: &KafkaConfig, apply: Apply) -> Result<Arc<ControlTopic>, Error> {
         let topic = control_topic(&config.topic);
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .set(
-                "group.id",
-                format!("tally-control-reader-{}", std::process::id()),
-            )
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .create()
-            .map_err(|e| Error::Kafka(e.to_string()))?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, 0, Offset::Beginning)
-            .map_err(|e| Error::Kafka(e.to_string()))?;
-        consumer
-            .assign(&tpl)
-            .map_err(|e| Error::Kafka(e.to_string()))?;
+        let consumer = read_from_beginning(&config.brokers, &topic, "control")?;
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             .set("enable.idempotence", "true")

@@ -14,10 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 use serde::{Deserialize, Serialize};
 use tally_state::retention::wall_clock_ms;
 
@@ -78,22 +77,7 @@ impl Membership {
         producer: FutureProducer,
     ) -> Result<Arc<Membership>, Error> {
         let topic = Self::members_topic(topic);
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set(
-                "group.id",
-                format!("tally-members-reader-{}", std::process::id()),
-            )
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .create()
-            .map_err(|e| Error::Kafka(e.to_string()))?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, 0, Offset::Beginning)
-            .map_err(|e| Error::Kafka(e.to_string()))?;
-        consumer
-            .assign(&tpl)
-            .map_err(|e| Error::Kafka(e.to_string()))?;
+        let consumer = crate::control_topic::read_from_beginning(brokers, &topic, "members")?;
         let membership = Arc::new(Membership {
             address,
             partitions,

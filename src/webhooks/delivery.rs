@@ -25,7 +25,6 @@ use tally_pipelines::circuit::{backoff_ms, Circuit, CircuitState, Outcome, Trans
 use tally_pipelines::time::format_rfc3339_ms;
 use tally_state::retention::wall_clock_ms;
 use tally_state::Store;
-use tokio::sync::broadcast::error::RecvError;
 
 use super::{sink_name, SinkCursor, WebhookConfig, WebhookStatus};
 
@@ -279,30 +278,15 @@ pub async fn run(d: Delivery) {
     if !d.config.enabled {
         return;
     }
-    let mut live = d.alerts.subscribe();
+    let mut follower = d.alerts.follow();
     let mut circuit = Circuit::default();
     loop {
         if d.overflowing(d.cursor().cursor) {
             d.drop_overflow();
         }
         let cursor = d.cursor().cursor;
-        let batch = match d.alerts.after(cursor, BATCH) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(webhook = %d.id, error = %e, "cannot read the alert log");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
+        let batch = follower.next_batch(cursor, BATCH).await;
         if batch.is_empty() {
-            // Wait for news (or look again in a second, whatever happens).
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                match live.recv().await {
-                    Ok(_) | Err(RecvError::Lagged(_)) => {}
-                    Err(RecvError::Closed) => tokio::time::sleep(Duration::from_secs(1)).await,
-                }
-            })
-            .await;
             continue;
         }
         // Ids missing after the cursor were removed by retention.

@@ -197,38 +197,35 @@ impl Store {
         Ok(out)
     }
 
-    /// Minute buckets flushed and not judged yet, `(minute, client)`.
-    pub fn open_minutes(&self, partition: u16) -> Result<Vec<(i64, String)>> {
-        let prefix = keys::limit_prefix(partition, LimitKind::OpenMinute);
+    /// Every `limits` entry of one kind in a partition, in key order.
+    fn limit_scan(&self, partition: u16, kind: LimitKind) -> Result<Vec<(Box<[u8]>, Box<[u8]>)>> {
+        let prefix = keys::limit_prefix(partition, kind);
         let mut read = ReadOptions::default();
         read.set_iterate_upper_bound(keys::prefix_end(&prefix));
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf_opt(
-            self.cf(CF_LIMITS)?,
-            read,
-            IteratorMode::From(&prefix, Direction::Forward),
-        ) {
-            let (key, _) = item.map_err(rocks)?;
-            if let Some(open) = keys::decode_open_minute_key(&key) {
-                out.push(open);
-            }
-        }
-        Ok(out)
+        self.db
+            .iterator_cf_opt(
+                self.cf(CF_LIMITS)?,
+                read,
+                IteratorMode::From(&prefix, Direction::Forward),
+            )
+            .map(|item| item.map_err(rocks))
+            .collect()
+    }
+
+    /// Minute buckets flushed and not judged yet, `(minute, client)`.
+    pub fn open_minutes(&self, partition: u16) -> Result<Vec<(i64, String)>> {
+        Ok(self
+            .limit_scan(partition, LimitKind::OpenMinute)?
+            .iter()
+            .filter_map(|(key, _)| keys::decode_open_minute_key(key))
+            .collect())
     }
 
     /// Every quota configured in a partition (bounded by the number of
     /// clients with a quota; read when a shard starts).
     pub fn quota_configs(&self, partition: u16) -> Result<Vec<(String, QuotaConfig)>> {
-        let prefix = keys::limit_prefix(partition, LimitKind::Quota);
-        let mut read = ReadOptions::default();
-        read.set_iterate_upper_bound(keys::prefix_end(&prefix));
         let mut out = Vec::new();
-        for item in self.db.iterator_cf_opt(
-            self.cf(CF_LIMITS)?,
-            read,
-            IteratorMode::From(&prefix, Direction::Forward),
-        ) {
-            let (key, value) = item.map_err(rocks)?;
+        for (key, value) in self.limit_scan(partition, LimitKind::Quota)? {
             if let Some(client) = keys::limit_key_client(&key) {
                 out.push((client, decode(&value)?));
             }

@@ -178,10 +178,19 @@ pub async fn produce_all(producer: &FutureProducer, topic: &str, records: &[(Str
                 }
             }
         }
+        let mut first_error = None;
         for (i, d) in in_flight.drain(..) {
-            if !matches!(d.await, Ok(Ok(_))) {
-                failed.push(i);
+            match d.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    first_error.get_or_insert_with(|| e.to_string());
+                    failed.push(i);
+                }
+                Err(_) => failed.push(i),
             }
+        }
+        if let Some(e) = first_error {
+            eprintln!("attempt {attempt}: first delivery error: {e}");
         }
         if failed.is_empty() {
             return;
