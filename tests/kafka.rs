@@ -99,7 +99,7 @@ async fn consumes_exactly_through_sigkill_and_sends_bad_messages_to_the_dead_let
     broker.create_topic(TOPIC, 12);
     broker.create_topic(DLQ, 1);
     let lines = dataset(1_000_000, 500, 23);
-    produce_all(&broker.producer(), TOPIC, &records(&lines)).await;
+    produce_all(&broker.bootstrap(), TOPIC, &records(&lines)).await;
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -245,7 +245,7 @@ async fn broker_outage_flips_readiness_and_consumption_resumes_exactly() {
     broker.create_topic(DLQ, 1);
     let lines = dataset(20_000, 100, 31);
     let (first, second) = lines.split_at(10_000);
-    produce_all(&broker.producer(), TOPIC, &records(first)).await;
+    produce_all(&broker.bootstrap(), TOPIC, &records(first)).await;
 
     let dir = tempfile::tempdir().unwrap();
     let mut args = kafka_args(&broker);
@@ -284,7 +284,7 @@ async fn broker_outage_flips_readiness_and_consumption_resumes_exactly() {
 
     // Back: consumption resumes by itself, nothing lost or doubled.
     broker.restart();
-    produce_all(&broker.producer(), TOPIC, &records(second)).await;
+    produce_all(&broker.bootstrap(), TOPIC, &records(second)).await;
     wait_for_totals(&c, &server, &lines).await;
     check_every_client(&c, &server, &lines).await;
     let deadline = Instant::now() + Duration::from_secs(30);

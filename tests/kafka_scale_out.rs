@@ -110,7 +110,7 @@ async fn two_instances_split_partitions_forward_queries_and_survive_a_kill() {
     broker.create_topic(&format!("{TOPIC}.dlq"), 1);
     let lines = dataset(300_000, 300, 41);
     let (first, second) = lines.split_at(100_000);
-    produce_all(&broker.producer(), TOPIC, &records(first)).await;
+    produce_all(&broker.bootstrap(), TOPIC, &records(first)).await;
 
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
@@ -316,9 +316,9 @@ async fn two_instances_split_partitions_forward_queries_and_survive_a_kill() {
 
     // Kill A mid-stream: B takes A's partitions, restores them from the
     // changelog, and ends exact.
-    let producer = broker.producer();
+    let bootstrap = broker.bootstrap();
     let rest = records(second);
-    let produce = tokio::spawn(async move { produce_all(&producer, TOPIC, &rest).await });
+    let produce = tokio::spawn(async move { produce_all(&bootstrap, TOPIC, &rest).await });
     let deadline = Instant::now() + Duration::from_secs(60);
     while total_requests(&c, &b, &lines).await <= want_first {
         assert!(Instant::now() < deadline, "second part never started");

@@ -120,20 +120,24 @@ impl Broker {
             .unwrap();
         assert!(status.success(), "tansu topic create {name} failed");
     }
+}
 
-    /// A producer that places keys as Kafka's Java clients do (murmur2).
-    pub fn producer(&self) -> FutureProducer {
-        ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap())
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", "20")
-            .set("enable.idempotence", "true")
-            // Fail fast and send again (see `produce_all`) rather than wait
-            // out librdkafka's 5-minute default after a broker restart.
-            .set("message.timeout.ms", "60000")
-            .create()
-            .unwrap()
-    }
+/// A producer that places keys as Kafka's Java clients do (murmur2). Not
+/// idempotent: a record sent twice is a duplicate event (same id) that the
+/// engine drops, and a non-idempotent producer cannot be left in a fatal
+/// state by a broker restart.
+pub fn producer_for(bootstrap: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "20")
+        .set("enable.idempotence", "false")
+        .set("acks", "all")
+        // Fail fast and send again (see `produce_all`) rather than wait
+        // out librdkafka's 5-minute default after a broker restart.
+        .set("message.timeout.ms", "60000")
+        .create()
+        .unwrap()
 }
 
 impl Drop for Broker {
@@ -147,9 +151,12 @@ impl Drop for Broker {
 /// Records whose delivery fails (a broker that just restarted may time
 /// out a batch) are sent again, a few times: the events carry ids, so a
 /// record delivered twice is a duplicate the engine drops.
-pub async fn produce_all(producer: &FutureProducer, topic: &str, records: &[(String, String)]) {
+pub async fn produce_all(bootstrap: &str, topic: &str, records: &[(String, String)]) {
     let mut todo: Vec<usize> = (0..records.len()).collect();
     for attempt in 0..5 {
+        // A fresh producer each attempt: one that failed across a broker
+        // restart may stay failed (seen in CI under load).
+        let producer = &producer_for(bootstrap);
         let mut failed = Vec::new();
         let mut in_flight = Vec::new();
         for &i in &todo {
