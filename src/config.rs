@@ -558,6 +558,24 @@ mod tests {
         assert_eq!(problems.len(), 4, "{problems:?}");
     }
 
+    /// The shipped example is valid and its detector block states the
+    /// defaults (so the example cannot drift from the code).
+    #[test]
+    fn the_example_configuration_is_valid_and_states_the_defaults() {
+        let engine = EngineArgs {
+            config: Some(PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/deploy/tally.example.toml"
+            ))),
+            ..Default::default()
+        };
+        let c = Config::resolve(&engine, &ServeArgs::default()).unwrap();
+        assert_eq!(c.detect, tally_pipelines::detect::DetectorConfig::default());
+        assert_eq!(c.top_trend_threshold, 0.10);
+        assert_eq!(c.request_sample_rate, 0.0);
+        assert_eq!(c.anomaly_idle_close, Duration::from_secs(120));
+    }
+
     #[test]
     fn file_values_apply_and_flags_win() {
         let dir = tempfile::tempdir().unwrap();
