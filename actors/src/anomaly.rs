@@ -212,13 +212,10 @@ impl ShardDetectors {
             ..MinuteSummary::default()
         };
         let mut latency = LatencySketch::new();
-        for (_, bucket) in self.store.read_buckets(
-            self.partition,
-            client,
-            Granularity::Minute,
-            minute,
-            minute + MINUTE_MS,
-        )? {
+        if let Some(bucket) =
+            self.store
+                .read_bucket(self.partition, client, Granularity::Minute, minute)?
+        {
             for (endpoint, e) in bucket.endpoints() {
                 s.requests += e.requests;
                 s.server_errors += e.server_errors;

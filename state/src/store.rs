@@ -488,6 +488,31 @@ impl Store {
         Ok(stats)
     }
 
+    /// One bucket (a point read: cheaper than a range when the start is
+    /// known), `None` when empty or past retention.
+    pub fn read_bucket(
+        &self,
+        partition: u16,
+        client_id: &str,
+        granularity: Granularity,
+        start_ms: i64,
+    ) -> Result<Option<BucketStats>> {
+        if self
+            .retention
+            .bucket_expired(granularity, start_ms, self.clocks.get(partition))
+        {
+            return Ok(None);
+        }
+        let key = keys::stats_key(partition, granularity, client_id, start_ms);
+        match self.db.get_cf(self.cf(CF_STATS)?, key).map_err(rocks)? {
+            Some(v) => {
+                let stats: BucketStats = decode(&v)?;
+                Ok((!stats.is_empty()).then_some(stats))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// Buckets of one client at one granularity with start in `[from, to)`,
     /// ascending, excluding buckets past retention.
     pub fn read_buckets(
