@@ -4,6 +4,7 @@
 //! - [`codec`]: versioned value encoding.
 //! - [`limits`]: rate-limit and quota configuration and state.
 //! - [`retention`]: event-time retention and the partition clocks.
+//! - [`commit`]: a shard's flush as one atomic WriteBatch.
 //! - [`store`]: the RocksDB store: atomic flush commits (state deltas,
 //!   dedupe claims, dead letters and positions in one WriteBatch), reads.
 //! - [`snapshot`]: consistent snapshots, changed-key tracking and
@@ -15,6 +16,7 @@
 
 pub mod changelog;
 pub mod codec;
+pub mod commit;
 pub mod keys;
 pub mod limits;
 pub mod retention;

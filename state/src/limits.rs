@@ -16,6 +16,9 @@ use crate::keys::{self, LimitKind, CF_ANOMALIES, CF_LIMITS};
 use crate::store::{rocks, Store};
 use crate::Result;
 
+/// A raw RocksDB entry.
+type KeyValue = (Box<[u8]>, Box<[u8]>);
+
 /// Limiter state and quota alert marks to write with a flush.
 #[derive(Debug, Default)]
 pub struct LimitWrites {
@@ -198,7 +201,7 @@ impl Store {
     }
 
     /// Every `limits` entry of one kind in a partition, in key order.
-    fn limit_scan(&self, partition: u16, kind: LimitKind) -> Result<Vec<(Box<[u8]>, Box<[u8]>)>> {
+    fn limit_scan(&self, partition: u16, kind: LimitKind) -> Result<Vec<KeyValue>> {
         let prefix = keys::limit_prefix(partition, kind);
         let mut read = ReadOptions::default();
         read.set_iterate_upper_bound(keys::prefix_end(&prefix));
