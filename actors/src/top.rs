@@ -1,7 +1,8 @@
-//! A shard's top-consumer index: the ranking of the newest hour, day, week
-//! and month of its partition, updated after every flush from what the
-//! flush wrote, so that a query reads the top N off ordered indexes
-//! instead of visiting every client.
+//! A shard's top-consumer index: the rankings of the newest hour, day,
+//! week and month of its partition and of the period before each (the
+//! "previous" a trend compares with, and yesterday's top), updated after
+//! every flush from what the flush wrote, so that a query reads the top N
+//! off ordered indexes instead of visiting every client.
 //!
 //! The index is loaded from the stored period totals when the shard
 //! (re)loads its state, and only ever by the shard itself, between two
@@ -34,6 +35,8 @@ pub struct ShardTop {
     /// `(period start, ranking)` of the newest period of each kind, in
     /// [`PERIODS`] order; `None` until loaded.
     current: [Option<(i64, PeriodRanking)>; 4],
+    /// The period just before each `current` one, while it is kept.
+    previous: [Option<(i64, PeriodRanking)>; 4],
     loaded: bool,
 }
 
@@ -58,6 +61,7 @@ impl ShardTop {
         Self {
             partition,
             current: Default::default(),
+            previous: Default::default(),
             loaded: false,
         }
     }
@@ -65,6 +69,7 @@ impl ShardTop {
     /// Forgets the index (the partition was released).
     pub fn clear(&mut self) {
         self.current = Default::default();
+        self.previous = Default::default();
         self.loaded = false;
     }
 
@@ -75,11 +80,16 @@ impl ShardTop {
         if let Some(clock) = store.partition_clock(self.partition) {
             for period in PERIODS {
                 let (start, _) = period.bounds(clock);
-                let mut ranking = PeriodRanking::new();
-                for (client, totals) in store.period_totals(self.partition, period, start)? {
-                    ranking.add(&client, &totals);
-                }
-                self.current[slot(period)] = Some((start, ranking));
+                let (before, _) = period.bounds(start - 1);
+                let load = |start: i64| -> Result<PeriodRanking, Error> {
+                    let mut ranking = PeriodRanking::new();
+                    for (client, totals) in store.period_totals(self.partition, period, start)? {
+                        ranking.add(&client, &totals);
+                    }
+                    Ok(ranking)
+                };
+                self.current[slot(period)] = Some((start, load(start)?));
+                self.previous[slot(period)] = Some((before, load(before)?));
             }
         }
         self.loaded = true;
@@ -87,8 +97,9 @@ impl ShardTop {
     }
 
     /// Adds what a committed flush wrote. A delta of a newer period starts
-    /// that period's ranking (the store holds nothing of it yet); a delta
-    /// of an older period is only in the store.
+    /// that period's ranking (the store holds nothing of it yet), and the
+    /// current one becomes the previous if it is the one just before; a
+    /// delta of an older period is only in the store.
     pub fn note_flushed(&mut self, content: &FlushContent) {
         if !self.loaded {
             return;
@@ -99,35 +110,47 @@ impl ShardTop {
         let mut sums: HashMap<(usize, i64, &str), PeriodTotals> = HashMap::new();
         for delta in &content.stats {
             let totals = PeriodTotals::of(&delta.stats);
-            for period in PERIODS {
+            for (i, period) in PERIODS.into_iter().enumerate() {
                 let (start, _) = period.bounds(delta.minute_start_ms);
-                sums.entry((slot(period), start, delta.client_id.as_str()))
+                sums.entry((i, start, delta.client_id.as_str()))
                     .or_default()
                     .add(&totals);
             }
         }
         // Oldest first, so that a newer period replaces an older one.
         let mut sums: Vec<_> = sums.into_iter().collect();
-        sums.sort_unstable_by_key(|((slot, start, _), _)| (*slot, *start));
-        for ((slot, start, client), totals) in sums {
-            let current = &mut self.current[slot];
-            match current {
-                Some((s, ranking)) if *s == start => ranking.add(client, &totals),
-                Some((s, _)) if *s > start => {}
-                _ => {
-                    let mut ranking = PeriodRanking::new();
-                    ranking.add(client, &totals);
-                    *current = Some((start, ranking));
+        sums.sort_unstable_by_key(|((i, start, _), _)| (*i, *start));
+        for ((i, start, client), totals) in sums {
+            let current_start = self.current[i].as_ref().map(|(s, _)| *s);
+            let previous_start = self.previous[i].as_ref().map(|(s, _)| *s);
+            if current_start == Some(start) {
+                if let Some((_, r)) = &mut self.current[i] {
+                    r.add(client, &totals);
                 }
+            } else if previous_start == Some(start) {
+                if let Some((_, r)) = &mut self.previous[i] {
+                    r.add(client, &totals);
+                }
+            } else if current_start.is_none_or(|s| start > s) {
+                let (before, _) = PERIODS[i].bounds(start - 1);
+                let old = self.current[i].take();
+                self.previous[i] = old.filter(|(s, _)| *s == before);
+                let mut ranking = PeriodRanking::new();
+                ranking.add(client, &totals);
+                self.current[i] = Some((start, ranking));
             }
         }
     }
 
     fn ranking(&self, period: Period, start: i64) -> Option<&PeriodRanking> {
-        match &self.current[slot(period)] {
-            Some((s, ranking)) if self.loaded && *s == start => Some(ranking),
-            _ => None,
+        if !self.loaded {
+            return None;
         }
+        [&self.current[slot(period)], &self.previous[slot(period)]]
+            .into_iter()
+            .flatten()
+            .find(|(s, _)| *s == start)
+            .map(|(_, ranking)| ranking)
     }
 
     /// The partition's top of a period, if that period is in memory.
@@ -154,6 +177,7 @@ impl ShardTop {
     pub fn indexed_clients(&self) -> usize {
         self.current
             .iter()
+            .chain(self.previous.iter())
             .flatten()
             .map(|(_, r)| r.clients())
             .sum()
