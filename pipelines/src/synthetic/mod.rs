@@ -5,6 +5,7 @@
 //! each) and anomalies injected at known times ([`Injection`]). The same
 //! configuration always yields the same lines.
 
+mod extras;
 mod inject;
 
 use std::collections::VecDeque;
@@ -221,7 +222,7 @@ pub struct Generator {
     produced: u64,
     /// Steady clients and injections; `None` leaves the plain Zipf stream
     /// on its fast path.
-    extras: Option<inject::Extras>,
+    extras: Option<extras::Extras>,
 }
 
 impl Generator {
@@ -247,7 +248,7 @@ impl Generator {
         let endpoints = Zipf::new(f64::from(config.endpoints), 1.0)
             .map_err(|e| bad(&format!("zipf over endpoints: {e}")))?;
         let latency = LogNormal::new(40f64.ln(), 0.8).map_err(|e| bad(&format!("latency: {e}")))?;
-        let extras = inject::Extras::new(&config)?;
+        let extras = extras::Extras::new(&config)?;
         Ok(Self {
             rng: ChaCha8Rng::seed_from_u64(config.seed),
             traffic: Traffic {
