@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::counter;
-use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tally_state::Store;
 
@@ -36,12 +35,7 @@ pub fn start(
     store: Arc<Store>,
     alerts: Arc<AlertLog>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "30000")
+    let producer: FutureProducer = crate::kafka_ingest::acked_producer(&config.brokers)
         .create()
         .map_err(|e| Error::Kafka(e.to_string()))?;
     let cursor = match store.sink_state::<u64>(SINK)? {

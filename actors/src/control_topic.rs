@@ -63,10 +63,7 @@ impl ControlTopic {
     pub fn start(config: &KafkaConfig, apply: Apply) -> Result<Arc<ControlTopic>, Error> {
         let topic = control_topic(&config.topic);
         let consumer = read_from_beginning(&config.brokers, &topic, "control")?;
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
+        let producer: FutureProducer = crate::kafka_ingest::acked_producer(&config.brokers)
             .set("message.timeout.ms", "10000")
             .create()
             .map_err(|e| Error::Kafka(e.to_string()))?;

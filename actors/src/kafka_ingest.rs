@@ -13,6 +13,20 @@ use tally_pipelines::partitioner::partition_for;
 use crate::kafka_source::KafkaConfig;
 use crate::Error;
 
+/// The producer settings of everything Tally must not lose or duplicate
+/// (ingest, alert topic, control records): idempotent, acknowledged by all
+/// replicas, a delivery report always within 30 s.
+pub(crate) fn acked_producer(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000");
+    config
+}
+
 pub struct KafkaIngest {
     producer: FutureProducer,
     topic: String,
@@ -21,12 +35,7 @@ pub struct KafkaIngest {
 
 impl KafkaIngest {
     pub fn new(config: &KafkaConfig, partitions: u16) -> Result<KafkaIngest, Error> {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("message.timeout.ms", "30000")
+        let producer = acked_producer(&config.brokers)
             .create()
             .map_err(|e| Error::Kafka(e.to_string()))?;
         Ok(KafkaIngest {

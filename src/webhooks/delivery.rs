@@ -297,11 +297,15 @@ pub async fn run(d: Delivery) {
                 d.advance(|c| c.overflowed += gap);
             }
         }
+        // Events this webhook does not take move the cursor once per
+        // batch (or with the next delivery), not one write each.
+        let mut passed_over = None;
         for e in batch {
             if !d.matches(&e) {
-                d.advance(|c| c.cursor = e.event_id);
+                passed_over = Some(e.event_id);
                 continue;
             }
+            passed_over = None;
             let done = d.deliver(&e, &mut circuit).await;
             let outcome = match done {
                 Done::Delivered => "delivered",
@@ -322,6 +326,9 @@ pub async fn run(d: Delivery) {
                     Done::Overflowed => {}
                 }
             });
+        }
+        if let Some(id) = passed_over {
+            d.advance(|c| c.cursor = c.cursor.max(id));
         }
     }
 }
