@@ -39,7 +39,7 @@ fn aggregate(c: &mut Criterion) {
             },
             |mut p| {
                 for e in &events {
-                    p.apply(e);
+                    p.apply(e, i64::MAX / 4);
                 }
                 p
             },
@@ -58,7 +58,7 @@ fn aggregate(c: &mut Criterion) {
             },
             |mut p| {
                 for e in &events {
-                    p.apply(e);
+                    p.apply(e, i64::MAX / 4);
                 }
                 p.take_flush()
             },

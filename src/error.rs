@@ -42,6 +42,9 @@ pub enum ApiError {
     NoSuchResource(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// A configured bound (webhooks, subscriptions) is reached.
+    #[error("{0}")]
+    LimitReached(String),
     #[error("{detail}")]
     Overloaded {
         detail: String,
@@ -57,6 +60,21 @@ pub enum ApiError {
         owner: String,
         detail: String,
     },
+    #[error("{detail}")]
+    NotApplied {
+        detail: String,
+        /// Indices (array element or NDJSON line) of events that were
+        /// applied and of those that were not.
+        applied_indices: Vec<usize>,
+        not_applied_indices: Vec<usize>,
+    },
+    /// A 4xx the HTTP layer produced (extractor rejections, 413, 414...).
+    #[error("{detail}")]
+    Http { status: StatusCode, detail: String },
+    /// Stored state that cannot be read (shown: it names no secret and
+    /// tells the operator where to look).
+    #[error("{0}")]
+    Corrupt(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -70,6 +88,10 @@ struct Problem<'a> {
     detail: String,
     #[serde(skip_serializing_if = "<[FieldProblem]>::is_empty")]
     errors: &'a [FieldProblem],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    applied_indices: Option<&'a [usize]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    not_applied_indices: Option<&'a [usize]>,
 }
 
 impl ApiError {
@@ -105,6 +127,7 @@ impl ApiError {
                 "method-not-allowed",
                 "Method not allowed",
             ),
+            ApiError::LimitReached(_) => (StatusCode::CONFLICT, "limit-reached", "Limit reached"),
             ApiError::Overloaded { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
@@ -124,6 +147,17 @@ impl ApiError {
                 StatusCode::BAD_GATEWAY,
                 "owner-unreachable",
                 "Owner unreachable",
+            ),
+            ApiError::NotApplied { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-applied",
+                "Events not applied",
+            ),
+            ApiError::Http { status, .. } => (*status, "http", "Request refused"),
+            ApiError::Corrupt(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "corrupt-state",
+                "Stored state cannot be read",
             ),
             ApiError::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -148,12 +182,25 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest { errors, .. } => errors.as_slice(),
             _ => &[],
         };
+        let (applied_indices, not_applied_indices) = match &self {
+            ApiError::NotApplied {
+                applied_indices,
+                not_applied_indices,
+                ..
+            } => (
+                Some(applied_indices.as_slice()),
+                Some(not_applied_indices.as_slice()),
+            ),
+            _ => (None, None),
+        };
         let body = Problem {
             kind: &format!("urn:tally:problem:{slug}"),
             title,
             status: status.as_u16(),
             detail,
             errors,
+            applied_indices,
+            not_applied_indices,
         };
         let mut response =
             (status, serde_json::to_string(&body).unwrap_or_default()).into_response();
@@ -165,7 +212,8 @@ impl IntoResponse for ApiError {
             ApiError::Overloaded {
                 retry_after_secs, ..
             } => Some(retry_after_secs),
-            ApiError::PartitionMoving { .. } => Some(1),
+            ApiError::PartitionMoving { .. } | ApiError::NotApplied { .. } => Some(1),
+            ApiError::Unavailable(_) => Some(1),
             _ => None,
         };
         if let Some(secs) = retry_after {
@@ -191,7 +239,7 @@ impl From<tally_actors::Error> for ApiError {
                 detail: e.to_string(),
                 retry_after_secs: 1,
             },
-            E::ShardRestarted { .. } | E::ShardUnavailable { .. } => {
+            E::ShardRestarted { .. } | E::ShardUnavailable { .. } | E::ShardFailed { .. } => {
                 ApiError::Unavailable(e.to_string())
             }
             other => ApiError::Internal(other.to_string()),

@@ -18,18 +18,17 @@ use tally_actors::telemetry::EventsRejected;
 use tally_actors::{Engine, ShardRouter, Source};
 use tally_pipelines::decode::{decode_event_bytes, ndjson_lines};
 use tally_pipelines::event::ValidationContext;
-use tally_state::retention::wall_clock_ms;
 use tally_state::Store;
 use tokio::sync::oneshot;
 
-use crate::config::{Config, EngineArgs, ServeArgs};
+use crate::config::{Config, Settings};
 
 #[derive(Debug, Clone, Args)]
 pub struct ReplayArgs {
     /// NDJSON file of request events.
     pub file: PathBuf,
     #[command(flatten)]
-    pub engine: EngineArgs,
+    pub settings: Settings,
     /// Lines decoded and routed per batch.
     #[arg(long, default_value_t = 8192)]
     pub batch_lines: usize,
@@ -67,7 +66,7 @@ pub struct ReplaySummary {
 const FIRST_ERRORS: usize = 10;
 
 pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplaySummary> {
-    let config = Config::resolve(&args.engine, &ServeArgs::default()).map_err(|problems| {
+    let config = Config::resolve(&args.settings).map_err(|problems| {
         anyhow::anyhow!("invalid configuration:\n  {}", problems.join("\n  "))
     })?;
     crate::observability::init_logging(config.log_format);
@@ -245,7 +244,7 @@ async fn feed(
             match read_chunk(&mut reader, line_no, batch_lines)? {
                 Some(chunk) => {
                     line_no += chunk.lines;
-                    let (router, ctx) = (router.clone(), config.validation(wall_clock_ms()));
+                    let (router, ctx) = (router.clone(), config.validation(config.clock.now_ms()));
                     decoding.push_back(tokio::task::spawn_blocking(move || {
                         decode_chunk(chunk, &router, &ctx)
                     }));

@@ -12,15 +12,13 @@ use tally_actors::kafka_source::KafkaSource;
 use tally_actors::Engine;
 use tally_state::Store;
 
-use crate::config::{Config, EngineArgs, ServeArgs};
+use crate::config::{Config, Settings};
 use crate::http::{app, AppState, Shared};
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeCommand {
     #[command(flatten)]
-    pub engine: EngineArgs,
-    #[command(flatten)]
-    pub serve: ServeArgs,
+    pub settings: Settings,
 }
 
 const SHUTDOWN_BUDGET: Duration = Duration::from_secs(30);
@@ -28,7 +26,7 @@ const SHUTDOWN_BUDGET: Duration = Duration::from_secs(30);
 const KAFKA_STOP_BUDGET: Duration = Duration::from_secs(15);
 
 pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
-    let config = Config::resolve(&cmd.engine, &cmd.serve).map_err(|problems| {
+    let config = Config::resolve(&cmd.settings).map_err(|problems| {
         anyhow::anyhow!("invalid configuration:\n  {}", problems.join("\n  "))
     })?;
     crate::observability::init_logging(config.log_format);
@@ -65,7 +63,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
                     engine.router(),
                     store.clone(),
                     address,
-                    move || validation_config.validation(tally_state::retention::wall_clock_ms()),
+                    move || validation_config.validation(validation_config.clock.now_ms()),
                 )?)
             }
             None => None,
@@ -102,10 +100,13 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             kafka_health: kafka.as_ref().map(|k| k.health()),
             membership: kafka.as_ref().map(|k| k.membership()),
             http_client: reqwest::Client::new(),
-            alerts,
+            alerts: alerts.clone(),
             webhooks: webhooks.clone(),
             control,
+            ingest_gate: crate::http::ingest::IngestGate::new(config.max_ingest_requests, config.max_ingest_bytes),
+            subscribers: Arc::new(tokio::sync::Semaphore::new(config.max_subscribers)),
         });
+        let state_alerts = alerts;
         let upkeep = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
@@ -113,11 +114,11 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             }
         });
         // Adaptive limits follow the mailboxes when gateways report nothing.
-        let (adaptive, shards) = (config.adaptive.clone(), engine.router());
+        let (adaptive, shards, clock) = (config.adaptive.clone(), engine.router(), config.clock.clone());
         let adaptive_tick = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                adaptive.tick(shards.mailbox_utilization(), tally_state::retention::wall_clock_ms());
+                adaptive.tick(shards.mailbox_utilization(), clock.now_ms());
             }
         });
         tracing::info!(listen = %local, data_dir = %config.data_dir.display(), partitions = config.partitions, "tally serving");
@@ -163,6 +164,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
         tokio::time::timeout(Duration::from_secs(5), engine.shutdown())
             .await
             .context("flushing shards timed out")??;
+        state_alerts.flush();
         store.sync()?;
         tracing::info!("state flushed; bye");
         anyhow::Ok(())

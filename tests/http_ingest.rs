@@ -209,9 +209,9 @@ async fn http_ingest_matches_reference_and_survives_restart() {
         }
     }
 
-    // Late events are kept in the dead-letter store with the reason.
-    let dl = get_json(&c, server.url("/v1/dead-letters?limit=100000")).await;
-    let items = dl["dead_letters"].as_array().unwrap();
+    // Late events are kept in the dead-letter store with the reason (read
+    // page by page).
+    let items = all_dead_letters(&c, &server).await;
     assert_eq!(items.len() as u64, count_kind(&lines, Kind::Late));
     assert!(items
         .iter()

@@ -132,8 +132,26 @@ async fn decisions_survive_restarts_and_crashes() {
             server = Server::start(&data, &[]);
         }
         if step == 8 {
-            // Flushed within the flush interval, then killed.
-            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            // Killed once the shard says the decisions so far are durable.
+            let after = now_ms();
+            let p = tally_pipelines::partitioner::partition_for("r", 12) as usize;
+            loop {
+                let health: Value = c
+                    .get(server.url("/health/detailed"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if health["partitions"][p]["durable_before_ms"]
+                    .as_i64()
+                    .is_some_and(|t| t > after)
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             server.kill();
             server = Server::start(&data, &[]);
         }

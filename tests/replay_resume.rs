@@ -96,15 +96,7 @@ async fn snapshot(server: &Server, clients: &[String]) -> Vec<Value> {
             );
         }
     }
-    let dl: Value = c
-        .get(server.url("/v1/dead-letters?limit=100000"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    out.push(Value::from(dl["dead_letters"].as_array().unwrap().len()));
+    out.push(Value::from(all_dead_letters(&c, server).await.len()));
     out
 }
 

@@ -2,11 +2,17 @@
 //! `ANOMALY_DETECTED`, `REQUEST_RECORDED` (opt-in, sampled) and
 //! `CIRCUIT_STATE_CHANGED` (a webhook's circuit breaker). Each event gets the next sequence number (its
 //! `event_id`), is appended to a persisted log (so a subscriber can resume
-//! with `Last-Event-ID`), and is broadcast to live subscribers. Appending
-//! and broadcasting happen under one lock so that live order equals log
-//! order. The broadcast buffer is bounded: a subscriber that falls behind
-//! is told how far (and resumes from the log), the engine never waits.
+//! with `Last-Event-ID`), and is broadcast to live subscribers.
+//!
+//! Publishing only queues the event (bounded; beyond the bound events are
+//! counted in `tally_alerts_dropped_total`, never buffered without end):
+//! one writer thread numbers, appends and broadcasts them in order, so
+//! live order equals log order and no publisher (a check holding its
+//! shard's lock, an async task) waits for the disk. The broadcast buffer
+//! is bounded: a subscriber that falls behind is told how far (and resumes
+//! from the log), the engine never waits.
 
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -55,10 +61,26 @@ impl AlertEvent {
 
 pub struct AlertLog {
     store: Arc<Store>,
-    /// The next sequence number; the lock also orders log and broadcast.
-    next: Mutex<u64>,
+    /// The next sequence number (owned by the writer; read for `last_id`).
+    next: Arc<Mutex<u64>>,
     live: broadcast::Sender<Arc<AlertEvent>>,
+    queue: SyncSender<Queued>,
 }
+
+enum Queued {
+    Event {
+        event_type: String,
+        client_id: String,
+        endpoint: Option<String>,
+        timestamp_ms: i64,
+        details: Box<serde_json::value::RawValue>,
+    },
+    /// Answered once everything queued before it is logged.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// Events queued for the writer before publishers start dropping them.
+pub const QUEUE_CAPACITY: usize = 65_536;
 
 impl std::fmt::Debug for AlertLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -71,17 +93,28 @@ pub const SUBSCRIBER_BUFFER: usize = 16_384;
 
 impl AlertLog {
     pub fn open(store: Arc<Store>) -> Result<Arc<AlertLog>, crate::Error> {
-        let next = store.next_alert_sequence()?;
+        let next = Arc::new(Mutex::new(store.next_alert_sequence()?));
         let (live, _) = broadcast::channel(SUBSCRIBER_BUFFER);
+        let (queue, queued) = sync_channel(QUEUE_CAPACITY);
+        let writer = Writer {
+            store: store.clone(),
+            next: next.clone(),
+            live: live.clone(),
+        };
+        std::thread::Builder::new()
+            .name("tally-alert-log".into())
+            .spawn(move || writer.run(queued))
+            .map_err(|e| crate::Error::Startup(format!("alert log writer: {e}")))?;
         Ok(Arc::new(AlertLog {
             store,
-            next: Mutex::new(next),
+            next,
             live,
+            queue,
         }))
     }
 
-    /// Appends and broadcasts one event; failures are logged, never
-    /// propagated (alerts must not stop the engine).
+    /// Queues one event for the log and the live streams; never blocks and
+    /// never fails the caller (alerts must not stop the engine).
     pub fn publish(
         &self,
         event_type: &str,
@@ -97,32 +130,29 @@ impl AlertLog {
                 return;
             }
         };
-        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        let mut event = AlertEvent {
-            event_id: *next,
+        let queued = Queued::Event {
             event_type: event_type.to_string(),
             client_id: client_id.to_string(),
             endpoint: endpoint.map(str::to_string),
             timestamp_ms,
             details,
-            json: None,
         };
-        let json = match serde_json::to_string(&event) {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode alert event");
-                return;
+        match self.queue.try_send(queued) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => crate::telemetry::AlertsDropped.emit(),
+            Err(TrySendError::Disconnected(_)) => {
+                tracing::error!("the alert log writer is gone; event dropped")
             }
-        };
-        let logged_at = tally_state::retention::wall_clock_ms();
-        if let Err(e) = self.store.append_alert(event.event_id, logged_at, &json) {
-            tracing::error!(error = %e, "cannot append to the alert log");
-            return;
         }
-        *next += 1;
-        event.json = Some(Arc::from(json));
-        // No subscriber is not an error.
-        let _ = self.live.send(Arc::new(event));
+    }
+
+    /// Waits until every event published before the call is logged and
+    /// broadcast (shutdown, tests).
+    pub fn flush(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.queue.send(Queued::Flush(tx)).is_ok() {
+            let _ = rx.recv();
+        }
     }
 
     /// The id of the newest logged event (0 when none).
@@ -158,6 +188,60 @@ impl AlertLog {
                 Some(e)
             })
             .collect())
+    }
+}
+
+/// The one writer of the log: numbers, appends and broadcasts in order.
+struct Writer {
+    store: Arc<Store>,
+    next: Arc<Mutex<u64>>,
+    live: broadcast::Sender<Arc<AlertEvent>>,
+}
+
+impl Writer {
+    fn run(self, queued: Receiver<Queued>) {
+        for item in queued {
+            match item {
+                Queued::Flush(done) => {
+                    let _ = done.send(());
+                }
+                Queued::Event {
+                    event_type,
+                    client_id,
+                    endpoint,
+                    timestamp_ms,
+                    details,
+                } => {
+                    let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut event = AlertEvent {
+                        event_id: *next,
+                        event_type,
+                        client_id,
+                        endpoint,
+                        timestamp_ms,
+                        details,
+                        json: None,
+                    };
+                    let json = match serde_json::to_string(&event) {
+                        Ok(j) => j,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot encode alert event");
+                            continue;
+                        }
+                    };
+                    let logged_at = self.store.clock().now_ms();
+                    if let Err(e) = self.store.append_alert(event.event_id, logged_at, &json) {
+                        tracing::error!(error = %e, "cannot append to the alert log");
+                        continue;
+                    }
+                    *next += 1;
+                    drop(next);
+                    event.json = Some(Arc::from(json));
+                    // No subscriber is not an error.
+                    let _ = self.live.send(Arc::new(event));
+                }
+            }
+        }
     }
 }
 

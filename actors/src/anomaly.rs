@@ -1,18 +1,30 @@
 //! Closing a shard's minute buckets and judging them.
 //!
 //! A (client, minute) bucket is closed once the partition's watermark
-//! (newest event time minus the allowed lateness) passes the minute's end,
-//! or when the partition has been idle for `idle_close` of wall-clock time,
-//! so that a client who goes quiet still has its last minutes judged. A
-//! closed bucket is read back from the store (it was flushed), summarized,
+//! (its event-time clock minus the allowed lateness) passes the minute's
+//! end, or when the partition has been idle for `idle_close` of wall-clock
+//! time, so that a client who goes quiet still has its last minutes judged.
+//! A closed bucket is read back from the store (it was flushed), summarized,
 //! and fed to the client's detector; anomalies are stored at once (their
 //! ids are deterministic, so a repeat overwrites) and detectors' baselines
 //! go with the next flush.
+//!
+//! Each minute is judged once. Closing moves a mark, `judged_before`
+//! (persisted in the checkpoint), past every minute it closed; on-time
+//! events that reach such a minute later (the idle timer closed it, then
+//! the producer caught up) are counted in usage but never reopen it, so it
+//! is not judged, learned from or alerted on a second time.
+//!
+//! Detectors live in a bounded LRU, like limiters: a detector evicted with
+//! unflushed learning is kept for the next flush, which writes it, and is
+//! read back from there until then.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lru::LruCache;
 use tally_pipelines::detect::{Anomaly, ClientDetector, DetectorConfig, MinuteSummary};
 use tally_pipelines::ingest::FlushContent;
 use tally_pipelines::sketch::LatencySketch;
@@ -30,6 +42,8 @@ pub struct DetectSettings {
     pub idle_close: Duration,
     /// Where ANOMALY_DETECTED events go.
     pub alerts: Option<Arc<crate::alerts::AlertLog>>,
+    /// Detectors a shard keeps in memory.
+    pub max_detectors: usize,
 }
 
 impl Default for DetectSettings {
@@ -38,6 +52,7 @@ impl Default for DetectSettings {
             config: DetectorConfig::default(),
             idle_close: Duration::from_secs(120),
             alerts: None,
+            max_detectors: 100_000,
         }
     }
 }
@@ -46,7 +61,12 @@ pub struct ShardDetectors {
     partition: u16,
     store: Arc<Store>,
     settings: DetectSettings,
-    detectors: HashMap<String, ClientDetector>,
+    detectors: LruCache<String, ClientDetector>,
+    /// Detectors evicted with unflushed learning (written by the next
+    /// flush, read back from here until then).
+    evicted: HashMap<String, ClientDetector>,
+    /// Minutes before this are judged; they never open again.
+    judged_before: Option<i64>,
     /// Flushed minutes not closed yet, with the clients seen in them.
     open: BTreeMap<i64, HashSet<String>>,
     /// Gateway denials per (minute, client) not judged yet.
@@ -58,11 +78,15 @@ pub struct ShardDetectors {
 
 impl ShardDetectors {
     pub fn new(partition: u16, store: Arc<Store>, settings: DetectSettings) -> Self {
+        let capacity =
+            NonZeroUsize::new(settings.max_detectors.max(1)).unwrap_or(NonZeroUsize::MIN);
         Self {
             partition,
             store,
             settings,
-            detectors: HashMap::new(),
+            detectors: LruCache::new(capacity),
+            evicted: HashMap::new(),
+            judged_before: None,
             open: BTreeMap::new(),
             denials: HashMap::new(),
             changed: HashSet::new(),
@@ -73,6 +97,8 @@ impl ShardDetectors {
     /// Forgets everything in memory (the partition was released).
     pub fn clear(&mut self) {
         self.detectors.clear();
+        self.evicted.clear();
+        self.judged_before = None;
         self.open.clear();
         self.denials.clear();
         self.changed.clear();
@@ -83,18 +109,23 @@ impl ShardDetectors {
     /// not judged are read back, so none is skipped, whoever judges it. A
     /// minute judged after the last flush is judged again, against the
     /// baseline of that flush, with the same outcome (ids included).
-    pub fn reload(&mut self) {
+    pub fn reload(&mut self, judged_before: Option<i64>) -> Result<(), Error> {
         self.clear();
-        match self.store.open_minutes(self.partition) {
-            Ok(open) => {
-                for (minute, client) in open {
-                    self.open.entry(minute).or_default().insert(client);
-                }
-            }
-            Err(e) => {
-                tracing::error!(shard = self.partition, error = %e, "cannot read the minutes waiting to be judged")
-            }
+        self.judged_before = judged_before;
+        for (minute, client) in self.store.open_minutes(self.partition)? {
+            self.open.entry(minute).or_default().insert(client);
         }
+        Ok(())
+    }
+
+    /// Minutes before this are judged (persisted with the flush).
+    pub fn judged_before(&self) -> Option<i64> {
+        self.judged_before
+    }
+
+    /// Whether a minute may still be judged.
+    fn is_open_to_judging(&self, minute: i64) -> bool {
+        self.judged_before.is_none_or(|j| minute >= j)
     }
 
     /// The (minute, client) buckets a flush opens, to be marked with it.
@@ -103,10 +134,11 @@ impl ShardDetectors {
             .stats
             .iter()
             .filter(|d| {
-                !self
-                    .open
-                    .get(&d.minute_start_ms)
-                    .is_some_and(|c| c.contains(&d.client_id))
+                self.is_open_to_judging(d.minute_start_ms)
+                    && !self
+                        .open
+                        .get(&d.minute_start_ms)
+                        .is_some_and(|c| c.contains(&d.client_id))
             })
             .map(|d| (d.minute_start_ms, d.client_id.clone()))
             .collect();
@@ -127,6 +159,9 @@ impl ShardDetectors {
     /// Notes the (client, minute) cells a flush wrote.
     pub fn note_flushed(&mut self, content: &FlushContent) {
         for delta in &content.stats {
+            if !self.is_open_to_judging(delta.minute_start_ms) {
+                continue;
+            }
             self.open
                 .entry(delta.minute_start_ms)
                 .or_default()
@@ -139,13 +174,16 @@ impl ShardDetectors {
     /// requests reached the event stream.
     pub fn note_denials(&mut self, denials: impl IntoIterator<Item = ((i64, String), u64)>) {
         for ((minute, client), n) in denials {
+            if !self.is_open_to_judging(minute) {
+                continue;
+            }
             self.open.entry(minute).or_default().insert(client.clone());
             *self.denials.entry((minute, client)).or_default() += n;
         }
     }
 
     pub fn has_changes(&self) -> bool {
-        !self.changed.is_empty() || !self.closed.is_empty()
+        !self.changed.is_empty() || !self.closed.is_empty() || !self.evicted.is_empty()
     }
 
     pub fn has_open(&self) -> bool {
@@ -156,6 +194,7 @@ impl ShardDetectors {
     /// `watermark_ms` (all of them with `None`), oldest first.
     pub fn close(&mut self, watermark_ms: Option<i64>) -> Result<Vec<Anomaly>, Error> {
         let mut found = Vec::new();
+        let config = self.settings.config.clone();
         while let Some((&minute, _)) = self.open.first_key_value() {
             if watermark_ms.is_some_and(|w| minute + MINUTE_MS > w) {
                 break;
@@ -168,20 +207,15 @@ impl ShardDetectors {
             for client in clients {
                 let summary = self.summary(&client, minute)?;
                 self.denials.remove(&(minute, client.clone()));
-                let detector = match self.detectors.get_mut(&client) {
-                    Some(d) => d,
-                    None => {
-                        let stored = self
-                            .store
-                            .detector(self.partition, &client)?
-                            .unwrap_or_default();
-                        self.detectors.entry(client.clone()).or_insert(stored)
-                    }
-                };
-                found.extend(detector.evaluate(&client, &summary, &self.settings.config));
+                let detector = self.detector(&client)?;
+                found.extend(detector.evaluate(&client, &summary, &config));
                 self.changed.insert(client.clone());
                 self.closed.push((minute, client));
             }
+            self.judged_before = Some(
+                self.judged_before
+                    .map_or(minute + MINUTE_MS, |j| j.max(minute + MINUTE_MS)),
+            );
         }
         if !found.is_empty() {
             self.store.put_anomalies(self.partition, &found)?;
@@ -199,6 +233,28 @@ impl ShardDetectors {
             }
         }
         Ok(found)
+    }
+
+    /// A client's detector: in memory, evicted and not yet written, or
+    /// stored.
+    fn detector(&mut self, client: &str) -> Result<&mut ClientDetector, Error> {
+        if !self.detectors.contains(client) {
+            let state = match self.evicted.remove(client) {
+                Some(d) => d,
+                None => self
+                    .store
+                    .detector(self.partition, client)?
+                    .unwrap_or_default(),
+            };
+            if let Some((name, old)) = self.detectors.push(client.to_string(), state) {
+                if name != client && self.changed.remove(&name) {
+                    self.evicted.insert(name, old);
+                }
+            }
+        }
+        self.detectors
+            .get_mut(client)
+            .ok_or_else(|| Error::NotLoaded(client.to_string()))
     }
 
     fn summary(&self, client: &str, minute: i64) -> Result<MinuteSummary, Error> {
@@ -231,9 +287,19 @@ impl ShardDetectors {
     /// Detectors that learned since the last flush.
     pub fn take_changed(&mut self) -> Vec<(String, ClientDetector)> {
         let detectors = &self.detectors;
-        self.changed
+        let mut out: Vec<(String, ClientDetector)> = self
+            .changed
             .drain()
-            .filter_map(|c| detectors.get(&c).map(|d| (c.clone(), d.clone())))
-            .collect()
+            .filter_map(|c| detectors.peek(&c).map(|d| (c.clone(), d.clone())))
+            .collect();
+        // Written by this flush; a failed flush restarts the shard, which
+        // reloads from the store anyway.
+        out.extend(self.evicted.drain());
+        out
+    }
+
+    /// Detectors in memory (for the memory bound).
+    pub fn in_memory(&self) -> usize {
+        self.detectors.len() + self.evicted.len()
     }
 }

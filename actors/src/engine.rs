@@ -39,12 +39,10 @@ impl Engine {
                     let shards = (0..partitions)
                         .map(|p| {
                             let status = Arc::new(ShardStatus::default());
-                            let limits: SharedLimits = Arc::new(Mutex::new(ShardLimits::new(
-                                p,
-                                store.clone(),
-                                config.limits.clone(),
-                            )));
-                            let top: SharedTop = Arc::new(Mutex::new(ShardTop::new(p)));
+                            let limits: SharedLimits =
+                                Arc::new(Mutex::new(ShardLimits::new(p, config.limits.clone())));
+                            let top: SharedTop =
+                                Arc::new(Mutex::new(ShardTop::new(p, config.max_ranked_clients)));
                             let (store, config, q, l, t) = (
                                 store.clone(),
                                 config.clone(),
@@ -63,6 +61,7 @@ impl Engine {
                                 limits,
                                 top,
                                 status,
+                                config_writes: Arc::default(),
                             }
                         })
                         .collect::<Vec<_>>();
@@ -76,6 +75,17 @@ impl Engine {
         let (system, shards) = rx
             .recv()
             .map_err(|_| Error::Startup("actor system did not start".into()))?;
+        // Answer nothing before every shard has loaded its state (or
+        // stopped because it cannot): readiness is then true or says why.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !shards.iter().all(|s| s.status.is_loaded()) {
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Startup(
+                    "shards did not load their state within 120 s".into(),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         Ok(Engine {
             router: ShardRouter::new(shards, capacity),
             system,

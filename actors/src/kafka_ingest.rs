@@ -46,8 +46,22 @@ impl KafkaIngest {
     }
 
     /// Produces every event to its client's partition and waits until the
-    /// broker has acknowledged all of them. Returns how many were produced.
-    pub async fn produce(&self, events: &[RequestEvent]) -> Result<u64, Error> {
+    /// broker has acknowledged or refused each of them: which ones it has.
+    pub async fn produce(&self, events: &[RequestEvent]) -> Produced {
+        let mut produced = Produced {
+            delivered: vec![false; events.len()],
+            first_error: None,
+        };
+        match self.try_produce(events, &mut produced).await {
+            Ok(()) => {}
+            Err(e) => {
+                produced.first_error.get_or_insert(e.to_string());
+            }
+        }
+        produced
+    }
+
+    async fn try_produce(&self, events: &[RequestEvent], out: &mut Produced) -> Result<(), Error> {
         let mut deliveries = Vec::with_capacity(events.len());
         for event in events {
             let payload = event.to_wire_json();
@@ -73,14 +87,26 @@ impl KafkaIngest {
                 }
             }
         }
-        let mut produced = 0;
-        for delivery in deliveries {
+        for (i, delivery) in deliveries.into_iter().enumerate() {
             match delivery.await {
-                Ok(Ok(_)) => produced += 1,
-                Ok(Err((e, _))) => return Err(Error::Kafka(format!("delivery failed: {e}"))),
-                Err(_) => return Err(Error::Kafka("delivery cancelled".into())),
+                Ok(Ok(_)) => out.delivered[i] = true,
+                Ok(Err((e, _))) => {
+                    out.first_error
+                        .get_or_insert_with(|| format!("delivery failed: {e}"));
+                }
+                Err(_) => {
+                    out.first_error
+                        .get_or_insert_with(|| "delivery cancelled".into());
+                }
             }
         }
-        Ok(produced)
+        Ok(())
     }
+}
+
+/// Which events of a body the broker has (by position).
+#[derive(Debug)]
+pub struct Produced {
+    pub delivered: Vec<bool>,
+    pub first_error: Option<String>,
 }

@@ -73,10 +73,21 @@ pub enum Error {
     StaleEpoch { shard: u16 },
     #[error("changelog: {0}")]
     Changelog(String),
+    #[error("shard {shard} stopped: {reason}")]
+    ShardFailed { shard: u16, reason: String },
+    #[error("corrupt state: {0}")]
+    Corrupt(String),
+    /// Internal: a limits request met state that is not in memory.
+    #[error("not loaded: {0}")]
+    NotLoaded(String),
 }
 
 impl From<tally_state::Error> for Error {
     fn from(e: tally_state::Error) -> Self {
-        Error::Storage(e.to_string())
+        if e.is_corruption() {
+            Error::Corrupt(e.to_string())
+        } else {
+            Error::Storage(e.to_string())
+        }
     }
 }

@@ -135,9 +135,17 @@ pub enum LimitRequest {
         client_id: String,
         config: Option<tally_pipelines::quota::QuotaConfig>,
     },
+    /// The quota configuration and status (reservations included).
+    QuotaStatus { client_id: String, now_ms: i64 },
 }
 
 pub enum LimitReply {
     Check(crate::limits::CheckAnswer),
+    Quota(
+        Option<(
+            tally_pipelines::quota::QuotaConfig,
+            tally_pipelines::quota::QuotaStatus,
+        )>,
+    ),
     Done,
 }

@@ -10,9 +10,10 @@ use actix::Recipient;
 use futures::future::join_all;
 use tally_pipelines::event::RequestEvent;
 use tally_pipelines::partitioner::partition_for;
+use tally_state::Store;
 use tokio::sync::oneshot;
 
-use crate::limits::{lock, SharedLimits};
+use crate::limits::{load, lock, Prepared, SharedLimits};
 use crate::messages::{
     ApplyBatch, BatchOutcome, FlushNow, LimitReply, LimitRequest, PartitionControl, Source, Urgency,
 };
@@ -27,12 +28,23 @@ pub struct ShardEndpoint {
     pub limits: SharedLimits,
     pub top: crate::top::SharedTop,
     pub status: Arc<ShardStatus>,
+    /// Orders configuration writes of the shard's clients (store first,
+    /// then memory) without holding the limits lock over the write.
+    pub config_writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Clone)]
 pub struct ShardRouter {
     shards: Arc<Vec<ShardEndpoint>>,
     capacity: usize,
+}
+
+/// What a durable ingest did: the outcome of the partitions that applied
+/// their part, and the partitions that applied nothing (with why).
+#[derive(Debug, Default)]
+pub struct Ingested {
+    pub outcome: BatchOutcome,
+    pub failed: Vec<(u16, Error)>,
 }
 
 /// Events split by partition, keeping source order within each.
@@ -92,12 +104,14 @@ impl ShardRouter {
 
     /// Ingests events and answers once their effects are durable. Refuses
     /// the whole batch with [`Error::Overloaded`] if any shard it needs has
-    /// a full mailbox.
-    pub async fn ingest_durable(
+    /// a full mailbox (then nothing was applied). Otherwise every shard
+    /// applies its part or fails it whole (a failed flush is never partly
+    /// durable), and the answer says which partitions failed.
+    pub async fn ingest_durable_parts(
         &self,
         events: Vec<RequestEvent>,
         source: Source,
-    ) -> Result<BatchOutcome, Error> {
+    ) -> Result<Ingested, Error> {
         let routed = self.split(events, None);
         // Reserve mailbox room on every shard first; release on refusal.
         let mut reserved = Vec::with_capacity(routed.per_partition.len());
@@ -129,14 +143,28 @@ impl ShardRouter {
             self.shard(p)?.apply.do_send(msg);
             acks.push((p, rx));
         }
-        let mut total = BatchOutcome::default();
+        let mut ingested = Ingested::default();
         for (p, rx) in acks {
-            let outcome = rx
-                .await
-                .map_err(|_| Error::ShardUnavailable { shard: p })??;
-            total.add(&outcome);
+            match rx.await.map_err(|_| Error::ShardUnavailable { shard: p }) {
+                Ok(Ok(outcome)) => ingested.outcome.add(&outcome),
+                Ok(Err(e)) | Err(e) => ingested.failed.push((p, e)),
+            }
         }
-        Ok(total)
+        Ok(ingested)
+    }
+
+    /// [`ShardRouter::ingest_durable_parts`] for callers that need all or
+    /// an error (tools, tests): the first failure is the error.
+    pub async fn ingest_durable(
+        &self,
+        events: Vec<RequestEvent>,
+        source: Source,
+    ) -> Result<BatchOutcome, Error> {
+        let mut ingested = self.ingest_durable_parts(events, source).await?;
+        match ingested.failed.pop() {
+            Some((_, e)) => Err(e),
+            None => Ok(ingested.outcome),
+        }
     }
 
     /// Sends one partition's batch, waiting for mailbox room (back-pressure
@@ -198,10 +226,58 @@ impl ShardRouter {
     }
 
     /// A rate-limit or quota request, answered from the client's shard's
-    /// limits (briefly locked; see [`crate::limits`]).
-    pub fn limits(&self, client_id: &str, request: LimitRequest) -> Result<LimitReply, Error> {
+    /// limits. The lock is held for the decision only: what is not in
+    /// memory is read from `store` first, without it and off the async
+    /// workers (see [`crate::limits`]); configuration is written to the
+    /// store before memory changes.
+    pub async fn limits(
+        &self,
+        store: &Arc<Store>,
+        client_id: &str,
+        request: LimitRequest,
+    ) -> Result<LimitReply, Error> {
         let partition = self.partition_of(client_id);
-        lock(&self.shard(partition)?.limits).handle(request)
+        let shard = self.shard(partition)?;
+        if let Some(reason) = shard.status.snapshot().fatal {
+            return Err(Error::ShardFailed {
+                shard: partition,
+                reason,
+            });
+        }
+        let _config_guard = match &request {
+            LimitRequest::SetConfig { .. } | LimitRequest::SetQuota { .. } => {
+                let guard = shard.config_writes.clone().lock_owned().await;
+                let (store, request_copy) = (store.clone(), ConfigWrite::of(&request));
+                blocking(move || request_copy.write(&store, partition)).await?;
+                Some(guard)
+            }
+            _ => None,
+        };
+        // A flush between a read and its install discards the read; a few
+        // rounds always suffice in practice (flushes are a second apart).
+        for _ in 0..16 {
+            let (needs, generation) = {
+                let mut limits = lock(&shard.limits);
+                match limits.prepare(&request) {
+                    Prepared::Ready => return limits.handle(request),
+                    Prepared::Needs(needs) => (needs, limits.generation()),
+                }
+            };
+            let store = store.clone();
+            let loaded = blocking(move || load(&store, partition, &needs)).await?;
+            lock(&shard.limits).install(loaded, generation);
+        }
+        Err(Error::Overloaded { shard: partition })
+    }
+
+    /// A reader found the stored state of `partition` corrupt: its shard
+    /// stops (applies and writes nothing) and readiness says why.
+    pub fn stop_shard(&self, partition: u16, reason: &str) {
+        if let Ok(shard) = self.shard(partition) {
+            shard
+                .status
+                .set_fatal(&format!("partition {partition}: {reason}"));
+        }
     }
 
     /// Utilization of the fullest shard mailbox, in 0..=1.
@@ -240,5 +316,48 @@ impl ShardRouter {
     /// Health of every shard, by partition.
     pub fn health(&self) -> Vec<ShardHealth> {
         self.shards.iter().map(|s| s.status.snapshot()).collect()
+    }
+}
+
+/// Runs store I/O on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Storage(format!("store task failed: {e}")))?
+}
+
+/// A configuration change to write before it is applied in memory.
+enum ConfigWrite {
+    Limits(String, Option<tally_pipelines::limit::policy::LimitConfig>),
+    Quota(String, Option<tally_pipelines::quota::QuotaConfig>),
+    None,
+}
+
+impl ConfigWrite {
+    fn of(request: &LimitRequest) -> Self {
+        match request {
+            LimitRequest::SetConfig { client_id, config } => {
+                ConfigWrite::Limits(client_id.clone(), config.clone())
+            }
+            LimitRequest::SetQuota { client_id, config } => {
+                ConfigWrite::Quota(client_id.clone(), config.clone())
+            }
+            _ => ConfigWrite::None,
+        }
+    }
+
+    fn write(self, store: &Store, partition: u16) -> Result<(), Error> {
+        match self {
+            ConfigWrite::Limits(client, config) => {
+                store.put_limit_config(partition, &client, config.as_ref())?
+            }
+            ConfigWrite::Quota(client, config) => {
+                store.put_quota_config(partition, &client, config.as_ref())?
+            }
+            ConfigWrite::None => {}
+        }
+        Ok(())
     }
 }

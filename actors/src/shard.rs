@@ -11,15 +11,24 @@
 //! from its last flush: unflushed events are lost to the shard but were
 //! never acknowledged, and positioned sources learn about the gap (their
 //! next batch or flush fails) so they resume from the stored position.
+//!
+//! A shard that cannot read its own state (a checkpoint or stored value
+//! that does not decode, a read that fails) does not guess: it stops
+//! taking batches and writing anything, and says why in its status, which
+//! turns readiness false. Writing over state it could not read (a default
+//! checkpoint, say) would make its sources replay from the start and count
+//! everything twice.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tally_state::clock::SharedClock;
+
 use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, Supervised};
 use tally_pipelines::aggregate::ComputeWeights;
-use tally_pipelines::dedupe::DedupeIndex;
+use tally_pipelines::dedupe::{DedupeBudget, DedupeIndex};
 use tally_pipelines::event::RequestEvent;
 use tally_pipelines::ingest::{PartitionIngest, PartitionRules, Verdict};
 use tally_pipelines::sample::RequestSampler;
@@ -47,8 +56,10 @@ pub struct ShardConfig {
     /// fsync acknowledged flushes (durable against power loss, not only
     /// against a process crash).
     pub sync_writes: bool,
-    /// Memory cap of a shard's dedupe index (event ids in the window).
-    pub dedupe_max_ids: usize,
+    /// Event ids every shard's dedupe index may hold together.
+    pub dedupe: Arc<DedupeBudget>,
+    /// Clients a shard's top-consumer rankings hold per period.
+    pub max_ranked_clients: usize,
     /// Rate limits and quotas.
     pub limits: LimitSettings,
     /// Anomaly detection on closed minutes.
@@ -56,6 +67,8 @@ pub struct ShardConfig {
     /// Which accepted events go on the channel as `REQUEST_RECORDED`
     /// (published once durable; off by default).
     pub request_sampler: RequestSampler,
+    /// The ingest clock: bounds the event-time clock, times idle closes.
+    pub clock: SharedClock,
 }
 
 impl Default for ShardConfig {
@@ -67,10 +80,12 @@ impl Default for ShardConfig {
             flush_max_events: 25_000,
             mailbox_capacity: 16,
             sync_writes: true,
-            dedupe_max_ids: 1_000_000,
+            dedupe: DedupeBudget::new(4_000_000),
+            max_ranked_clients: 100_000,
             limits: LimitSettings::default(),
             detect: DetectSettings::default(),
             request_sampler: RequestSampler::new(0.0),
+            clock: tally_state::clock::system(),
         }
     }
 }
@@ -105,8 +120,8 @@ pub struct Shard {
     top: SharedTop,
     /// Closing minutes and judging them.
     detectors: ShardDetectors,
-    /// When events last arrived (wall clock), for closing idle minutes.
-    last_events_at: Instant,
+    /// When events last arrived (ingest clock), for closing idle minutes.
+    last_events_ms: i64,
     /// Sampled accepted events, published as `REQUEST_RECORDED` once the
     /// flush that makes them durable commits.
     sampled: Vec<RequestEvent>,
@@ -148,7 +163,7 @@ impl Shard {
             epoch: 0,
             released: false,
             detectors,
-            last_events_at: Instant::now(),
+            last_events_ms: 0,
             sampled: Vec::new(),
             limits,
             top,
@@ -157,31 +172,44 @@ impl Shard {
         shard
     }
 
-    /// Resets the hot state to the last flush.
+    /// Resets the hot state to the last flush; a shard whose state cannot
+    /// be read stops (see the module documentation).
     fn reload(&mut self) {
-        let checkpoint = match self.store.load_checkpoint(self.partition) {
-            Ok(c) => c,
-            Err(e) => {
-                // The checkpoint was readable when the store opened; if it
-                // is not now, start empty rather than crash-loop, and say so.
-                tracing::error!(shard = self.partition, error = %e, "cannot read checkpoint");
-                Checkpoint::default()
-            }
-        };
-        let mut dedupe = DedupeIndex::new(self.config.dedupe_max_ids);
-        let cutoff = checkpoint
-            .max_event_ms
-            .map(|m| m.saturating_sub(self.config.rules.dedupe_window_ms));
-        match self.store.load_dedupe_claims(self.partition, cutoff) {
-            Ok(claims) => dedupe.restore(claims),
-            Err(e) => {
-                tracing::error!(shard = self.partition, error = %e, "cannot read dedupe claims")
-            }
+        if let Err(e) = self.try_reload() {
+            self.fail(format!("cannot load its state: {e}"));
         }
+        self.status.set_loaded();
+    }
+
+    /// Stops the shard for good: nothing is applied or written until an
+    /// operator repairs the state and restarts the instance.
+    fn fail(&mut self, reason: String) {
+        let reason = format!("partition {}: {reason}", self.partition);
+        tracing::error!(shard = self.partition, reason = %reason, "shard stopped");
+        self.status.set_fatal(&reason);
+        self.answer_waiters(Err(Error::ShardFailed {
+            shard: self.partition,
+            reason,
+        }));
+    }
+
+    /// Why the shard is stopped, if it is (its own read failed, or a
+    /// reader found its stored state corrupt).
+    fn failed(&self) -> Option<String> {
+        self.status.stopped()
+    }
+
+    fn try_reload(&mut self) -> Result<(), Error> {
+        let checkpoint = self.store.load_checkpoint(self.partition)?;
+        let mut dedupe = DedupeIndex::within(self.config.dedupe.clone());
+        let cutoff = checkpoint
+            .event_clock_ms
+            .map(|m| m.saturating_sub(self.config.rules.dedupe_window_ms));
+        dedupe.restore(self.store.load_dedupe_claims(self.partition, cutoff)?);
         self.ingest = PartitionIngest::new(
             self.config.rules,
             self.config.weights.clone(),
-            checkpoint.max_event_ms,
+            checkpoint.event_clock_ms,
             dedupe,
         );
         self.positions = checkpoint.positions.clone();
@@ -189,11 +217,11 @@ impl Shard {
         self.dirty = false;
         // Not durable, so never published: the source sends them again.
         self.sampled.clear();
-        lock(&self.limits).reload();
-        self.detectors.reload();
-        if let Err(e) = lock_top(&self.top).load(&self.store) {
-            tracing::error!(shard = self.partition, error = %e, "cannot load the top-consumer index; queries read the store");
-        }
+        let quotas = self.store.quotas(self.partition)?;
+        lock(&self.limits).reset(quotas);
+        self.detectors.reload(self.checkpoint.judged_before_ms)?;
+        lock_top(&self.top).load(&self.store)?;
+        Ok(())
     }
 
     fn apply(
@@ -204,6 +232,12 @@ impl Shard {
         epoch: Option<u64>,
     ) -> Result<BatchOutcome, Error> {
         let mut outcome = BatchOutcome::default();
+        if let Some(reason) = self.failed() {
+            return Err(Error::ShardFailed {
+                shard: self.partition,
+                reason,
+            });
+        }
         if let Some(epoch) = epoch {
             if self.released || epoch != self.epoch {
                 return Err(Error::StaleEpoch {
@@ -230,8 +264,9 @@ impl Shard {
             outcome.already_applied = start as u64;
         }
         let events = &events[start..];
+        let now_ms = self.config.clock.now_ms();
         for event in events {
-            match self.ingest.apply(event) {
+            match self.ingest.apply(event, now_ms) {
                 Verdict::Accepted => {
                     outcome.accepted += 1;
                     if self.config.request_sampler.keep(event) {
@@ -249,7 +284,7 @@ impl Shard {
         }
         if !events.is_empty() {
             self.dirty = true;
-            self.last_events_at = Instant::now();
+            self.last_events_ms = now_ms;
         }
         BatchApplied {
             shard: self.partition,
@@ -263,7 +298,17 @@ impl Shard {
     }
 
     fn flush(&mut self, ctx: &mut Context<Self>) -> Result<(), Error> {
+        if let Some(reason) = self.failed() {
+            let error = Error::ShardFailed {
+                shard: self.partition,
+                reason,
+            };
+            self.answer_waiters(Err(error.clone()));
+            return Err(error);
+        }
+        let started_ms = self.config.clock.now_ms();
         if !self.dirty && !lock(&self.limits).has_changes() && !self.detectors.has_changes() {
+            self.status.flush_succeeded(started_ms);
             self.answer_waiters(Ok(()));
             return Ok(());
         }
@@ -275,6 +320,7 @@ impl Shard {
         limit_writes.closed_minutes = self.detectors.take_closed();
         let mut next = self.checkpoint.clone();
         next.positions = self.positions.clone();
+        next.judged_before_ms = self.detectors.judged_before();
         let sync = self.config.sync_writes && self.sync_needed;
         match self
             .store
@@ -282,19 +328,13 @@ impl Shard {
         {
             Ok(stats) => {
                 self.checkpoint = next;
-                lock(&self.limits).after_flush(
-                    content.stats.iter().map(|d| d.client_id.as_str()),
-                    tally_state::retention::wall_clock_ms(),
-                );
+                self.after_limits_flush(&content);
                 self.detectors.note_flushed(&content);
-                lock_top(&self.top).note_flushed(&content);
+                let needed = lock_top(&self.top).note_flushed(&content);
+                self.admit_to_rankings(needed);
                 self.publish_sampled();
-                let watermark = self
-                    .checkpoint
-                    .max_event_ms
-                    .map(|m| m.saturating_sub(self.config.rules.allowed_lateness_ms));
-                self.close_minutes(watermark);
-                self.status.flush_succeeded();
+                self.close_minutes(self.ingest.watermark_ms());
+                self.status.flush_succeeded(started_ms);
                 self.dirty = false;
                 self.sync_needed = false;
                 FlushCompleted {
@@ -323,6 +363,54 @@ impl Shard {
         }
     }
 
+    /// Clients a ranking let go and saw again come back with their stored
+    /// totals (read after the commit, so they include this flush).
+    fn admit_to_rankings(&mut self, needed: Vec<crate::top::TotalNeeded>) {
+        for n in needed {
+            match self.store.client_period_totals(
+                self.partition,
+                n.period,
+                n.period_start_ms,
+                &n.client,
+            ) {
+                Ok(total) => lock_top(&self.top).admit(&n, total),
+                Err(e) => {
+                    // A client neither held nor bounded would make memory
+                    // answers wrong: until the next load, the store answers.
+                    tracing::warn!(shard = self.partition, error = %e, "cannot read period totals for the ranking; queries read the store");
+                    lock_top(&self.top).clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Quota usage moved with the flush; clients whose usage is not in
+    /// memory are read here, on the shard's thread, without the lock.
+    fn after_limits_flush(&mut self, content: &tally_pipelines::ingest::FlushContent) {
+        let now_ms = self.config.clock.now_ms();
+        let unloaded = lock(&self.limits).after_flush(&content.stats, now_ms);
+        for (client, config) in unloaded {
+            let needs = crate::limits::Needs {
+                client: client.clone(),
+                limiter: false,
+                quota_usage: Some((config, now_ms)),
+            };
+            let generation = lock(&self.limits).generation();
+            match crate::limits::load(&self.store, self.partition, &needs) {
+                Ok(loaded) => {
+                    let mut limits = lock(&self.limits);
+                    if limits.install(loaded, generation) {
+                        limits.observe_quota(&client, now_ms);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(shard = self.partition, error = %e, "cannot evaluate quota")
+                }
+            }
+        }
+    }
+
     fn publish_sampled(&mut self) {
         let Some(alerts) = &self.config.detect.alerts else {
             self.sampled.clear();
@@ -346,13 +434,57 @@ impl Shard {
         }
     }
 
-    /// Judges the minutes that closed (all open ones with `None`).
+    /// Judges the minutes that closed (all open ones with `None`). State
+    /// that cannot be read stops the shard; other failures leave the
+    /// minutes open, to be judged at the next close.
     fn close_minutes(&mut self, watermark_ms: Option<i64>) {
         let denials = lock(&self.limits).take_denials();
         self.detectors.note_denials(denials);
-        if let Err(e) = self.detectors.close(watermark_ms) {
-            tracing::warn!(shard = self.partition, error = %e, "anomaly detection failed for closed minutes");
+        match self.detectors.close(watermark_ms) {
+            Ok(_) => {}
+            Err(Error::Corrupt(reason)) => {
+                self.fail(format!("cannot judge closed minutes: {reason}"))
+            }
+            Err(e) => {
+                tracing::warn!(shard = self.partition, error = %e, "anomaly detection failed for closed minutes")
+            }
         }
+    }
+
+    /// The periodic work: flush when dirty, close idle minutes.
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if self.failed().is_some() {
+            // Waiters that slipped in are answered, never left hanging.
+            self.answer_waiters(Err(Error::ShardFailed {
+                shard: self.partition,
+                reason: self.failed().unwrap_or_default(),
+            }));
+            return;
+        }
+        if self.dirty
+            || !self.waiters.is_empty()
+            || lock(&self.limits).has_changes()
+            || self.detectors.has_changes()
+        {
+            let _ = self.flush(ctx);
+        }
+        // A quiet partition still gets its last minutes judged.
+        let idle_ms = i64::try_from(self.detectors.idle_close().as_millis()).unwrap_or(i64::MAX);
+        if self.detectors.has_open()
+            && self
+                .config
+                .clock
+                .now_ms()
+                .saturating_sub(self.last_events_ms)
+                >= idle_ms
+        {
+            self.close_minutes(None);
+        }
+        MailboxDepth {
+            shard: self.partition,
+            depth: self.status.queued.load(Ordering::Relaxed),
+        }
+        .emit();
     }
 
     fn answer_waiters(&mut self, result: Result<(), Error>) {
@@ -368,26 +500,8 @@ impl Actor for Shard {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.config.mailbox_capacity);
-        ctx.run_interval(self.config.flush_interval, |shard, ctx| {
-            if shard.dirty
-                || !shard.waiters.is_empty()
-                || lock(&shard.limits).has_changes()
-                || shard.detectors.has_changes()
-            {
-                let _ = shard.flush(ctx);
-            }
-            // A quiet partition still gets its last minutes judged.
-            if shard.detectors.has_open()
-                && shard.last_events_at.elapsed() >= shard.detectors.idle_close()
-            {
-                shard.close_minutes(None);
-            }
-            MailboxDepth {
-                shard: shard.partition,
-                depth: shard.status.queued.load(Ordering::Relaxed),
-            }
-            .emit();
-        });
+        self.last_events_ms = self.config.clock.now_ms();
+        ctx.run_interval(self.config.flush_interval, |shard, ctx| shard.tick(ctx));
     }
 }
 
@@ -476,7 +590,9 @@ impl Handler<PartitionControl> for Shard {
     fn handle(&mut self, msg: PartitionControl, ctx: &mut Context<Self>) -> Self::Result {
         match msg {
             PartitionControl::Release => {
-                self.flush(ctx)?;
+                if self.failed().is_none() {
+                    self.flush(ctx)?;
+                }
                 // Another instance owns the partition now: keep no memory
                 // for it. The store keeps the flushed state, which is what
                 // the changelog publishes before the revocation completes.
@@ -487,14 +603,14 @@ impl Handler<PartitionControl> for Shard {
                     DedupeIndex::new(1),
                 );
                 self.positions.clear();
-                lock(&self.limits).reload();
+                lock(&self.limits).clear();
                 self.detectors.clear();
                 lock_top(&self.top).clear();
                 self.released = true;
                 Ok(())
             }
             PartitionControl::Adopt { epoch, restore } => {
-                if !self.released {
+                if !self.released && self.failed().is_none() {
                     // Answer what was applied before replacing it.
                     self.flush(ctx)?;
                 }
@@ -504,6 +620,8 @@ impl Handler<PartitionControl> for Shard {
                         .restore_partition(self.partition, &rebuilt, &mark)
                         .map_err(|e| Error::Storage(e.to_string()))?;
                 }
+                // A restored (or re-read) state may cure a failed shard.
+                self.status.clear_fatal();
                 self.reload();
                 self.broken_sources.clear();
                 self.epoch = epoch;

@@ -1,7 +1,7 @@
 //! What a shard shares with the rest of the instance: its mailbox depth
 //! (for admission and metrics) and its health (for readiness).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
@@ -20,6 +20,16 @@ pub struct ShardStatus {
     // A std mutex: touched only on failure and by health checks, never
     // across an await.
     last_error: Mutex<Option<String>>,
+    /// Why the shard stopped for good (its state cannot be read); set by
+    /// the shard, or by a reader that found its stored state corrupt.
+    fatal: Mutex<Option<String>>,
+    /// `fatal` is set (checked on every batch without the lock).
+    stopped: AtomicBool,
+    /// When the last successful flush started (ingest clock, ms): every
+    /// change made before it is durable.
+    flushed_from_ms: AtomicI64,
+    /// The shard has loaded its state once (or failed to, and stopped).
+    loaded: AtomicBool,
 }
 
 /// A point-in-time view of a shard's health.
@@ -29,12 +39,31 @@ pub struct ShardHealth {
     pub restarts: u64,
     pub consecutive_failures: u32,
     pub last_error: Option<String>,
+    /// Set when the shard stopped because its state cannot be read.
+    pub fatal: Option<String>,
+    /// Every change made before this time (ms) is durable.
+    pub durable_before_ms: Option<i64>,
 }
 
 impl ShardHealth {
-    /// Whether the shard is tripped: flushes keep failing across restarts.
+    /// Whether the shard is tripped: flushes keep failing across restarts,
+    /// or it stopped because its state cannot be read.
     pub fn tripped(&self) -> bool {
-        self.consecutive_failures >= FAILURES_BEFORE_NOT_READY
+        self.consecutive_failures >= FAILURES_BEFORE_NOT_READY || self.fatal.is_some()
+    }
+
+    /// Why the shard is tripped, for readiness.
+    pub fn reason(&self) -> Option<String> {
+        if let Some(f) = &self.fatal {
+            return Some(f.clone());
+        }
+        self.tripped().then(|| {
+            format!(
+                "{} consecutive flush failures, last: {}",
+                self.consecutive_failures,
+                self.last_error.as_deref().unwrap_or("unknown")
+            )
+        })
     }
 }
 
@@ -66,8 +95,49 @@ impl ShardStatus {
         }
     }
 
-    pub fn flush_succeeded(&self) {
+    /// A flush that started at `started_ms` committed.
+    pub fn flush_succeeded(&self, started_ms: i64) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.flushed_from_ms
+            .fetch_max(started_ms, Ordering::Relaxed);
+    }
+
+    /// The shard has tried to load its state (it runs, or it stopped).
+    pub fn set_loaded(&self) {
+        self.loaded.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::SeqCst)
+    }
+
+    /// The shard stopped because its state cannot be read.
+    pub fn set_fatal(&self, reason: &str) {
+        if let Ok(mut f) = self.fatal.lock() {
+            if f.is_none() {
+                *f = Some(reason.to_string());
+            }
+        }
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+
+    pub fn clear_fatal(&self) {
+        if let Ok(mut f) = self.fatal.lock() {
+            *f = None;
+        }
+        self.stopped.store(false, Ordering::SeqCst);
+    }
+
+    /// Why the shard is stopped, if it is.
+    pub fn stopped(&self) -> Option<String> {
+        if !self.stopped.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.fatal
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .or_else(|| Some("stopped".into()))
     }
 
     pub fn restarted(&self) {
@@ -80,6 +150,11 @@ impl ShardStatus {
             restarts: self.restarts.load(Ordering::Relaxed),
             consecutive_failures: self.consecutive_failures.load(Ordering::Relaxed),
             last_error: self.last_error.lock().ok().and_then(|l| l.clone()),
+            fatal: self.fatal.lock().ok().and_then(|f| f.clone()),
+            durable_before_ms: match self.flushed_from_ms.load(Ordering::Relaxed) {
+                0 => None,
+                ms => Some(ms),
+            },
         }
     }
 }
@@ -99,7 +174,8 @@ mod tests {
         let h = s.snapshot();
         assert!(h.tripped());
         assert_eq!(h.last_error.as_deref(), Some("disk full"));
-        s.flush_succeeded();
+        s.flush_succeeded(5);
         assert!(!s.snapshot().tripped());
+        assert_eq!(s.snapshot().durable_before_ms, Some(5));
     }
 }

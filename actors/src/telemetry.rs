@@ -41,11 +41,34 @@ pub const WEBHOOK_CIRCUIT_STATE: &str = "tally_webhook_circuit_state";
 pub const WEBHOOK_PENDING: &str = "tally_webhook_pending";
 pub const WEBHOOK_OVERFLOW: &str = "tally_webhook_overflow_total";
 pub const ALERT_TOPIC_PUBLISHED: &str = "tally_alert_topic_published_total";
+pub const ALERTS_DROPPED: &str = "tally_alerts_dropped_total";
+pub const INGEST_SHED: &str = "tally_ingest_shed_total";
 
 /// Histogram buckets (seconds) shared by the latency histograms.
 pub const LATENCY_BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
+
+/// An ingest body was refused before it was read: too many bodies or
+/// bytes in flight.
+pub struct IngestShed;
+
+impl IngestShed {
+    pub fn emit(&self) {
+        tracing::debug!("ingest body shed");
+        counter!(INGEST_SHED).increment(1);
+    }
+}
+
+/// The alert log's queue was full: an event was dropped.
+pub struct AlertsDropped;
+
+impl AlertsDropped {
+    pub fn emit(&self) {
+        tracing::warn!("alert log queue full; event dropped");
+        counter!(ALERTS_DROPPED).increment(1);
+    }
+}
 
 /// A shard applied a batch.
 pub struct BatchApplied {

@@ -9,13 +9,19 @@
 //! flushes: loading can then never count a flush twice. Older periods (or
 //! a period a shard has not reached yet) are answered from the stored
 //! totals by the caller.
+//!
+//! Each ranking holds at most `capacity` clients (see
+//! `tally_pipelines::top::PeriodRanking`): a client it let go that is seen
+//! again is admitted with its exact stored total, read by the shard after
+//! the flush commits ([`ShardTop::note_flushed`] says which), and a query
+//! memory cannot answer exactly goes to the stored totals.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tally_pipelines::ingest::FlushContent;
 use tally_pipelines::time::Period;
-use tally_pipelines::top::{PeriodRanking, PeriodTotals, TopMetric};
+use tally_pipelines::top::{Added, PeriodRanking, PeriodTotals, TopMetric};
 use tally_state::top::PERIODS;
 use tally_state::Store;
 
@@ -38,6 +44,16 @@ pub struct ShardTop {
     /// The period just before each `current` one, while it is kept.
     previous: [Option<(i64, PeriodRanking)>; 4],
     loaded: bool,
+    /// Clients each ranking holds.
+    capacity: usize,
+}
+
+/// A client a ranking let go, seen again: its stored total is needed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TotalNeeded {
+    pub period: Period,
+    pub period_start_ms: i64,
+    pub client: String,
 }
 
 /// One partition's share of a top query.
@@ -57,12 +73,13 @@ fn slot(period: Period) -> usize {
 }
 
 impl ShardTop {
-    pub fn new(partition: u16) -> Self {
+    pub fn new(partition: u16, capacity: usize) -> Self {
         Self {
             partition,
             current: Default::default(),
             previous: Default::default(),
             loaded: false,
+            capacity,
         }
     }
 
@@ -81,10 +98,11 @@ impl ShardTop {
             for period in PERIODS {
                 let (start, _) = period.bounds(clock);
                 let (before, _) = period.bounds(start - 1);
+                let capacity = self.capacity;
                 let load = |start: i64| -> Result<PeriodRanking, Error> {
-                    let mut ranking = PeriodRanking::new();
+                    let mut ranking = PeriodRanking::bounded(capacity);
                     for (client, totals) in store.period_totals(self.partition, period, start)? {
-                        ranking.add(&client, &totals);
+                        ranking.load(&client, &totals);
                     }
                     Ok(ranking)
                 };
@@ -99,10 +117,12 @@ impl ShardTop {
     /// Adds what a committed flush wrote. A delta of a newer period starts
     /// that period's ranking (the store holds nothing of it yet), and the
     /// current one becomes the previous if it is the one just before; a
-    /// delta of an older period is only in the store.
-    pub fn note_flushed(&mut self, content: &FlushContent) {
+    /// delta of an older period is only in the store. Returns the clients
+    /// whose stored totals the rankings need ([`ShardTop::admit`]).
+    pub fn note_flushed(&mut self, content: &FlushContent) -> Vec<TotalNeeded> {
+        let mut needed = Vec::new();
         if !self.loaded {
-            return;
+            return needed;
         }
         // Summed per client and period first: a client's minutes in one
         // flush mostly share their periods, and each ranking update moves
@@ -123,21 +143,45 @@ impl ShardTop {
         for ((i, start, client), totals) in sums {
             let current_start = self.current[i].as_ref().map(|(s, _)| *s);
             let previous_start = self.previous[i].as_ref().map(|(s, _)| *s);
-            if current_start == Some(start) {
-                if let Some((_, r)) = &mut self.current[i] {
-                    r.add(client, &totals);
-                }
+            let added = if current_start == Some(start) {
+                self.current[i]
+                    .as_mut()
+                    .map(|(_, r)| r.add(client, &totals))
             } else if previous_start == Some(start) {
-                if let Some((_, r)) = &mut self.previous[i] {
-                    r.add(client, &totals);
-                }
+                self.previous[i]
+                    .as_mut()
+                    .map(|(_, r)| r.add(client, &totals))
             } else if current_start.is_none_or(|s| start > s) {
                 let (before, _) = PERIODS[i].bounds(start - 1);
                 let old = self.current[i].take();
                 self.previous[i] = old.filter(|(s, _)| *s == before);
-                let mut ranking = PeriodRanking::new();
+                let mut ranking = PeriodRanking::bounded(self.capacity);
                 ranking.add(client, &totals);
                 self.current[i] = Some((start, ranking));
+                None
+            } else {
+                None
+            };
+            if added == Some(Added::NeedsTotal) {
+                needed.push(TotalNeeded {
+                    period: PERIODS[i],
+                    period_start_ms: start,
+                    client: client.to_string(),
+                });
+            }
+        }
+        needed
+    }
+
+    /// Admits a client with its stored total (after [`ShardTop::note_flushed`]).
+    pub fn admit(&mut self, needed: &TotalNeeded, total: PeriodTotals) {
+        let i = slot(needed.period);
+        for (start, ranking) in [&mut self.current[i], &mut self.previous[i]]
+            .into_iter()
+            .flatten()
+        {
+            if *start == needed.period_start_ms {
+                ranking.admit(&needed.client, total);
             }
         }
     }
@@ -153,7 +197,7 @@ impl ShardTop {
             .map(|(_, ranking)| ranking)
     }
 
-    /// The partition's top of a period, if that period is in memory.
+    /// The partition's top of a period, if memory answers it exactly.
     pub fn top(
         &self,
         period: Period,
@@ -161,16 +205,16 @@ impl ShardTop {
         metric: TopMetric,
         limit: usize,
     ) -> Option<PartitionTop> {
-        self.ranking(period, start).map(|r| PartitionTop {
+        let r = self.ranking(period, start)?;
+        Some(PartitionTop {
             total: r.total(metric),
-            entries: r.top(metric, limit),
+            entries: r.top(metric, limit)?,
         })
     }
 
-    /// A client's totals of a period, if that period is in memory.
+    /// A client's totals of a period, if memory knows them.
     pub fn totals(&self, period: Period, start: i64, client: &str) -> Option<PeriodTotals> {
-        self.ranking(period, start)
-            .map(|r| r.get(client).copied().unwrap_or_default())
+        self.ranking(period, start)?.get(client)
     }
 
     /// Clients ranked in memory (all periods), for the memory gauge.

@@ -29,6 +29,7 @@ fn event(client: &str, id: u64) -> RequestEvent {
         compute_units: None,
         timestamp_ms: T0 + id as i64,
         metadata: None,
+        source: None,
     }
 }
 
@@ -125,7 +126,6 @@ impl Handler<PartitionControl> for StuckShard {
 
 #[actix_rt::test]
 async fn ingest_is_refused_whole_when_a_shard_mailbox_is_full() {
-    let limits_dir = tempfile::tempdir().unwrap();
     let status = Arc::new(ShardStatus::default());
     let stuck = StuckShard { held: Vec::new() }.start();
     let router = ShardRouter::new(
@@ -134,14 +134,13 @@ async fn ingest_is_refused_whole_when_a_shard_mailbox_is_full() {
             flush: stuck.clone().recipient(),
             control: stuck.recipient(),
             limits: Arc::new(std::sync::Mutex::new(
-                tally_actors::limits::ShardLimits::new(
-                    0,
-                    Arc::new(Store::open(limits_dir.path(), StoreOptions::default()).unwrap()),
-                    Default::default(),
-                ),
+                tally_actors::limits::ShardLimits::new(0, Default::default()),
             )),
-            top: Arc::new(std::sync::Mutex::new(tally_actors::top::ShardTop::new(0))),
+            top: Arc::new(std::sync::Mutex::new(tally_actors::top::ShardTop::new(
+                0, 100,
+            ))),
             status: status.clone(),
+            config_writes: Arc::default(),
         }],
         2,
     );

@@ -41,9 +41,15 @@ impl EndpointStats {
         if matches!(event.status, 401 | 403) {
             self.auth_failures = self.auth_failures.saturating_add(1);
         }
-        self.bytes += u128::from(event.request_bytes) + u128::from(event.response_bytes);
-        self.latency_ns += latency_ns(event.latency_ms);
-        self.compute_units += u128::from(compute_units);
+        // Sums saturate: with validated bounds they cannot reach u128::MAX,
+        // but a wrapped sum would be a silent lie, a saturated one a
+        // visible ceiling.
+        self.bytes = self
+            .bytes
+            .saturating_add(u128::from(event.request_bytes))
+            .saturating_add(u128::from(event.response_bytes));
+        self.latency_ns = self.latency_ns.saturating_add(latency_ns(event.latency_ms));
+        self.compute_units = self.compute_units.saturating_add(u128::from(compute_units));
         self.latency.insert(event.latency_ms);
     }
 
@@ -68,6 +74,7 @@ impl EndpointStats {
 }
 
 /// Latency in whole nanoseconds, so that sums are exact and order-free.
+/// (`as` saturates: negative and NaN give 0, huge values u128::MAX.)
 pub fn latency_ns(latency_ms: f64) -> u128 {
     (latency_ms * 1e6).round() as u128
 }
@@ -181,6 +188,7 @@ mod tests {
             compute_units: None,
             timestamp_ms: 0,
             metadata: None,
+            source: None,
         }
     }
 
@@ -212,6 +220,20 @@ mod tests {
         b.record(&event("/a", 200, 1.0, u64::MAX), 1);
         b.record(&event("/a", 200, 1.0, u64::MAX), 1);
         assert_eq!(b.totals().bytes, 4 * u128::from(u64::MAX));
+    }
+
+    /// Sums saturate instead of wrapping, even for values validation
+    /// would refuse (a stored delta from elsewhere, a future bound).
+    #[test]
+    fn sums_saturate_instead_of_wrapping() {
+        let mut a = EndpointStats::default();
+        a.record(&event("/a", 200, 1e300, 1), 1);
+        a.record(&event("/a", 200, 1e300, 1), 1);
+        assert_eq!(a.latency_ns, u128::MAX);
+        let mut b = a.clone();
+        b.merge(&a);
+        assert_eq!(b.latency_ns, u128::MAX);
+        assert!(b.average_latency_ms() > 1e20);
     }
 
     #[test]

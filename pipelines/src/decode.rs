@@ -71,7 +71,13 @@ impl BodyFormat {
 pub struct DecodedBody {
     pub events: Vec<RequestEvent>,
     pub indices: Vec<usize>,
+    /// The first rejections with their reasons (as many as were asked to
+    /// be kept: a body of a million bad lines must not hold a million
+    /// reasons)...
     pub rejected: Vec<(usize, Rejection)>,
+    /// ...and how many there were in all.
+    pub rejected_total: u64,
+    keep_rejections: usize,
 }
 
 impl DecodedBody {
@@ -81,17 +87,37 @@ impl DecodedBody {
                 self.events.push(e);
                 self.indices.push(index);
             }
-            Err(r) => self.rejected.push((index, r)),
+            Err(r) => {
+                self.rejected_total += 1;
+                if self.rejected.len() < self.keep_rejections {
+                    self.rejected.push((index, r));
+                }
+            }
         }
     }
 }
 
+/// Decodes a body, keeping every rejection's reason.
 pub fn decode_body(
     format: BodyFormat,
     body: &[u8],
     ctx: &ValidationContext,
 ) -> Result<DecodedBody, Error> {
-    let mut out = DecodedBody::default();
+    decode_body_keeping(format, body, ctx, usize::MAX)
+}
+
+/// Decodes a body, keeping the reasons of the first `keep_rejections`
+/// rejections only (all are counted).
+pub fn decode_body_keeping(
+    format: BodyFormat,
+    body: &[u8],
+    ctx: &ValidationContext,
+    keep_rejections: usize,
+) -> Result<DecodedBody, Error> {
+    let mut out = DecodedBody {
+        keep_rejections,
+        ..DecodedBody::default()
+    };
     match format {
         BodyFormat::Ndjson => {
             for (index, line) in ndjson_lines(body) {
@@ -220,9 +246,10 @@ pub fn decode_cloudevent(json: &[u8], ctx: &ValidationContext) -> Result<Request
         }
         None => return Err(ce_error("missing required attribute `type`")),
     }
-    if env.source.as_deref().is_none_or(str::is_empty) {
-        return Err(ce_error("missing required attribute `source`"));
-    }
+    let source = match env.source {
+        Some(s) if !s.is_empty() => s,
+        _ => return Err(ce_error("missing required attribute `source`")),
+    };
     let id = match env.id {
         Some(id) if !id.is_empty() => id,
         _ => return Err(ce_error("missing required attribute `id`")),
@@ -256,6 +283,7 @@ pub fn decode_cloudevent(json: &[u8], ctx: &ValidationContext) -> Result<Request
             raw.timestamp = Some(RawTimestamp::Text(time.into_owned()));
         }
     }
+    raw.source = Some(source);
     raw.validate(ctx)
 }
 
@@ -295,6 +323,18 @@ mod tests {
     }
 
     #[test]
+    fn only_the_first_rejections_are_kept_but_all_are_counted() {
+        let body = format!("{A}\n{}\n{B}\n", "bad\n".repeat(5000));
+        let d = decode_body_keeping(BodyFormat::Ndjson, body.as_bytes(), &ctx(), 3).unwrap();
+        assert_eq!(d.events.len(), 2);
+        assert_eq!(d.rejected_total, 5000);
+        assert_eq!(
+            d.rejected.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+    }
+
+    #[test]
     fn malformed_json_body_is_a_body_error() {
         assert!(matches!(
             decode_body(BodyFormat::Json, b"[{\"a\":1}", &ctx()),
@@ -310,6 +350,7 @@ mod tests {
         let e = &d.events[0];
         assert_eq!(e.event_id.as_deref(), Some("ev-9"));
         assert_eq!(e.timestamp_ms, 5000);
+        assert_eq!(e.source.as_deref(), Some("gw-1"));
     }
 
     #[test]

@@ -17,6 +17,18 @@ use crate::time::{format_rfc3339_ms, parse_rfc3339_ms};
 pub const MAX_CLIENT_ID_BYTES: usize = 256;
 pub const MAX_ENDPOINT_BYTES: usize = 1024;
 pub const MAX_EVENT_ID_BYTES: usize = 256;
+/// Upper bounds of the numeric fields. A request slower than a day, or
+/// moving more than a petabyte, is a producer bug, not usage; refusing it
+/// keeps one bad event from saturating a client's sums or its sketch.
+pub const MAX_LATENCY_MS: f64 = 86_400_000.0;
+pub const MAX_BYTES: u64 = 1_000_000_000_000_000;
+pub const MAX_COMPUTE_UNITS: u64 = 1_000_000_000;
+/// `metadata` is bounded so that one event cannot carry megabytes into
+/// dead letters, samples and the alert log.
+pub const MAX_METADATA_ENTRIES: usize = 32;
+pub const MAX_METADATA_KEY_BYTES: usize = 128;
+pub const MAX_METADATA_VALUE_BYTES: usize = 1024;
+pub const MAX_SOURCE_BYTES: usize = 1024;
 /// The only request-event schema version so far.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -41,6 +53,11 @@ pub struct RequestEvent {
     pub timestamp_ms: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<BTreeMap<String, String>>,
+    /// The CloudEvents `source` of an event that arrived as a CloudEvent:
+    /// its `id` is unique only within that source, so de-duplication is
+    /// scoped by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 impl RequestEvent {
@@ -70,6 +87,7 @@ impl RequestEvent {
                     self.api_key_id.clone().map(serde_json::Value::from),
                 ),
                 ("method", self.method.clone().map(serde_json::Value::from)),
+                ("source", self.source.clone().map(serde_json::Value::from)),
                 (
                     "compute_units",
                     self.compute_units.map(serde_json::Value::from),
@@ -115,6 +133,14 @@ pub enum Rejection {
     StatusOutOfRange(i64),
     #[error("`latency_ms` must be finite and >= 0, got {0}")]
     InvalidLatency(f64),
+    #[error("`{field}` {value} is above the limit of {limit}")]
+    AboveLimit {
+        field: &'static str,
+        value: String,
+        limit: String,
+    },
+    #[error("`metadata` {0}")]
+    InvalidMetadata(String),
     #[error("`{field}` must be >= 0, got {value}")]
     Negative { field: &'static str, value: i64 },
     #[error("`timestamp` {0}")]
@@ -176,6 +202,9 @@ pub struct RawEvent<'a> {
     pub client_id: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     pub api_key_id: Option<Cow<'a, str>>,
+    /// Scopes `event_id` (a CloudEvents envelope's `source`).
+    #[serde(default, borrow)]
+    pub source: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     pub endpoint: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
@@ -235,12 +264,41 @@ fn required_text(
     Ok(value.into_owned())
 }
 
-fn non_negative(value: Option<i64>, field: &'static str) -> Result<Option<u64>, Rejection> {
+fn bounded(value: Option<i64>, field: &'static str, limit: u64) -> Result<Option<u64>, Rejection> {
     match value {
         None => Ok(None),
         Some(v) if v < 0 => Err(Rejection::Negative { field, value: v }),
+        Some(v) if v as u64 > limit => Err(Rejection::AboveLimit {
+            field,
+            value: v.to_string(),
+            limit: limit.to_string(),
+        }),
         Some(v) => Ok(Some(v as u64)),
     }
+}
+
+fn check_metadata(meta: &BTreeMap<String, String>) -> Result<(), Rejection> {
+    if meta.len() > MAX_METADATA_ENTRIES {
+        return Err(Rejection::InvalidMetadata(format!(
+            "has {} entries, the limit is {MAX_METADATA_ENTRIES}",
+            meta.len()
+        )));
+    }
+    for (k, v) in meta {
+        if k.len() > MAX_METADATA_KEY_BYTES {
+            return Err(Rejection::InvalidMetadata(format!(
+                "key of {} bytes, the limit is {MAX_METADATA_KEY_BYTES}",
+                k.len()
+            )));
+        }
+        if v.len() > MAX_METADATA_VALUE_BYTES {
+            return Err(Rejection::InvalidMetadata(format!(
+                "value of `{k}` is {} bytes, the limit is {MAX_METADATA_VALUE_BYTES}",
+                v.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl RawTimestamp {
@@ -291,6 +349,18 @@ impl RawEvent<'_> {
         if !latency_ms.is_finite() || latency_ms < 0.0 {
             return Err(Rejection::InvalidLatency(latency_ms));
         }
+        if latency_ms > MAX_LATENCY_MS {
+            return Err(Rejection::AboveLimit {
+                field: "latency_ms",
+                // Exponent form for huge values (1e300, not 301 digits).
+                value: if latency_ms >= 1e15 {
+                    format!("{latency_ms:e}")
+                } else {
+                    latency_ms.to_string()
+                },
+                limit: format!("{MAX_LATENCY_MS} (24 hours)"),
+            });
+        }
         let timestamp_ms = self
             .timestamp
             .ok_or(Rejection::MissingField("timestamp"))?
@@ -302,6 +372,13 @@ impl RawEvent<'_> {
                 limit_ms: ctx.max_future_ms,
             });
         }
+        if let Some(meta) = &self.metadata {
+            check_metadata(meta)?;
+        }
+        let source = match self.source {
+            None => None,
+            Some(s) => Some(required_text(Some(s), "source", MAX_SOURCE_BYTES)?),
+        };
         Ok(RequestEvent {
             event_id,
             client_id,
@@ -309,12 +386,13 @@ impl RawEvent<'_> {
             endpoint,
             method: self.method.map(Cow::into_owned),
             status: status as u16,
-            request_bytes: non_negative(self.request_bytes, "request_bytes")?.unwrap_or(0),
-            response_bytes: non_negative(self.response_bytes, "response_bytes")?.unwrap_or(0),
+            request_bytes: bounded(self.request_bytes, "request_bytes", MAX_BYTES)?.unwrap_or(0),
+            response_bytes: bounded(self.response_bytes, "response_bytes", MAX_BYTES)?.unwrap_or(0),
             latency_ms,
-            compute_units: non_negative(self.compute_units, "compute_units")?,
+            compute_units: bounded(self.compute_units, "compute_units", MAX_COMPUTE_UNITS)?,
             timestamp_ms,
             metadata: self.metadata,
+            source,
         })
     }
 }
@@ -341,7 +419,14 @@ pub fn explain_decode_failure(json: &str, serde_error: &serde_json::Error) -> Re
     let serde_json::Value::Object(map) = &value else {
         return Rejection::NotAnObject(json_kind(&value));
     };
-    const STRINGS: [&str; 5] = ["event_id", "client_id", "api_key_id", "endpoint", "method"];
+    const STRINGS: [&str; 6] = [
+        "event_id",
+        "client_id",
+        "api_key_id",
+        "endpoint",
+        "method",
+        "source",
+    ];
     const INTEGERS: [&str; 5] = [
         "status",
         "request_bytes",
@@ -353,6 +438,17 @@ pub fn explain_decode_failure(json: &str, serde_error: &serde_json::Error) -> Re
         let expected = if STRINGS.contains(&field.as_str()) {
             (!v.is_string() && !v.is_null()).then_some("string")
         } else if INTEGERS.contains(&field.as_str()) {
+            if v.is_u64() && !v.is_i64() {
+                // Beyond i64: larger than every bound.
+                return Rejection::AboveLimit {
+                    field: INTEGERS.into_iter().find(|f| f == field).unwrap_or("value"),
+                    value: v.to_string(),
+                    limit: match field.as_str() {
+                        "compute_units" => MAX_COMPUTE_UNITS.to_string(),
+                        _ => MAX_BYTES.to_string(),
+                    },
+                };
+            }
             (!v.is_i64() && !v.is_u64() && !v.is_null()).then_some("integer")
         } else if field == "latency_ms" {
             (!v.is_number() && !v.is_null()).then_some("number")
@@ -478,6 +574,57 @@ mod tests {
             raw.validate(&ctx()),
             Err(Rejection::InvalidLatency(_))
         ));
+    }
+
+    /// Reproduced on an earlier main: three events of `1e300` ms and one
+    /// of 10 ms answered an average of 2.5 ms and a p95 of 2e142 (the
+    /// nanosecond sum wrapped). Values beyond the bounds are refused with
+    /// the field named; values at the bounds are accepted.
+    #[test]
+    fn numeric_fields_beyond_their_bounds_are_refused_with_the_field_named() {
+        assert_eq!(
+            reason(&GOOD.replace("12.5", "1e300")),
+            "`latency_ms` 1e300 is above the limit of 86400000 (24 hours)"
+        );
+        assert!(decode_event(&GOOD.replace("12.5", "86400000"), &ctx()).is_ok());
+        assert_eq!(
+            reason(&GOOD.replace("\"request_bytes\":10", "\"request_bytes\":1000000000000001")),
+            "`request_bytes` 1000000000000001 is above the limit of 1000000000000000"
+        );
+        assert_eq!(
+            reason(&GOOD.replace(
+                "\"response_bytes\":20",
+                "\"response_bytes\":18446744073709551615"
+            )),
+            "`response_bytes` 18446744073709551615 is above the limit of 1000000000000000"
+        );
+        let units = GOOD.replace(
+            "\"status\":200",
+            "\"status\":200,\"compute_units\":1000000001",
+        );
+        assert_eq!(
+            reason(&units),
+            "`compute_units` 1000000001 is above the limit of 1000000000"
+        );
+    }
+
+    #[test]
+    fn metadata_is_bounded() {
+        let many: Vec<String> = (0..33).map(|i| format!("\"k{i}\":\"v\"")).collect();
+        let json = GOOD.replace(
+            "\"status\":200",
+            &format!("\"status\":200,\"metadata\":{{{}}}", many.join(",")),
+        );
+        assert_eq!(reason(&json), "`metadata` has 33 entries, the limit is 32");
+        let big = "x".repeat(1025);
+        let json = GOOD.replace(
+            "\"status\":200",
+            &format!("\"status\":200,\"metadata\":{{\"k\":\"{big}\"}}"),
+        );
+        assert_eq!(
+            reason(&json),
+            "`metadata` value of `k` is 1025 bytes, the limit is 1024"
+        );
     }
 
     #[test]

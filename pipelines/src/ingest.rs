@@ -1,7 +1,18 @@
 //! What one partition does with each event, in order: drop what this
 //! partition already applied from the same source position, recognise
-//! duplicates by `event_id`, set late events aside, and aggregate the rest
-//! into one-minute buckets with hour and day rollups.
+//! duplicates by `(client_id, source, event_id)`, set late events aside,
+//! and aggregate the rest into one-minute buckets with hour and day
+//! rollups.
+//!
+//! The partition's event-time clock is the highest event time applied,
+//! except that no event moves it past the ingest clock at the moment the
+//! event arrived: an event stamped 14 minutes ahead (a fast producer
+//! clock, a hostile request) is counted in its own minute, but the
+//! watermark (clock minus the allowed lateness) never passes "now minus
+//! the allowed lateness", so it cannot make the partition's honest events
+//! late. One clock per partition, not one per producer: producers are not
+//! identified on the wire, and per-producer watermarks would still need
+//! this bound for a producer that lies.
 //!
 //! The caller (a shard) does the I/O: it restores the dedupe index and the
 //! event-time clock from the last flush and writes [`FlushContent`] in one
@@ -12,16 +23,17 @@ use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
 use crate::aggregate::{BucketStats, ComputeWeights};
-use crate::dedupe::{fingerprint, DedupeIndex, Fingerprint};
+use crate::dedupe::{event_fingerprint, DedupeIndex, Fingerprint};
 use crate::event::RequestEvent;
 use crate::time::{format_rfc3339_ms, Granularity};
 
 #[derive(Debug, Clone, Copy)]
 pub struct PartitionRules {
-    /// Events older than the highest event time seen minus this are late.
+    /// Events older than the partition's event-time clock minus this are
+    /// late.
     pub allowed_lateness_ms: i64,
     /// A dedupe record lives while its event time is within this of the
-    /// highest event time seen.
+    /// partition's event-time clock.
     pub dedupe_window_ms: i64,
 }
 
@@ -71,7 +83,8 @@ pub struct FlushContent {
     /// Claims with event time before this are expired and may be deleted.
     pub dedupe_cutoff_ms: Option<i64>,
     pub dead_letters: Vec<DeadLetter>,
-    pub max_event_ms: Option<i64>,
+    /// The partition's event-time clock after these events.
+    pub event_clock_ms: Option<i64>,
 }
 
 /// The hot state of one partition between flushes.
@@ -79,7 +92,7 @@ pub struct FlushContent {
 pub struct PartitionIngest {
     rules: PartitionRules,
     weights: Arc<ComputeWeights>,
-    max_event_ms: Option<i64>,
+    event_clock_ms: Option<i64>,
     dedupe: DedupeIndex,
     /// client -> (minute start, stats), a handful of minutes per client.
     minutes: FxHashMap<String, Vec<(i64, BucketStats)>>,
@@ -88,17 +101,17 @@ pub struct PartitionIngest {
 }
 
 impl PartitionIngest {
-    /// `max_event_ms` and `dedupe` come from the last flush.
+    /// `event_clock_ms` and `dedupe` come from the last flush.
     pub fn new(
         rules: PartitionRules,
         weights: Arc<ComputeWeights>,
-        max_event_ms: Option<i64>,
+        event_clock_ms: Option<i64>,
         dedupe: DedupeIndex,
     ) -> Self {
         Self {
             rules,
             weights,
-            max_event_ms,
+            event_clock_ms,
             dedupe,
             minutes: FxHashMap::default(),
             dead_letters: Vec::new(),
@@ -106,19 +119,19 @@ impl PartitionIngest {
         }
     }
 
-    pub fn max_event_ms(&self) -> Option<i64> {
-        self.max_event_ms
+    pub fn event_clock_ms(&self) -> Option<i64> {
+        self.event_clock_ms
     }
 
     /// The current watermark: events before it are late.
     pub fn watermark_ms(&self) -> Option<i64> {
-        self.max_event_ms
+        self.event_clock_ms
             .map(|m| m.saturating_sub(self.rules.allowed_lateness_ms))
     }
 
     /// Dedupe records with an event time before this are expired.
     pub fn dedupe_cutoff_ms(&self) -> Option<i64> {
-        self.max_event_ms
+        self.event_clock_ms
             .map(|m| m.saturating_sub(self.rules.dedupe_window_ms))
     }
 
@@ -132,10 +145,13 @@ impl PartitionIngest {
         (self.dedupe.len(), self.dedupe.evicted())
     }
 
-    /// Applies one event.
-    pub fn apply(&mut self, event: &RequestEvent) -> Verdict {
+    /// Applies one event that arrived when the ingest clock read `now_ms`.
+    pub fn apply(&mut self, event: &RequestEvent, now_ms: i64) -> Verdict {
         self.pending_events += 1;
-        let fp = event.event_id.as_deref().map(fingerprint);
+        let fp = event
+            .event_id
+            .as_deref()
+            .map(|id| event_fingerprint(&event.client_id, event.source.as_deref(), id));
         if let Some(claimed_ms) = fp.and_then(|fp| self.dedupe.claim_of(fp)) {
             // A claim older than the window no longer counts, whether or not
             // the index has dropped it yet.
@@ -161,10 +177,9 @@ impl PartitionIngest {
                 return Verdict::Late { watermark_ms };
             }
         }
-        self.max_event_ms = Some(
-            self.max_event_ms
-                .map_or(event.timestamp_ms, |m| m.max(event.timestamp_ms)),
-        );
+        // Never past the ingest clock: see the module documentation.
+        let advance = event.timestamp_ms.min(now_ms);
+        self.event_clock_ms = Some(self.event_clock_ms.map_or(advance, |m| m.max(advance)));
         if let Some(fp) = fp {
             self.dedupe.claim(fp, event.timestamp_ms);
         }
@@ -208,7 +223,7 @@ impl PartitionIngest {
             dedupe_claims: self.dedupe.take_new_claims(),
             dedupe_cutoff_ms,
             dead_letters: std::mem::take(&mut self.dead_letters),
-            max_event_ms: self.max_event_ms,
+            event_clock_ms: self.event_clock_ms,
         }
     }
 }
@@ -231,8 +246,13 @@ mod tests {
             compute_units: None,
             timestamp_ms: ts,
             metadata: None,
+            source: None,
         }
     }
+
+    /// The ingest clock of a replay of old traffic: far ahead of every
+    /// event time, so it never bounds the event-time clock.
+    const REPLAY_NOW: i64 = i64::MAX / 4;
 
     fn ingest() -> PartitionIngest {
         PartitionIngest::new(
@@ -247,11 +267,14 @@ mod tests {
     fn late_event_beyond_allowed_lateness_goes_to_dead_letter() {
         let mut p = ingest();
         let t = 10 * 3_600_000;
-        assert_eq!(p.apply(&ev(None, "c", t)), Verdict::Accepted);
+        assert_eq!(p.apply(&ev(None, "c", t), REPLAY_NOW), Verdict::Accepted);
         // Exactly at the watermark is on time; one ms before is late.
-        assert_eq!(p.apply(&ev(None, "c", t - 300_000)), Verdict::Accepted);
         assert_eq!(
-            p.apply(&ev(None, "c", t - 300_001)),
+            p.apply(&ev(None, "c", t - 300_000), REPLAY_NOW),
+            Verdict::Accepted
+        );
+        assert_eq!(
+            p.apply(&ev(None, "c", t - 300_001), REPLAY_NOW),
             Verdict::Late {
                 watermark_ms: t - 300_000
             }
@@ -264,44 +287,62 @@ mod tests {
     #[test]
     fn duplicate_in_batch_and_from_restored_claims_counts_once() {
         let mut restored = DedupeIndex::new(1000);
-        restored.restore([(fingerprint("y"), 900)]);
+        restored.restore([(event_fingerprint("c", None, "y"), 900)]);
         let mut p = PartitionIngest::new(
             PartitionRules::default(),
             Arc::default(),
             Some(1000),
             restored,
         );
-        assert_eq!(p.apply(&ev(Some("x"), "c", 1000)), Verdict::Accepted);
-        assert_eq!(p.apply(&ev(Some("x"), "c", 1000)), Verdict::Duplicate);
-        assert_eq!(p.apply(&ev(Some("y"), "c", 1000)), Verdict::Duplicate);
+        assert_eq!(
+            p.apply(&ev(Some("x"), "c", 1000), REPLAY_NOW),
+            Verdict::Accepted
+        );
+        assert_eq!(
+            p.apply(&ev(Some("x"), "c", 1000), REPLAY_NOW),
+            Verdict::Duplicate
+        );
+        assert_eq!(
+            p.apply(&ev(Some("y"), "c", 1000), REPLAY_NOW),
+            Verdict::Duplicate
+        );
         let flush = p.take_flush();
-        assert_eq!(flush.dedupe_claims, vec![(fingerprint("x"), 1000)]);
+        assert_eq!(
+            flush.dedupe_claims,
+            vec![(event_fingerprint("c", None, "x"), 1000)]
+        );
     }
 
     #[test]
     fn dedupe_claim_expires_after_the_window() {
         let t = 5 * 3_600_000;
         let mut restored = DedupeIndex::new(1000);
-        restored.restore([(fingerprint("z"), t - 7_200_000)]);
+        restored.restore([(event_fingerprint("c", None, "z"), t - 7_200_000)]);
         let mut p = PartitionIngest::new(PartitionRules::default(), Arc::default(), None, restored);
-        p.apply(&ev(None, "c", t));
+        p.apply(&ev(None, "c", t), REPLAY_NOW);
         // The claim is 2 h before the max event time: expired, so the event
         // is judged on its own (late here, accepted when on time).
         assert!(matches!(
-            p.apply(&ev(Some("z"), "c", t - 7_200_000)),
+            p.apply(&ev(Some("z"), "c", t - 7_200_000), REPLAY_NOW),
             Verdict::Late { .. }
         ));
-        assert_eq!(p.apply(&ev(Some("z"), "c", t)), Verdict::Accepted);
-        assert_eq!(p.apply(&ev(Some("z"), "c", t)), Verdict::Duplicate);
+        assert_eq!(
+            p.apply(&ev(Some("z"), "c", t), REPLAY_NOW),
+            Verdict::Accepted
+        );
+        assert_eq!(
+            p.apply(&ev(Some("z"), "c", t), REPLAY_NOW),
+            Verdict::Duplicate
+        );
     }
 
     #[test]
     fn flush_hands_out_one_delta_per_client_minute() {
         let mut p = ingest();
-        p.apply(&ev(None, "c", 0));
-        p.apply(&ev(None, "c", 1_000));
-        p.apply(&ev(None, "c", 61_000));
-        p.apply(&ev(None, "d", 3_600_000));
+        p.apply(&ev(None, "c", 0), REPLAY_NOW);
+        p.apply(&ev(None, "c", 1_000), REPLAY_NOW);
+        p.apply(&ev(None, "c", 61_000), REPLAY_NOW);
+        p.apply(&ev(None, "d", 3_600_000), REPLAY_NOW);
         let mut flush = p.take_flush();
         flush.stats.sort_by(|a, b| {
             (&a.client_id, a.minute_start_ms).cmp(&(&b.client_id, b.minute_start_ms))
@@ -323,5 +364,56 @@ mod tests {
         );
         assert_eq!(p.pending_events(), 0);
         assert!(p.take_flush().stats.is_empty());
+    }
+
+    /// Reproduced over HTTP on an earlier main: one event for `victim`
+    /// stamped now + 14 min (within `max_future`), then 100 events stamped
+    /// now: all 100 were late. The clock stops at the ingest clock, so
+    /// they are on time and the early one is counted in its own minute.
+    #[test]
+    fn an_early_stamped_event_does_not_make_the_partition_late() {
+        let now = 1_800_000_000_000;
+        let mut p = ingest();
+        assert_eq!(
+            p.apply(&ev(None, "victim", now + 14 * 60_000), now),
+            Verdict::Accepted
+        );
+        for i in 0..100 {
+            assert_eq!(
+                p.apply(&ev(None, "other", now + i), now + i),
+                Verdict::Accepted
+            );
+        }
+        assert_eq!(p.watermark_ms(), Some(now + 99 - 300_000));
+        // A real lateness still counts: 5 min + 1 ms behind the ingest clock.
+        assert!(matches!(
+            p.apply(&ev(None, "other", now - 300_002), now),
+            Verdict::Late { .. }
+        ));
+        let flush = p.take_flush();
+        let total: u64 = flush.stats.iter().map(|d| d.stats.totals().requests).sum();
+        assert_eq!(total, 101);
+        assert_eq!(flush.event_clock_ms, Some(now + 99));
+    }
+
+    #[test]
+    fn two_clients_sending_the_same_event_id_are_both_counted() {
+        let mut p = ingest();
+        assert_eq!(
+            p.apply(&ev(Some("e1"), "alice", 1000), REPLAY_NOW),
+            Verdict::Accepted
+        );
+        assert_eq!(
+            p.apply(&ev(Some("e1"), "bob", 1000), REPLAY_NOW),
+            Verdict::Accepted
+        );
+        assert_eq!(
+            p.apply(&ev(Some("e1"), "bob", 1000), REPLAY_NOW),
+            Verdict::Duplicate
+        );
+        let mut from_source = ev(Some("e1"), "alice", 1000);
+        from_source.source = Some("gw-1".into());
+        assert_eq!(p.apply(&from_source, REPLAY_NOW), Verdict::Accepted);
+        assert_eq!(p.apply(&from_source, REPLAY_NOW), Verdict::Duplicate);
     }
 }

@@ -14,6 +14,8 @@
 //! - [`limit`]: rate-limit algorithms (fixed and sliding window, token and
 //!   leaky bucket) over explicit time.
 //! - [`quota`]: billing periods, quota status and once-per-period events.
+//! - [`reservation`]: quota units admitted by checks until their events
+//!   are ingested.
 //! - [`sample`]: deterministic sampling for `REQUEST_RECORDED`.
 //! - [`synthetic`]: deterministic synthetic traffic.
 //! - [`top`]: per-period client totals and the incremental top-consumer
@@ -31,6 +33,7 @@ pub mod ingest;
 pub mod limit;
 pub mod partitioner;
 pub mod quota;
+pub mod reservation;
 pub mod sample;
 pub mod sketch;
 pub mod synthetic;

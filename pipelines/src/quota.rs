@@ -111,6 +111,10 @@ pub struct QuotaUsage {
     pub bytes: u64,
     /// Requests of the current UTC day.
     pub today_requests: u64,
+    /// Requests admitted by checks whose events have not been ingested
+    /// yet (see [`crate::reservation`]), in the period and today.
+    pub reserved: u64,
+    pub today_reserved: u64,
 }
 
 /// `GET /v1/clients/{id}/quota/status`.
@@ -119,12 +123,17 @@ pub struct QuotaStatus {
     pub period_start_ms: i64,
     pub period_end_ms: i64,
     pub requests_used: u64,
+    /// Admitted by checks, not yet ingested: counted against the limits
+    /// (so concurrent checks cannot overshoot), not in `requests_used`
+    /// (which is what the usage queries say).
+    pub requests_reserved: u64,
     pub requests_limit: Option<u64>,
     pub requests_remaining: Option<u64>,
     pub data_transfer_used: u64,
     pub data_transfer_limit: Option<u64>,
     pub data_transfer_remaining: Option<u64>,
     pub daily_requests_used: u64,
+    pub daily_requests_reserved: u64,
     pub daily_request_limit: Option<u64>,
     /// The highest share used of any configured allowance.
     pub percent_used: f64,
@@ -151,16 +160,18 @@ impl QuotaStatus {
             period_start_ms: start,
             period_end_ms: end,
             requests_used: usage.requests,
+            requests_reserved: usage.reserved,
             requests_limit: config.monthly_request_limit,
             requests_remaining: config
                 .monthly_request_limit
-                .map(|l| l.saturating_sub(usage.requests)),
+                .map(|l| l.saturating_sub(usage.requests.saturating_add(usage.reserved))),
             data_transfer_used: usage.bytes,
             data_transfer_limit: config.monthly_data_transfer_bytes,
             data_transfer_remaining: config
                 .monthly_data_transfer_bytes
                 .map(|l| l.saturating_sub(usage.bytes)),
             daily_requests_used: usage.today_requests,
+            daily_requests_reserved: usage.today_reserved,
             daily_request_limit: config.daily_request_limit,
             percent_used,
             is_warning: percent_used >= f64::from(config.warning_threshold_percent),
@@ -168,11 +179,34 @@ impl QuotaStatus {
         }
     }
 
+    /// Whether a check of `cost` requests fits: used plus reserved plus
+    /// the cost within every request allowance, and the data allowance not
+    /// used up (a check does not know its bytes yet).
+    pub fn admits(&self, cost: u64) -> bool {
+        let fits = |used: u64, reserved: u64, limit: Option<u64>| {
+            limit.is_none_or(|l| used.saturating_add(reserved).saturating_add(cost) <= l)
+        };
+        fits(
+            self.requests_used,
+            self.requests_reserved,
+            self.requests_limit,
+        ) && fits(
+            self.daily_requests_used,
+            self.daily_requests_reserved,
+            self.daily_request_limit,
+        ) && self
+            .data_transfer_limit
+            .is_none_or(|l| self.data_transfer_used < l)
+    }
+
     /// When a denied check may succeed again: the end of the day for the
     /// daily allowance, else the end of the period.
     pub fn retry_at_ms(&self, config: &QuotaConfig, at_ms: i64) -> i64 {
         let monthly_out = [
-            (self.requests_used, config.monthly_request_limit),
+            (
+                self.requests_used.saturating_add(self.requests_reserved),
+                config.monthly_request_limit,
+            ),
             (self.data_transfer_used, config.monthly_data_transfer_bytes),
         ]
         .iter()
@@ -200,6 +234,14 @@ fn percent(used: u64, limit: u64) -> f64 {
 pub enum QuotaEvent {
     QuotaWarning,
     QuotaExceeded,
+}
+
+/// What a client's quota keeps between flushes (persisted with them): the
+/// events raised this period and the requests reserved by checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaMarks {
+    pub alerts: QuotaAlerts,
+    pub reservations: crate::reservation::QuotaReservations,
 }
 
 /// Which events a client has had in the current period (persisted).
@@ -301,7 +343,7 @@ mod tests {
             let usage = QuotaUsage {
                 requests,
                 bytes,
-                today_requests: 0,
+                ..QuotaUsage::default()
             };
             let status = QuotaStatus::compute(&config, &usage, at);
             seen.push((requests, alerts.observe(&status)));
@@ -322,8 +364,7 @@ mod tests {
             &config,
             &QuotaUsage {
                 requests: 100,
-                bytes: 0,
-                today_requests: 0,
+                ..QuotaUsage::default()
             },
             ms("2026-04-02T00:00:00Z"),
         );
@@ -336,7 +377,7 @@ mod tests {
             &QuotaUsage {
                 requests: 85,
                 bytes: 500,
-                today_requests: 0,
+                ..QuotaUsage::default()
             },
             at,
         );
@@ -348,6 +389,40 @@ mod tests {
             (s.requests_remaining, s.data_transfer_remaining),
             (Some(15), Some(500))
         );
+    }
+
+    #[test]
+    fn reserved_requests_count_against_admission_not_against_usage() {
+        let config = QuotaConfig {
+            monthly_request_limit: Some(100),
+            monthly_data_transfer_bytes: None,
+            daily_request_limit: Some(50),
+            warning_threshold_percent: 80,
+            hard_limit: true,
+            reset_day: 1,
+        };
+        let at = ms("2026-03-10T12:00:00Z");
+        let status = |requests, reserved, today, today_reserved| {
+            QuotaStatus::compute(
+                &config,
+                &QuotaUsage {
+                    requests,
+                    bytes: 0,
+                    today_requests: today,
+                    reserved,
+                    today_reserved,
+                },
+                at,
+            )
+        };
+        let s = status(60, 39, 0, 0);
+        assert!(s.admits(1));
+        assert!(!s.admits(2));
+        assert_eq!((s.requests_used, s.requests_remaining), (60, Some(1)));
+        assert!(!s.is_exceeded, "exceeded follows ingested usage only");
+        // The daily allowance binds first here: 30 + 20 reserved = 50.
+        assert!(!status(30, 0, 30, 20).admits(1));
+        assert!(status(30, 0, 30, 19).admits(1));
     }
 
     #[test]

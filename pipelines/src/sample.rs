@@ -70,6 +70,7 @@ mod tests {
             compute_units: None,
             timestamp_ms: i as i64,
             metadata: None,
+            source: None,
         }
     }
 

@@ -96,16 +96,44 @@ impl PeriodTotals {
     }
 }
 
-/// The running totals and ranking of one period.
+/// The running totals and ranking of one period, over at most `capacity`
+/// clients.
 ///
 /// Each metric has its own ordered index of `(value descending, client
 /// ascending)`; an update moves the client's entry in each (O(log n)).
 /// Client names are shared (`Arc<str>`) between the map and the indexes.
-#[derive(Debug, Default)]
+///
+/// Memory is bounded: past `capacity` clients, the one with the fewest
+/// requests leaves, and `ceiling` keeps, per metric, an upper bound of
+/// every client that is not held. A top N is then exact from memory when
+/// its N-th value is above the ceiling; otherwise the caller answers from
+/// the stored totals, which are exact ([`PeriodRanking::top`] says which).
+/// A client that is not held comes back with its exact stored total
+/// ([`PeriodRanking::admit`]), never with a delta mistaken for a total.
+#[derive(Debug)]
 pub struct PeriodRanking {
     totals: HashMap<Arc<str>, PeriodTotals>,
     order: [BTreeSet<(Reverse<u128>, Arc<str>)>; 4],
     sum: PeriodTotals,
+    capacity: usize,
+    /// Some client was let go (or never held): `ceiling` bounds them all.
+    overflowed: bool,
+    ceiling: [u128; 4],
+}
+
+impl Default for PeriodRanking {
+    fn default() -> Self {
+        Self::bounded(usize::MAX)
+    }
+}
+
+/// What [`PeriodRanking::add`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    Ranked,
+    /// The client is not held and its total is not known here: admit it
+    /// with its exact (stored) total.
+    NeedsTotal,
 }
 
 impl PeriodRanking {
@@ -113,9 +141,84 @@ impl PeriodRanking {
         Self::default()
     }
 
-    /// Adds `delta` to `client`'s totals.
-    pub fn add(&mut self, client: &str, delta: &PeriodTotals) {
+    pub fn bounded(capacity: usize) -> Self {
+        Self {
+            totals: HashMap::new(),
+            order: Default::default(),
+            sum: PeriodTotals::default(),
+            capacity: capacity.max(1),
+            overflowed: false,
+            ceiling: [0; 4],
+        }
+    }
+
+    /// Adds `delta` to `client`'s totals (and always to the period's sum).
+    pub fn add(&mut self, client: &str, delta: &PeriodTotals) -> Added {
         self.sum.add(delta);
+        if !self.totals.contains_key(client) {
+            if self.overflowed {
+                return Added::NeedsTotal;
+            }
+            // Never let go of anyone: a client not held is new.
+            self.admit(client, *delta);
+            return Added::Ranked;
+        }
+        self.update(client, delta);
+        Added::Ranked
+    }
+
+    /// Holds `client` with its exact `total` if it ranks above the client
+    /// with the fewest requests (who then leaves), else raises the ceiling.
+    pub fn admit(&mut self, client: &str, total: PeriodTotals) {
+        if self.totals.contains_key(client) {
+            return;
+        }
+        if self.totals.len() >= self.capacity {
+            let weakest = self.order[TopMetric::RequestCount.index()]
+                .iter()
+                .next_back()
+                .map(|(_, c)| c.clone());
+            let Some(weakest) = weakest else {
+                return;
+            };
+            let weakest_total = self.totals.get(&weakest).copied().unwrap_or_default();
+            self.overflowed = true;
+            if total.requests <= weakest_total.requests {
+                self.raise_ceiling(&total);
+                return;
+            }
+            self.remove(&weakest);
+            self.raise_ceiling(&weakest_total);
+        }
+        let name: Arc<str> = Arc::from(client);
+        for m in TopMetric::ALL {
+            self.order[m.index()].insert((Reverse(total.get(m)), name.clone()));
+        }
+        self.totals.insert(name, total);
+    }
+
+    /// Loads a period from stored totals: the sum is everyone's; the
+    /// ranking holds as many as fit.
+    pub fn load(&mut self, client: &str, total: &PeriodTotals) {
+        self.sum.add(total);
+        self.admit(client, *total);
+    }
+
+    fn raise_ceiling(&mut self, t: &PeriodTotals) {
+        for m in TopMetric::ALL {
+            self.ceiling[m.index()] = self.ceiling[m.index()].max(t.get(m));
+        }
+    }
+
+    fn remove(&mut self, client: &Arc<str>) {
+        if let Some(t) = self.totals.remove(client) {
+            for m in TopMetric::ALL {
+                self.order[m.index()].remove(&(Reverse(t.get(m)), client.clone()));
+            }
+        }
+    }
+
+    fn update(&mut self, client: &str, delta: &PeriodTotals) {
         match self.totals.get_key_value(client) {
             Some((name, old)) => {
                 let name = name.clone();
@@ -142,15 +245,28 @@ impl PeriodRanking {
     }
 
     /// The `limit` highest clients by `metric`, highest first (ties by
-    /// client id). Clients whose value is zero are not consumers of that
-    /// metric and are left out.
-    pub fn top(&self, metric: TopMetric, limit: usize) -> Vec<(String, u128)> {
-        self.order[metric.index()]
+    /// client id), if memory alone answers it exactly: every client held,
+    /// or the `limit`-th value above what any client not held can have.
+    /// Clients whose value is zero are not consumers of that metric and
+    /// are left out.
+    pub fn top(&self, metric: TopMetric, limit: usize) -> Option<Vec<(String, u128)>> {
+        let top: Vec<(String, u128)> = self.order[metric.index()]
             .iter()
             .take_while(|(Reverse(v), _)| *v > 0)
             .take(limit)
             .map(|(Reverse(v), c)| (c.to_string(), *v))
-            .collect()
+            .collect();
+        let exact = !self.overflowed
+            || (top.len() == limit
+                && top
+                    .last()
+                    .is_some_and(|(_, v)| *v > self.ceiling[metric.index()]));
+        exact.then_some(top)
+    }
+
+    /// Whether every client of the period is held.
+    pub fn complete(&self) -> bool {
+        !self.overflowed
     }
 
     /// The sum over every client.
@@ -158,8 +274,14 @@ impl PeriodRanking {
         self.sum.get(metric)
     }
 
-    pub fn get(&self, client: &str) -> Option<&PeriodTotals> {
-        self.totals.get(client)
+    /// A client's totals, if known here: held, or (with every client
+    /// held) zero.
+    pub fn get(&self, client: &str) -> Option<PeriodTotals> {
+        match self.totals.get(client) {
+            Some(t) => Some(*t),
+            None if !self.overflowed => Some(PeriodTotals::default()),
+            None => None,
+        }
     }
 
     pub fn clients(&self) -> usize {
@@ -229,19 +351,63 @@ mod tests {
         r.add("c", &requests(5));
         r.add("a", &requests(3)); // a: 8
         assert_eq!(
-            r.top(TopMetric::RequestCount, 10),
+            r.top(TopMetric::RequestCount, 10).unwrap(),
             vec![("a".into(), 8), ("b".into(), 7), ("c".into(), 5)]
         );
-        assert_eq!(r.top(TopMetric::RequestCount, 2).len(), 2);
+        assert_eq!(r.top(TopMetric::RequestCount, 2).unwrap().len(), 2);
         assert_eq!(r.total(TopMetric::RequestCount), 20);
         assert_eq!(r.total(TopMetric::DataTransferBytes), 2000);
         // errors: a 0 + 0, b 0, c 0 -> nobody consumes errors.
-        assert!(r.top(TopMetric::ErrorCount, 10).is_empty());
-        assert!(r.top(TopMetric::ComputeUnits, 10).is_empty());
+        assert!(r.top(TopMetric::ErrorCount, 10).unwrap().is_empty());
+        assert!(r.top(TopMetric::ComputeUnits, 10).unwrap().is_empty());
         r.add("c", &requests(10)); // c: 15, errors 1
-        assert_eq!(r.top(TopMetric::RequestCount, 1), vec![("c".into(), 15)]);
-        assert_eq!(r.top(TopMetric::ErrorCount, 5), vec![("c".into(), 1)]);
+        assert_eq!(
+            r.top(TopMetric::RequestCount, 1).unwrap(),
+            vec![("c".into(), 15)]
+        );
+        assert_eq!(
+            r.top(TopMetric::ErrorCount, 5).unwrap(),
+            vec![("c".into(), 1)]
+        );
         assert_eq!(r.clients(), 3);
+    }
+
+    /// A few heavy clients among many light ones beyond the capacity: the
+    /// heavy ones stay held and the top is answered from memory; a top
+    /// that reaches into the light ones is not (the store answers it).
+    #[test]
+    fn a_bounded_ranking_keeps_the_heavy_clients_and_knows_its_limits() {
+        let mut r = PeriodRanking::bounded(10);
+        let mut truth: HashMap<String, PeriodTotals> = HashMap::new();
+        for round in 0..5u64 {
+            for c in 0..100u64 {
+                let n = if c < 3 { 1000 + c } else { 1 + (c + round) % 4 };
+                let client = format!("c{c}");
+                truth.entry(client.clone()).or_default().add(&requests(n));
+                if r.add(&client, &requests(n)) == Added::NeedsTotal {
+                    r.admit(&client, truth[&client]);
+                }
+            }
+        }
+        assert_eq!(r.clients(), 10);
+        assert!(!r.complete());
+        let top = r
+            .top(TopMetric::RequestCount, 3)
+            .expect("answered from memory");
+        assert_eq!(
+            top,
+            vec![
+                ("c2".into(), 5010),
+                ("c1".into(), 5005),
+                ("c0".into(), 5000)
+            ]
+        );
+        assert_eq!(r.top(TopMetric::RequestCount, 50), None);
+        assert_eq!(
+            r.total(TopMetric::RequestCount),
+            truth.values().map(|t| u128::from(t.requests)).sum::<u128>()
+        );
+        assert_eq!(r.get("c1").map(|t| t.requests), Some(5005));
     }
 
     #[test]
@@ -252,6 +418,7 @@ mod tests {
         }
         let names: Vec<String> = r
             .top(TopMetric::RequestCount, 3)
+            .unwrap()
             .into_iter()
             .map(|(c, _)| c)
             .collect();
@@ -286,6 +453,43 @@ mod tests {
     }
 
     proptest! {
+        /// A bounded ranking fed like a shard feeds it (a client it does not
+        /// hold comes back with its exact total) never answers wrong: when
+        /// it answers from memory, it equals sorting the true totals.
+        #[test]
+        fn a_bounded_ranking_answers_exactly_or_not_at_all(
+            adds in proptest::collection::vec((0u8..60, 0u64..50, 0u64..5000), 0..400),
+            capacity in 1usize..20,
+            limit in 1usize..10,
+        ) {
+            let mut r = PeriodRanking::bounded(capacity);
+            let mut reference: HashMap<String, PeriodTotals> = HashMap::new();
+            for (c, n, bytes) in &adds {
+                let client = format!("client-{c}");
+                let delta = PeriodTotals { requests: *n, bytes: u128::from(*bytes), compute_units: 0, errors: n / 3 };
+                reference.entry(client.clone()).or_default().add(&delta);
+                if r.add(&client, &delta) == Added::NeedsTotal {
+                    r.admit(&client, reference[&client]);
+                }
+                prop_assert!(r.clients() <= capacity);
+            }
+            for (i, m) in TopMetric::ALL.into_iter().enumerate() {
+                let _ = i;
+                let mut want: Vec<(String, u128)> = reference
+                    .iter()
+                    .filter(|(_, v)| v.get(m) > 0)
+                    .map(|(c, v)| (c.clone(), v.get(m)))
+                    .collect();
+                want.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                want.truncate(limit);
+                if let Some(got) = r.top(m, limit) {
+                    prop_assert_eq!(got, want);
+                }
+                let total: u128 = reference.values().map(|v| v.get(m)).sum();
+                prop_assert_eq!(r.total(m), total);
+            }
+        }
+
         /// Any sequence of additions ranks like sorting the final totals.
         #[test]
         fn ranking_equals_sorting_the_totals(
@@ -312,7 +516,7 @@ mod tests {
                     .collect();
                 want.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
                 want.truncate(limit);
-                prop_assert_eq!(r.top(m, limit), want);
+                prop_assert_eq!(r.top(m, limit), Some(want));
                 let total: u128 = reference.values().map(|v| v[i]).sum();
                 prop_assert_eq!(r.total(m), total);
             }

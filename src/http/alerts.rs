@@ -73,6 +73,9 @@ struct Subscription {
     /// Still replaying the log (live events wait in the broadcast buffer).
     catching_up: bool,
     filter: Filter,
+    /// One of the bounded subscription slots, given back when the stream
+    /// ends.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 fn sse(e: &AlertEvent) -> Event {
@@ -131,6 +134,15 @@ fn subscription(
 ) -> Result<Subscription, ApiError> {
     let Query(params) =
         q.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}"), vec![]))?;
+    let slot = state.subscribers.clone().try_acquire_owned().map_err(|_| {
+        ApiError::Overloaded {
+            detail: format!(
+                "{} alert subscriptions are open, the configured maximum (max_subscribers); retry later",
+                state.config.max_subscribers
+            ),
+            retry_after_secs: 5,
+        }
+    })?;
     let types = match &params.types {
         None => None,
         Some(list) => {
@@ -165,6 +177,7 @@ fn subscription(
         log,
         live,
         pending: VecDeque::new(),
+        _slot: slot,
         filter: Filter {
             client: params.client_id,
             types,

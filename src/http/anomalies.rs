@@ -8,8 +8,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tally_pipelines::detect::{Anomaly, Severity};
 use tally_pipelines::time::{format_rfc3339_ms, HOUR_MS};
-use tally_state::retention::wall_clock_ms;
 
+use super::page;
 use super::AppState;
 use crate::error::{ApiError, FieldProblem};
 
@@ -31,14 +31,28 @@ struct Params {
     client_id: Option<String>,
     lookback_hours: Option<u32>,
     severity_at_least: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
 }
 
 struct Filter {
     from_ms: i64,
     min_severity: Severity,
+    limit: usize,
+    /// The last anomaly of the previous page: (detected at, id).
+    after: Option<(i64, String)>,
 }
 
-fn filter(params: &Params) -> Result<Filter, ApiError> {
+fn parse_cursor(cursor: &str) -> Result<(i64, String), ApiError> {
+    let (at, id) = cursor.split_once('.').ok_or_else(page::bad_cursor)?;
+    let at = at.parse::<i64>().map_err(|_| page::bad_cursor())?;
+    if id.is_empty() || !id.starts_with("an-") {
+        return Err(page::bad_cursor());
+    }
+    Ok((at, id.to_string()))
+}
+
+fn filter(state: &AppState, params: &Params) -> Result<Filter, ApiError> {
     let mut problems = Vec::new();
     let hours = params.lookback_hours.unwrap_or(24);
     if hours == 0 || hours > 24 * 400 {
@@ -66,18 +80,27 @@ fn filter(params: &Params) -> Result<Filter, ApiError> {
         return Err(ApiError::bad_request("invalid anomaly query", problems));
     }
     Ok(Filter {
-        from_ms: wall_clock_ms() - i64::from(hours) * HOUR_MS,
+        from_ms: state.config.clock.now_ms() - i64::from(hours) * HOUR_MS,
         min_severity,
+        limit: page::limit(params.limit, 100, MAX_ANSWER)?,
+        after: params.cursor.as_deref().map(parse_cursor).transpose()?,
     })
 }
 
-fn render(mut found: Vec<Anomaly>) -> Json<Value> {
+/// Newest first (detection time, then id, both descending), one page, and
+/// the cursor of the next page when there is more.
+fn render(mut found: Vec<Anomaly>, limit: usize) -> Json<Value> {
     found.sort_by(|a, b| {
         b.detected_at_ms
             .cmp(&a.detected_at_ms)
-            .then(a.anomaly_id.cmp(&b.anomaly_id))
+            .then(b.anomaly_id.cmp(&a.anomaly_id))
     });
-    found.truncate(MAX_ANSWER);
+    let more = found.len() > limit;
+    found.truncate(limit);
+    let next_cursor = more
+        .then(|| found.last())
+        .flatten()
+        .map(|a| format!("{}.{}", a.detected_at_ms, a.anomaly_id));
     let items: Vec<Value> = found
         .into_iter()
         .map(|a| {
@@ -95,10 +118,10 @@ fn render(mut found: Vec<Anomaly>) -> Json<Value> {
             })
         })
         .collect();
-    Json(json!({ "anomalies": items }))
+    Json(json!({ "anomalies": items, "next_cursor": next_cursor }))
 }
 
-fn read(
+async fn read(
     state: &AppState,
     partitions: impl Iterator<Item = u16>,
     client: Option<&str>,
@@ -106,15 +129,23 @@ fn read(
 ) -> Result<Vec<Anomaly>, ApiError> {
     let mut out = Vec::new();
     for p in partitions {
-        let found = state
-            .store
-            .anomalies(p, f.from_ms, usize::MAX)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let (client, after) = (client.map(str::to_string), f.after.clone());
+        let (from_ms, limit, min_severity) = (f.from_ms, f.limit, f.min_severity);
+        // One more than a page: whether there is a next page.
         out.extend(
-            found
-                .into_iter()
-                .filter(|a| a.severity >= f.min_severity)
-                .filter(|a| client.is_none_or(|c| a.client_id == c)),
+            super::read_partition(state, p, move |store| {
+                store.anomalies_newest_first(
+                    p,
+                    from_ms,
+                    after.as_ref().map(|(at, id)| (*at, id.as_str())),
+                    limit + 1,
+                    |a| {
+                        a.severity >= min_severity
+                            && client.as_deref().is_none_or(|c| a.client_id == c)
+                    },
+                )
+            })
+            .await?,
         );
     }
     Ok(out)
@@ -126,17 +157,20 @@ async fn all(
 ) -> Result<Json<Value>, ApiError> {
     let Query(params) =
         q.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}"), vec![]))?;
-    let f = filter(&params)?;
+    let f = filter(&state, &params)?;
     let found = match &params.client_id {
-        Some(c) => read(
-            &state,
-            std::iter::once(state.shards.partition_of(c)),
-            Some(c),
-            &f,
-        )?,
-        None => read(&state, 0..state.shards.partitions(), None, &f)?,
+        Some(c) => {
+            read(
+                &state,
+                std::iter::once(state.shards.partition_of(c)),
+                Some(c),
+                &f,
+            )
+            .await?
+        }
+        None => read(&state, 0..state.shards.partitions(), None, &f).await?,
     };
-    Ok(render(found))
+    Ok(render(found, f.limit))
 }
 
 async fn of_client(
@@ -146,7 +180,10 @@ async fn of_client(
 ) -> Result<Json<Value>, ApiError> {
     let Query(params) =
         q.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}"), vec![]))?;
-    let f = filter(&params)?;
+    let f = filter(&state, &params)?;
     let p = state.shards.partition_of(&client);
-    Ok(render(read(&state, std::iter::once(p), Some(&client), &f)?))
+    Ok(render(
+        read(&state, std::iter::once(p), Some(&client), &f).await?,
+        f.limit,
+    ))
 }

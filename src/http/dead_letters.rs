@@ -1,5 +1,7 @@
-//! `GET /v1/dead-letters`: late events set aside, newest first, with the
-//! reason they were excluded.
+//! `GET /v1/dead-letters?limit=&cursor=`: late events set aside, newest
+//! first (by partition sequence, merged across partitions by the time they
+//! were recorded), with the reason they were excluded. `next_cursor` holds
+//! where each partition's reading stopped.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -7,19 +9,22 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tally_pipelines::time::format_rfc3339_ms;
+use tally_state::DeadLetterRecord;
 
-use super::AppState;
-use crate::error::{ApiError, FieldProblem};
+use super::{blocking, page, AppState};
+use crate::error::ApiError;
 
-const MAX_LIMIT: usize = 100_000;
+const MAX_LIMIT: usize = 10_000;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/dead-letters", get(list))
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Params {
     limit: Option<usize>,
+    cursor: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -35,6 +40,21 @@ struct Item {
 #[derive(Debug, Serialize)]
 struct Response {
     dead_letters: Vec<Item>,
+    next_cursor: Option<String>,
+}
+
+/// A cursor: for each partition with more to read, the sequence below
+/// which its next page starts (`p.s`, joined by `-`); a partition absent
+/// from it is done.
+fn parse_cursor(cursor: &str, partitions: u16) -> Result<Vec<Option<u64>>, ApiError> {
+    let mut below = vec![None; usize::from(partitions)];
+    for part in cursor.split('-').filter(|p| !p.is_empty()) {
+        let (p, s) = part.split_once('.').ok_or_else(page::bad_cursor)?;
+        let p: u16 = p.parse().map_err(|_| page::bad_cursor())?;
+        let s: u64 = s.parse().map_err(|_| page::bad_cursor())?;
+        *below.get_mut(usize::from(p)).ok_or_else(page::bad_cursor)? = Some(s);
+    }
+    Ok(below)
 }
 
 async fn list(
@@ -43,27 +63,49 @@ async fn list(
 ) -> Result<Json<Response>, ApiError> {
     let Query(params) =
         params.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}"), vec![]))?;
-    let limit = params.limit.unwrap_or(100);
-    if limit == 0 || limit > MAX_LIMIT {
-        return Err(ApiError::bad_request(
-            "invalid query parameters",
-            vec![FieldProblem::field(
-                "limit",
-                format!("must be within 1..={MAX_LIMIT}"),
-            )],
-        ));
-    }
-    let mut records = Vec::new();
-    for p in 0..state.store.partitions() {
-        records.extend(state.store.dead_letters(p, limit)?);
-    }
-    records.sort_by(|a, b| {
-        b.recorded_at_ms
-            .cmp(&a.recorded_at_ms)
-            .then(a.partition.cmp(&b.partition))
-            .then(b.sequence.cmp(&a.sequence))
-    });
-    records.truncate(limit);
+    let limit = page::limit(params.limit, 100, MAX_LIMIT)?;
+    let partitions = state.store.partitions();
+    // Without a cursor every partition starts at its newest (below MAX).
+    let starts: Vec<Option<u64>> = match &params.cursor {
+        Some(c) => parse_cursor(c, partitions)?,
+        None => vec![Some(u64::MAX); usize::from(partitions)],
+    };
+    let store = state.store.clone();
+    let (records, next_cursor) = blocking(move || {
+        // Each partition offers one more than a page; the merge keeps the
+        // newest, and a partition with records left over has more.
+        let mut candidates: Vec<DeadLetterRecord> = Vec::new();
+        let mut fetched = vec![0usize; usize::from(partitions)];
+        for p in 0..partitions {
+            if let Some(below) = starts[usize::from(p)] {
+                let found = store.dead_letters(p, Some(below), limit + 1)?;
+                fetched[usize::from(p)] = found.len();
+                candidates.extend(found);
+            }
+        }
+        candidates.sort_by(|a, b| {
+            b.recorded_at_ms
+                .cmp(&a.recorded_at_ms)
+                .then(a.partition.cmp(&b.partition))
+                .then(b.sequence.cmp(&a.sequence))
+        });
+        candidates.truncate(limit);
+        let mut resume = starts.clone();
+        let mut taken = vec![0usize; usize::from(partitions)];
+        for r in &candidates {
+            let i = usize::from(r.partition);
+            taken[i] += 1;
+            // Newest first within a partition: the last one is the oldest.
+            resume[i] = Some(r.sequence);
+        }
+        let parts: Vec<String> = (0..partitions)
+            .filter(|&p| fetched[usize::from(p)] > taken[usize::from(p)])
+            .filter_map(|p| resume[usize::from(p)].map(|s| format!("{p}.{s}")))
+            .collect();
+        let next = (!parts.is_empty()).then(|| parts.join("-"));
+        Ok((candidates, next))
+    })
+    .await?;
     Ok(Json(Response {
         dead_letters: records
             .into_iter()
@@ -77,5 +119,6 @@ async fn list(
                     .unwrap_or(serde_json::Value::String(r.event_json)),
             })
             .collect(),
+        next_cursor,
     }))
 }

@@ -11,7 +11,6 @@ use metrics::gauge;
 use serde_json::json;
 use tally_actors::telemetry::{MailboxDepth, ROCKSDB_SIZE};
 use tally_pipelines::time::format_rfc3339_ms;
-use tally_state::retention::wall_clock_ms;
 
 use super::AppState;
 use crate::error::ApiError;
@@ -28,9 +27,10 @@ async fn live() -> impl IntoResponse {
     Json(json!({"status": "live"}))
 }
 
-/// Why the instance is not ready, if it is not: starting or stopping, or
-/// a shard whose flushes keep failing across restarts (its circuit is
-/// tripped; see `tally_actors::status`).
+/// Why the instance is not ready, if it is not: starting or stopping, a
+/// shard whose flushes keep failing across restarts (its circuit is
+/// tripped; see `tally_actors::status`), or a shard stopped because its
+/// state cannot be read.
 fn not_ready_reason(state: &AppState) -> Option<String> {
     if !state.ready.load(Ordering::Relaxed) {
         return Some("starting or shutting down".into());
@@ -40,7 +40,7 @@ fn not_ready_reason(state: &AppState) -> Option<String> {
         let grace_ms =
             i64::try_from(state.config.kafka_outage_grace.as_millis()).unwrap_or(i64::MAX);
         if let Some(since) = view.down_since_ms {
-            let down_for = wall_clock_ms().saturating_sub(since);
+            let down_for = state.config.clock.now_ms().saturating_sub(since);
             if down_for > grace_ms {
                 return Some(format!(
                     "no Kafka broker reachable for {} s ({}); queries still answer from local state",
@@ -55,13 +55,14 @@ fn not_ready_reason(state: &AppState) -> Option<String> {
         .health()
         .into_iter()
         .enumerate()
-        .filter(|(_, h)| h.tripped())
-        .map(|(p, h)| {
-            format!(
-                "partition {p}: {} consecutive failed flushes ({})",
-                h.consecutive_failures,
-                h.last_error.unwrap_or_default()
-            )
+        .filter_map(|(p, h)| {
+            let reason = h.reason()?;
+            // A stopped shard's reason already names its partition.
+            Some(if reason.starts_with("partition ") {
+                reason
+            } else {
+                format!("partition {p}: {reason}")
+            })
         })
         .collect();
     (!tripped.is_empty()).then(|| tripped.join("; "))
@@ -89,6 +90,9 @@ async fn detailed(State(state): State<AppState>) -> impl IntoResponse {
                 "restarts": h.restarts,
                 "consecutive_flush_failures": h.consecutive_failures,
                 "last_error": h.last_error,
+                "stopped": h.fatal,
+                "durable_before": h.durable_before_ms.map(format_rfc3339_ms),
+                "durable_before_ms": h.durable_before_ms,
             })
         })
         .collect();

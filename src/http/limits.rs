@@ -15,13 +15,12 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tally_actors::limits::{quota_usage, CheckAnswer};
+use tally_actors::limits::CheckAnswer;
 use tally_actors::messages::{LimitReply, LimitRequest};
 use tally_pipelines::event::MAX_CLIENT_ID_BYTES;
 use tally_pipelines::limit::policy::LimitConfig;
-use tally_pipelines::quota::{QuotaConfig, QuotaStatus};
+use tally_pipelines::quota::QuotaConfig;
 use tally_pipelines::time::format_rfc3339_ms;
-use tally_state::retention::wall_clock_ms;
 
 use super::AppState;
 use crate::error::{ApiError, FieldProblem};
@@ -86,19 +85,12 @@ fn problems(list: Vec<(String, String)>) -> Result<(), ApiError> {
     ))
 }
 
-fn engine(e: tally_actors::Error) -> ApiError {
-    match e {
-        tally_actors::Error::ShardUnavailable { .. } => ApiError::Unavailable(e.to_string()),
-        other => ApiError::Internal(other.to_string()),
-    }
-}
-
 async fn ask(
     state: &AppState,
     client: &str,
     request: LimitRequest,
 ) -> Result<LimitReply, ApiError> {
-    state.shards.limits(client, request).map_err(engine)
+    Ok(state.shards.limits(&state.store, client, request).await?)
 }
 
 #[derive(Debug, Deserialize)]
@@ -231,7 +223,7 @@ async fn checked(
     cost: u64,
     consume: bool,
 ) -> Result<Response, ApiError> {
-    let now_ms = wall_clock_ms();
+    let now_ms = state.config.clock.now_ms();
     let request = LimitRequest::Check {
         client_id: client_id.clone(),
         endpoint,
@@ -241,7 +233,9 @@ async fn checked(
     };
     match ask(state, &client_id, request).await? {
         LimitReply::Check(a) => Ok(answer(client_id, a, now_ms)),
-        LimitReply::Done => Err(ApiError::Internal("unexpected shard reply".into())),
+        LimitReply::Done | LimitReply::Quota(_) => {
+            Err(ApiError::Internal("unexpected shard reply".into()))
+        }
     }
 }
 
@@ -293,10 +287,8 @@ async fn get_limits(
 ) -> Result<Response, ApiError> {
     valid_client(&client)?;
     let p = state.shards.partition_of(&client);
-    let own = state
-        .store
-        .limit_config(p, &client)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (store, name) = (state.store.clone(), client.clone());
+    let own = super::blocking(move || Ok(store.limit_config(p, &name)?)).await?;
     let (config, source) = match own {
         Some(c) => (Some(c), "client"),
         None => (state.config.limit_default.clone(), "default"),
@@ -350,12 +342,11 @@ async fn put_quota(
     Ok(Json(json!({"client_id": client, "quota": config})).into_response())
 }
 
-fn stored_quota(state: &AppState, client: &str) -> Result<QuotaConfig, ApiError> {
+async fn stored_quota(state: &AppState, client: &str) -> Result<QuotaConfig, ApiError> {
     let p = state.shards.partition_of(client);
-    state
-        .store
-        .quota_config(p, client)
-        .map_err(|e| ApiError::Internal(e.to_string()))?
+    let (store, name) = (state.store.clone(), client.to_string());
+    super::blocking(move || Ok(store.quota_config(p, &name)?))
+        .await?
         .ok_or_else(|| ApiError::NotFound(format!("no quota configured for client {client:?}")))
 }
 
@@ -364,7 +355,7 @@ async fn get_quota(
     Path(client): Path<String>,
 ) -> Result<Response, ApiError> {
     valid_client(&client)?;
-    let config = stored_quota(&state, &client)?;
+    let config = stored_quota(&state, &client).await?;
     Ok(Json(json!({"client_id": client, "quota": config})).into_response())
 }
 
@@ -373,23 +364,31 @@ async fn quota_status(
     Path(client): Path<String>,
 ) -> Result<Response, ApiError> {
     valid_client(&client)?;
-    let config = stored_quota(&state, &client)?;
-    let now_ms = wall_clock_ms();
-    let p = state.shards.partition_of(&client);
-    let usage = quota_usage(&state.store, p, &client, &config, now_ms)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let s = QuotaStatus::compute(&config, &usage, now_ms);
+    let request = LimitRequest::QuotaStatus {
+        client_id: client.clone(),
+        now_ms: state.config.clock.now_ms(),
+    };
+    let Some((config, s)) = (match ask(&state, &client, request).await? {
+        LimitReply::Quota(q) => q,
+        _ => return Err(ApiError::Internal("unexpected shard reply".into())),
+    }) else {
+        return Err(ApiError::NotFound(format!(
+            "no quota configured for client {client:?}"
+        )));
+    };
     Ok(Json(json!({
         "client_id": client,
         "period_start": format_rfc3339_ms(s.period_start_ms),
         "period_end": format_rfc3339_ms(s.period_end_ms),
         "requests_used": s.requests_used,
+        "requests_reserved": s.requests_reserved,
         "requests_limit": s.requests_limit,
         "requests_remaining": s.requests_remaining,
         "data_transfer_used": s.data_transfer_used,
         "data_transfer_limit": s.data_transfer_limit,
         "data_transfer_remaining": s.data_transfer_remaining,
         "daily_requests_used": s.daily_requests_used,
+        "daily_requests_reserved": s.daily_requests_reserved,
         "daily_request_limit": s.daily_request_limit,
         "percent_used": s.percent_used,
         "is_warning": s.is_warning,
@@ -416,7 +415,7 @@ async fn queue_health(State(state): State<AppState>, body: Bytes) -> Result<Resp
     let factor = state
         .config
         .adaptive
-        .report(report.utilization, wall_clock_ms());
+        .report(report.utilization, state.config.clock.now_ms());
     Ok(Json(json!({"utilization": report.utilization, "adaptive_factor": factor})).into_response())
 }
 

@@ -9,6 +9,7 @@ pub mod forward;
 pub mod health;
 pub mod ingest;
 pub mod limits;
+pub mod page;
 pub mod top;
 pub mod usage;
 pub mod webhooks;
@@ -75,6 +76,44 @@ pub struct Shared {
     pub webhooks: Arc<crate::webhooks::Webhooks>,
     /// In Kafka mode, configuration shared by every instance.
     pub control: Option<Arc<tally_actors::control_topic::ControlTopic>>,
+    /// Load shedding of ingest bodies.
+    pub ingest_gate: ingest::IngestGate,
+    /// Open SSE and WebSocket subscriptions (bounded by configuration).
+    pub subscribers: Arc<tokio::sync::Semaphore>,
+}
+
+/// Runs store I/O (or other blocking work) on the blocking pool, keeping
+/// the async workers free for requests that need no disk.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?
+}
+
+/// Reads one partition's stored state off the async workers. State found
+/// corrupt stops the partition's shard (nothing more is applied or written
+/// over it, readiness says why) and answers 500 naming it.
+pub async fn read_partition<T: Send + 'static>(
+    state: &AppState,
+    partition: u16,
+    read: impl FnOnce(&Store) -> Result<T, tally_state::Error> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = state.store.clone();
+    let result = tokio::task::spawn_blocking(move || read(&store))
+        .await
+        .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?;
+    result.map_err(|e| {
+        if e.is_corruption() {
+            state.shards.stop_shard(partition, &e.to_string());
+            ApiError::Corrupt(format!(
+                "the stored state of partition {partition} cannot be read ({e}); its shard is stopped, see /health/detailed"
+            ))
+        } else {
+            ApiError::from(e)
+        }
+    })
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -102,6 +141,7 @@ pub fn app(state: AppState) -> Router {
         .route_layer(middleware::from_fn(record_http_metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(refuse_long_uris))
         .layer(middleware::from_fn(problem_instance))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
@@ -149,8 +189,27 @@ async fn record_http_metrics(req: Request, next: Next) -> Response {
     response
 }
 
-/// Fills RFC 9457 `instance` (the request path) into problem responses,
-/// which are built where the path is not known.
+/// Longest request target (path and query) served; longer ones get a
+/// problem+json 414 here, before any handler parses them.
+pub const MAX_URI_BYTES: usize = 8192;
+
+async fn refuse_long_uris(req: Request, next: Next) -> Response {
+    let len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if len > MAX_URI_BYTES {
+        return ApiError::Http {
+            status: StatusCode::URI_TOO_LONG,
+            detail: format!("the request target is {len} bytes, the limit is {MAX_URI_BYTES}"),
+        }
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Every error answer is problem+json: responses built by the HTTP layer
+/// itself (an extractor's rejection, a body limit's 413, a timeout's 408)
+/// are rewrapped here, and RFC 9457 `instance` (the request path) is
+/// filled into every problem, since problems are built where the path is
+/// not known.
 async fn problem_instance(req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     let response = next.run(req).await;
@@ -158,12 +217,36 @@ async fn problem_instance(req: Request, next: Next) -> Response {
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes() == b"application/problem+json");
-    if !is_problem {
+    let status = response.status();
+    if !(is_problem || status.is_client_error() || status.is_server_error()) {
         return response;
     }
     let (mut parts, body) = response.into_parts();
     let Ok(bytes) = to_bytes(body, 1 << 20).await else {
         return (parts.status, "").into_response();
+    };
+    let bytes = if is_problem {
+        bytes
+    } else {
+        // A plain-text rejection: its text is the detail.
+        let text = String::from_utf8_lossy(&bytes).trim().to_string();
+        let detail = if text.is_empty() {
+            status.canonical_reason().unwrap_or("error").to_string()
+        } else {
+            text
+        };
+        let problem = ApiError::Http { status, detail }.into_response();
+        let (problem_parts, problem_body) = problem.into_parts();
+        parts.headers.extend(
+            problem_parts
+                .headers
+                .into_iter()
+                .filter_map(|(k, v)| k.map(|k| (k, v))),
+        );
+        match to_bytes(problem_body, 1 << 20).await {
+            Ok(b) => b,
+            Err(_) => return (parts.status, "").into_response(),
+        }
     };
     let body = match serde_json::from_slice::<serde_json::Value>(&bytes) {
         Ok(serde_json::Value::Object(mut map)) => {

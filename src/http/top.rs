@@ -77,11 +77,12 @@ struct TopQuery {
     local_only: bool,
 }
 
-fn parse(params: &TopParams) -> Result<TopQuery, ApiError> {
+fn parse(params: &TopParams, now_ms: i64) -> Result<TopQuery, ApiError> {
     let mut problems = Vec::new();
     let period = parse_period(
         params.period.as_deref(),
         params.at.as_deref(),
+        now_ms,
         &mut problems,
     );
     let limit = match params.limit.as_deref().map(str::parse::<usize>) {
@@ -140,7 +141,7 @@ async fn top(
     params: Result<Query<TopParams>, QueryRejection>,
 ) -> Result<Json<TopResponse>, ApiError> {
     let params = query(params)?;
-    let q = parse(&params)?;
+    let q = parse(&params, state.config.clock.now_ms())?;
     // Which partitions are answered here, and who answers the others.
     let mut local: Vec<u16> = Vec::new();
     let mut remote: BTreeMap<String, Vec<u16>> = BTreeMap::new();

@@ -13,7 +13,6 @@ use tally_pipelines::aggregate::BucketStats;
 use tally_pipelines::event::MAX_CLIENT_ID_BYTES;
 use tally_pipelines::partitioner::partition_for;
 use tally_pipelines::time::{format_rfc3339_ms, parse_instant, Granularity, Period, HOUR_MS};
-use tally_state::retention::wall_clock_ms;
 
 use super::AppState;
 use crate::error::{ApiError, FieldProblem};
@@ -87,11 +86,12 @@ fn instant(field: &str, value: Option<&str>, problems: &mut Vec<FieldProblem>) -
 }
 
 /// The period and instant of a period query, every problem reported.
-fn period_of(params: &PeriodParams) -> Result<(Period, i64), ApiError> {
+fn period_of(params: &PeriodParams, now_ms: i64) -> Result<(Period, i64), ApiError> {
     let mut problems = Vec::new();
     match parse_period(
         params.period.as_deref(),
         params.at.as_deref(),
+        now_ms,
         &mut problems,
     ) {
         Some(p) if problems.is_empty() => Ok(p),
@@ -103,6 +103,7 @@ fn period_of(params: &PeriodParams) -> Result<(Period, i64), ApiError> {
 pub(super) fn parse_period(
     period: Option<&str>,
     at: Option<&str>,
+    now_ms: i64,
     problems: &mut Vec<FieldProblem>,
 ) -> Option<(Period, i64)> {
     let period = match period {
@@ -116,11 +117,11 @@ pub(super) fn parse_period(
         }),
     };
     let at = instant("at", at, problems);
-    Some((period?, at.unwrap_or_else(wall_clock_ms)))
+    Some((period?, at.unwrap_or(now_ms)))
 }
 
 /// Merges a client's buckets in `[start, end)` at `granularity`.
-fn merged(
+async fn merged(
     state: &AppState,
     client: &str,
     granularity: Granularity,
@@ -128,14 +129,15 @@ fn merged(
     end: i64,
 ) -> Result<BucketStats, ApiError> {
     let partition = partition_for(client, state.store.partitions());
-    let mut total = BucketStats::default();
-    for (_, bucket) in state
-        .store
-        .read_buckets(partition, client, granularity, start, end)?
-    {
-        total.merge(&bucket);
-    }
-    Ok(total)
+    let client = client.to_string();
+    super::read_partition(state, partition, move |store| {
+        let mut total = BucketStats::default();
+        for (_, bucket) in store.read_buckets(partition, &client, granularity, start, end)? {
+            total.merge(&bucket);
+        }
+        Ok(total)
+    })
+    .await
 }
 
 #[derive(Debug, Serialize)]
@@ -162,9 +164,9 @@ async fn usage(
     params: Result<Query<PeriodParams>, QueryRejection>,
 ) -> Result<Json<UsageResponse>, ApiError> {
     let client = client_id(path)?;
-    let (period, at) = period_of(&query(params)?)?;
+    let (period, at) = period_of(&query(params)?, state.config.clock.now_ms())?;
     let (start, end) = period.bounds(at);
-    let bucket = merged(&state, &client, period.granularity(), start, end)?;
+    let bucket = merged(&state, &client, period.granularity(), start, end).await?;
     let totals = bucket.totals();
     Ok(Json(UsageResponse {
         period: period.as_str(),
@@ -210,9 +212,9 @@ async fn endpoints(
     params: Result<Query<PeriodParams>, QueryRejection>,
 ) -> Result<Json<EndpointsResponse>, ApiError> {
     let client = client_id(path)?;
-    let (period, at) = period_of(&query(params)?)?;
+    let (period, at) = period_of(&query(params)?, state.config.clock.now_ms())?;
     let (start, end) = period.bounds(at);
-    let bucket = merged(&state, &client, period.granularity(), start, end)?;
+    let bucket = merged(&state, &client, period.granularity(), start, end).await?;
     let mut endpoints: Vec<EndpointUsage> = bucket
         .into_endpoints()
         .filter(|(_, s)| s.requests > 0)
@@ -284,7 +286,7 @@ async fn history(
     let Some(granularity) = granularity.filter(|_| problems.is_empty()) else {
         return Err(ApiError::bad_request("invalid query parameters", problems));
     };
-    let to = to.unwrap_or_else(wall_clock_ms);
+    let to = to.unwrap_or(state.config.clock.now_ms());
     let from = from.unwrap_or(to - 24 * HOUR_MS);
     if from >= to {
         return Err(ApiError::bad_request(
@@ -303,21 +305,23 @@ async fn history(
         ));
     }
     let partition = partition_for(&client, state.store.partitions());
-    let points = state
-        .store
-        .read_buckets(partition, &client, granularity, start, to)?
-        .into_iter()
-        .map(|(ts, bucket)| {
-            let t = bucket.totals();
-            HistoryPoint {
-                timestamp: ts,
-                request_count: t.requests,
-                error_count: t.server_errors,
-                data_transfer_bytes: t.bytes,
-                average_latency_ms: t.average_latency_ms(),
-            }
-        })
-        .collect();
+    let name = client.clone();
+    let points = super::read_partition(&state, partition, move |store| {
+        store.read_buckets(partition, &name, granularity, start, to)
+    })
+    .await?
+    .into_iter()
+    .map(|(ts, bucket)| {
+        let t = bucket.totals();
+        HistoryPoint {
+            timestamp: ts,
+            request_count: t.requests,
+            error_count: t.server_errors,
+            data_transfer_bytes: t.bytes,
+            average_latency_ms: t.average_latency_ms(),
+        }
+    })
+    .collect();
     Ok(Json(HistoryResponse {
         client_id: client,
         granularity: granularity.as_str(),

@@ -1,12 +1,12 @@
 //! `PUT|GET|DELETE /v1/webhooks/{id}` and `GET /v1/webhooks`: webhook
 //! configuration and delivery status. The secret is write-only.
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use crate::error::ApiError;
@@ -77,6 +77,12 @@ async fn put(
             problems,
         ));
     }
+    let max = state.config.max_webhooks;
+    if state.webhooks.get(&id).is_none() && state.webhooks.ids().len() >= max {
+        return Err(ApiError::LimitReached(format!(
+            "{max} webhooks are configured, the maximum (max_webhooks); delete one or raise the limit"
+        )));
+    }
     // In Kafka mode every instance delivers its own events: the change
     // goes to all of them through the control topic.
     if let Some(control) = &state.control {
@@ -108,19 +114,46 @@ async fn show(
 #[derive(Serialize)]
 struct WebhookList {
     webhooks: Vec<WebhookView>,
+    /// The id to pass as `cursor` for the next page (ids ascending).
+    next_cursor: Option<String>,
 }
 
-async fn list(State(state): State<AppState>) -> Json<WebhookList> {
-    let webhooks = state
-        .webhooks
-        .ids()
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    q: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<WebhookList>, ApiError> {
+    let Query(params) =
+        q.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}"), vec![]))?;
+    let limit = super::page::limit(params.limit, 100, 1000)?;
+    let mut ids = state.webhooks.ids();
+    ids.sort();
+    let after = params.cursor.unwrap_or_default();
+    let mut page: Vec<String> = ids
+        .into_iter()
+        .filter(|id| after.is_empty() || id.as_str() > after.as_str())
+        .take(limit + 1)
+        .collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let next_cursor = more.then(|| page.last().cloned()).flatten();
+    let webhooks = page
         .into_iter()
         .filter_map(|id| {
             let (config, status) = state.webhooks.get(&id)?;
             Some(view(&id, config, status))
         })
         .collect();
-    Json(WebhookList { webhooks })
+    Ok(Json(WebhookList {
+        webhooks,
+        next_cursor,
+    }))
 }
 
 async fn delete(

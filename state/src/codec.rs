@@ -9,6 +9,9 @@ use crate::{Error, Result};
 
 /// The current version of every value this crate writes.
 pub const VALUE_VERSION: u8 = 1;
+/// The first byte of a value the merge operator found undecodable and kept
+/// as it was (see [`crate::merge`]).
+pub const POISONED: u8 = 0xEE;
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     let mut out = vec![VALUE_VERSION];
@@ -31,6 +34,9 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
             }
             Ok(value)
         }
+        Some((&POISONED, _)) => Err(Error::Corrupt(
+            "a stored value could not be decoded when deltas were merged into it; it is kept as found, with the deltas".into(),
+        )),
         Some((v, _)) => Err(Error::Codec(format!("unknown value version {v}"))),
         None => Err(Error::Codec("empty value".into())),
     }

@@ -5,18 +5,17 @@
 
 use std::collections::HashMap;
 
-use rocksdb::{WriteBatch, WriteOptions};
 use tally_pipelines::ingest::FlushContent;
 use tally_pipelines::time::{Granularity, Period};
 use tally_pipelines::top::PeriodTotals;
 
 use crate::changelog::StateStore;
 use crate::codec::encode;
+use crate::engine::WriteBatch;
 use crate::keys::{self, CF_DEAD_LETTER, CF_DEDUPE, CF_LIMITS, CF_META, CF_STATS};
 use crate::limits::LimitWrites;
-use crate::retention::wall_clock_ms;
 use crate::snapshot::ChangedKey;
-use crate::store::{rocks, Checkpoint, CommitStats, DeadLetterRecord, Store};
+use crate::store::{Checkpoint, CommitStats, DeadLetterRecord, Store};
 use crate::Result;
 
 impl Store {
@@ -51,7 +50,6 @@ impl Store {
         let mut batch = WriteBatch::default();
         let tracking = self.changes.get().is_some();
         let mut changed: Vec<ChangedKey> = Vec::new();
-        let stats_cf = self.cf(CF_STATS)?;
         let mut period_totals: HashMap<(Period, i64, &str), PeriodTotals> = HashMap::new();
         for delta in &content.stats {
             // One encoded delta is merged into its minute, hour and day.
@@ -63,7 +61,7 @@ impl Store {
                     &delta.client_id,
                     g.bucket_start(delta.minute_start_ms),
                 );
-                batch.merge_cf(stats_cf, &key, &value);
+                batch.merge(CF_STATS, &key, &value);
                 if tracking {
                     changed.push((StateStore::Stats, key));
                 }
@@ -83,16 +81,15 @@ impl Store {
         }
         for ((period, start, client), totals) in period_totals {
             let key = keys::period_totals_key(partition, period, start, client);
-            batch.merge_cf(stats_cf, &key, encode(&totals)?);
+            batch.merge(CF_STATS, &key, &encode(&totals)?);
             if tracking {
                 changed.push((StateStore::Stats, key));
             }
         }
         let mut next = checkpoint.clone();
-        let dedupe_cf = self.cf(CF_DEDUPE)?;
         if let Some(newest) = content.dedupe_claims.iter().map(|&(_, ts)| ts).max() {
             let key = keys::dedupe_segment_key(partition, newest, next.dedupe_seq);
-            batch.put_cf(dedupe_cf, &key, encode(&content.dedupe_claims)?);
+            batch.put(CF_DEDUPE, &key, &encode(&content.dedupe_claims)?);
             if tracking {
                 changed.push((StateStore::Dedupe, key));
             }
@@ -102,16 +99,15 @@ impl Store {
         // once per minute of event time (each is a range tombstone).
         if let Some(cutoff) = content.dedupe_cutoff_ms {
             if cutoff >= next.dedupe_deleted_below_ms.saturating_add(60_000) {
-                batch.delete_range_cf(
-                    dedupe_cf,
-                    keys::dedupe_segments_from(partition, 0),
-                    keys::dedupe_segments_from(partition, cutoff),
+                batch.delete_range(
+                    CF_DEDUPE,
+                    &keys::dedupe_segments_from(partition, 0),
+                    &keys::dedupe_segments_from(partition, cutoff),
                 );
                 next.dedupe_deleted_below_ms = cutoff;
             }
         }
-        let dead_cf = self.cf(CF_DEAD_LETTER)?;
-        let now = wall_clock_ms();
+        let now = self.clock.now_ms();
         for dl in &content.dead_letters {
             let record = DeadLetterRecord {
                 partition,
@@ -121,48 +117,41 @@ impl Store {
                 event_ms: dl.event_ms,
                 recorded_at_ms: now,
             };
-            batch.put_cf(
-                dead_cf,
-                keys::dead_letter_key(partition, record.sequence),
-                encode(&record)?,
+            batch.put(
+                CF_DEAD_LETTER,
+                &keys::dead_letter_key(partition, record.sequence),
+                &encode(&record)?,
             );
             next.dead_letter_seq += 1;
         }
         for (key, value) in limits.encoded(partition)? {
-            batch.put_cf(self.cf(CF_LIMITS)?, &key, value);
+            batch.put(CF_LIMITS, &key, &value);
             if tracking {
                 changed.push((StateStore::Limits, key));
             }
         }
         for key in limits.deleted(partition) {
-            batch.delete_cf(self.cf(CF_LIMITS)?, &key);
+            batch.delete(CF_LIMITS, &key);
             if tracking {
                 changed.push((StateStore::Limits, key));
             }
         }
-        next.max_event_ms = content.max_event_ms.max(next.max_event_ms);
-        batch.put_cf(
-            self.cf(CF_META)?,
-            keys::checkpoint_key(partition),
-            encode(&next)?,
-        );
+        next.event_clock_ms = content.event_clock_ms.max(next.event_clock_ms);
+        batch.put(CF_META, &keys::checkpoint_key(partition), &encode(&next)?);
         let stats = CommitStats {
             bytes: batch.size_in_bytes(),
             records: batch.len(),
         };
-        let mut opts = WriteOptions::default();
-        opts.set_sync(sync && self.wal);
-        opts.disable_wal(!self.wal);
         // Marked and written under one lock: see `snapshot`.
         match self.changes.get().and_then(|t| t.lock(partition)) {
             Some(mut set) => {
-                self.db.write_opt(batch, &opts).map_err(rocks)?;
+                self.engine.write(batch, sync)?;
                 set.extend(changed);
             }
-            None => self.db.write_opt(batch, &opts).map_err(rocks)?,
+            None => self.engine.write(batch, sync)?,
         }
         *checkpoint = next;
-        if let Some(ms) = checkpoint.max_event_ms {
+        if let Some(ms) = checkpoint.event_clock_ms {
             self.clocks.advance(partition, ms);
         }
         Ok(stats)

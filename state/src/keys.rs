@@ -10,7 +10,7 @@
 //! | `stats`       | partition, period tag, period start (u64 ms), client len (u16), client | period totals (top consumers) |
 //! | `dedupe`      | partition, newest claim time (u64 ms), sequence (u64)   | claims of a flush  |
 //! | `dead_letter` | partition, sequence (u64)                                | dead-letter record |
-//! | `limits`      | partition, kind (u8), client len (u16), client           | limit config, limiter state, quota config, quota alerts, detector state |
+//! | `limits`      | partition, kind (u8), client len (u16), client           | limit config, limiter state, quota config, quota marks, detector state |
 //! | `anomalies`   | partition, detected at (u64 ms), anomaly id              | anomaly record     |
 //! | `meta`        | partition, `0x01`                                        | checkpoint         |
 //! | `meta`        | partition, `0x02`                                        | changelog mark     |
@@ -59,7 +59,8 @@ pub enum LimitKind {
     Config = 1,
     Limiter = 2,
     Quota = 3,
-    QuotaAlerts = 4,
+    /// Quota events raised this period and reservations outstanding.
+    QuotaMarks = 4,
     Detector = 5,
     /// A (minute, client) bucket flushed and not judged yet.
     OpenMinute = 6,

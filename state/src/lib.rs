@@ -1,7 +1,12 @@
 //! RocksDB-backed state of Tally. This crate owns every byte on disk.
 //!
+//! - [`engine`]: the narrow key-value boundary; RocksDB behind it, and a
+//!   fault-injecting decorator for tests.
+//! - [`clock`]: the injected wall clock.
 //! - [`keys`]: column families and key encoding (partition first).
 //! - [`codec`]: versioned value encoding.
+//! - [`merge`]: the `stats` merge operators (undecodable values are kept,
+//!   poisoned, never emptied).
 //! - [`limits`]: rate-limit and quota configuration and state.
 //! - [`retention`]: event-time retention and the partition clocks.
 //! - [`commit`]: a shard's flush as one atomic WriteBatch.
@@ -10,15 +15,22 @@
 //! - [`snapshot`]: consistent snapshots, changed-key tracking and
 //!   whole-partition replacement, for the changelog.
 //! - [`sinks`]: webhook configurations and alert-sink cursors.
+//! - [`alerts`]: the persisted alert log.
+//! - [`anomalies`]: stored anomalies.
 //! - [`top`]: per-period client totals for the top-consumer ranking.
 //! - [`changelog`]: changelog records and the rule that rebuilds a
 //!   partition from them.
 
+pub mod alerts;
+pub mod anomalies;
 pub mod changelog;
+pub mod clock;
 pub mod codec;
 pub mod commit;
+pub mod engine;
 pub mod keys;
 pub mod limits;
+pub mod merge;
 pub mod retention;
 pub mod sinks;
 pub mod snapshot;
@@ -40,6 +52,16 @@ pub enum Error {
     InvalidOptions(String),
     #[error("the data directory was created with {stored} partitions, but {configured} are configured; use --partitions {stored} or a new data directory")]
     PartitionMismatch { stored: u16, configured: u16 },
+    #[error("the data directory was written in storage format {found}, and this Tally reads format {supported} only (format 2 de-duplicates by client and event id, format 1 by event id alone, so format-1 state would be misread); start with a new --data-dir and replay the events into it, or run the Tally that wrote it")]
+    UnsupportedFormat { found: u32, supported: u32 },
+}
+
+impl Error {
+    /// Stored state that cannot be read as what it should be (as opposed
+    /// to an I/O failure that a retry may cure).
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, Error::Corrupt(_) | Error::Codec(_))
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

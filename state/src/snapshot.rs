@@ -9,12 +9,11 @@
 use std::collections::HashSet;
 use std::sync::{Mutex, MutexGuard};
 
-use rocksdb::{SnapshotWithThreadMode, WriteBatch, WriteOptions, DB};
-
 use crate::changelog::{ChangelogMark, Rebuilt, StateStore};
 use crate::codec::{decode, encode};
+use crate::engine::{EngineSnapshot, WriteBatch};
 use crate::keys::{self, CF_META};
-use crate::store::{rocks, Checkpoint, Store};
+use crate::store::{Checkpoint, Store};
 use crate::Result;
 
 pub type ChangedKey = (StateStore, Vec<u8>);
@@ -42,22 +41,18 @@ impl ChangeTracker {
 
 /// A consistent, read-only view of the whole store.
 pub struct StoreSnapshot<'a> {
-    store: &'a Store,
-    snapshot: SnapshotWithThreadMode<'a, DB>,
+    snapshot: Box<dyn EngineSnapshot + 'a>,
 }
 
 impl StoreSnapshot<'_> {
     pub fn get(&self, store: StateStore, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.snapshot
-            .get_cf(self.store.cf(store.column_family())?, key)
-            .map_err(rocks)
+        self.snapshot.get(store.column_family(), key)
     }
 
     pub fn checkpoint(&self, partition: u16) -> Result<Checkpoint> {
         match self
             .snapshot
-            .get_cf(self.store.cf(CF_META)?, keys::checkpoint_key(partition))
-            .map_err(rocks)?
+            .get(CF_META, &keys::checkpoint_key(partition))?
         {
             Some(v) => decode(&v),
             None => Ok(Checkpoint::default()),
@@ -73,8 +68,7 @@ impl Store {
 
     pub fn snapshot(&self) -> StoreSnapshot<'_> {
         StoreSnapshot {
-            store: self,
-            snapshot: self.db.snapshot(),
+            snapshot: self.engine.snapshot(),
         }
     }
 
@@ -98,21 +92,20 @@ impl Store {
     }
 
     pub fn load_changelog_mark(&self, partition: u16) -> Result<Option<ChangelogMark>> {
-        self.db
-            .get_cf(self.cf(CF_META)?, keys::changelog_mark_key(partition))
-            .map_err(rocks)?
+        self.engine
+            .get(CF_META, &keys::changelog_mark_key(partition))?
             .map(|v| decode(&v))
             .transpose()
     }
 
     pub fn save_changelog_mark(&self, partition: u16, mark: &ChangelogMark) -> Result<()> {
-        self.db
-            .put_cf(
-                self.cf(CF_META)?,
-                keys::changelog_mark_key(partition),
-                encode(mark)?,
-            )
-            .map_err(rocks)
+        let mut batch = WriteBatch::default();
+        batch.put(
+            CF_META,
+            &keys::changelog_mark_key(partition),
+            &encode(mark)?,
+        );
+        self.engine.write(batch, false)
     }
 
     /// Replaces everything of `partition` (statistics, dedupe claims,
@@ -131,7 +124,7 @@ impl Store {
             keys::partition_end(partition),
         );
         for store in StateStore::ALL {
-            batch.delete_range_cf(self.cf(store.column_family())?, &start, &end);
+            batch.delete_range(store.column_family(), &start, &end);
         }
         for (store, key, value) in &rebuilt.values {
             if keys::partition_of(key) != Some(partition) {
@@ -139,26 +132,30 @@ impl Store {
                     "changelog of partition {partition} holds key {key:?} of another partition"
                 )));
             }
-            batch.put_cf(self.cf(store.column_family())?, key, value);
+            batch.put(store.column_family(), key, value);
         }
         let mut checkpoint = rebuilt.checkpoint.clone();
         // Local dead letters keep their sequence numbers.
         checkpoint.dead_letter_seq = checkpoint
             .dead_letter_seq
             .max(self.load_checkpoint(partition)?.dead_letter_seq);
-        let meta = self.cf(CF_META)?;
-        batch.put_cf(meta, keys::checkpoint_key(partition), encode(&checkpoint)?);
-        batch.put_cf(meta, keys::changelog_mark_key(partition), encode(mark)?);
-        let mut opts = WriteOptions::default();
-        opts.set_sync(self.wal);
-        opts.disable_wal(!self.wal);
+        batch.put(
+            CF_META,
+            &keys::checkpoint_key(partition),
+            &encode(&checkpoint)?,
+        );
+        batch.put(
+            CF_META,
+            &keys::changelog_mark_key(partition),
+            &encode(mark)?,
+        );
         let guard = self.changes.get().and_then(|t| t.lock(partition));
-        self.db.write_opt(batch, &opts).map_err(rocks)?;
+        self.engine.write(batch, true)?;
         if let Some(mut set) = guard {
             set.clear();
             set.extend(rebuilt.uncommitted.iter().cloned());
         }
-        if let Some(ms) = checkpoint.max_event_ms {
+        if let Some(ms) = checkpoint.event_clock_ms {
             self.clocks.advance(partition, ms);
         }
         Ok(())

@@ -1,26 +1,34 @@
-//! The RocksDB store. This module and [`crate::snapshot`] are the only ones
-//! that touch RocksDB types; everything above talks to [`Store`].
+//! The store: Tally's state over a [`KvEngine`] (RocksDB, optionally
+//! behind fault injection). Column families, their merge operators and
+//! retention filters are declared here; everything above talks to
+//! [`Store`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use rocksdb::compaction_filter::Decision;
-use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
-    IteratorMode, MergeOperands, Options, ReadOptions, DB,
-};
 use serde::{Deserialize, Serialize};
 use tally_pipelines::aggregate::BucketStats;
 use tally_pipelines::time::Granularity;
 
+use crate::clock::SharedClock;
 use crate::codec::{decode, encode};
+use crate::engine::faulty::{Faults, FaultyEngine};
+use crate::engine::rocks::{RocksEngine, RocksOptions};
+use crate::engine::{ColumnFamily, KvEngine, Scan, WriteBatch};
 use crate::keys::{
     self, CF_ALERTS, CF_ANOMALIES, CF_DEAD_LETTER, CF_DEDUPE, CF_LIMITS, CF_META, CF_STATS,
 };
-use crate::retention::{wall_clock_ms, PartitionClocks, Retention};
+use crate::retention::{PartitionClocks, Retention};
 use crate::snapshot::ChangeTracker;
 use crate::{Error, Result};
+
+/// The layout of the data directory. Version 2 keys de-duplication by
+/// `(client, source, event_id)` (version 1: `event_id` alone) and holds the
+/// event-time clock, detector windows and quota reservations in their
+/// current encodings; a version-1 directory cannot be read as version 2
+/// without misreading it, so it is refused.
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -33,6 +41,12 @@ pub struct StoreOptions {
     /// of one: state and source positions stay consistent, and the replay
     /// resumes from the positions that survived.
     pub wal: bool,
+    /// Memory for all memtables together.
+    pub memtable_budget_bytes: usize,
+    /// Wall clock for dead-letter and alert retention and record times.
+    pub clock: SharedClock,
+    /// Tests: inject faults into the engine.
+    pub faults: Option<Arc<Faults>>,
 }
 
 impl Default for StoreOptions {
@@ -42,6 +56,9 @@ impl Default for StoreOptions {
             retention: Retention::default(),
             block_cache_bytes: 64 << 20,
             wal: true,
+            memtable_budget_bytes: 192 << 20,
+            clock: crate::clock::system(),
+            faults: None,
         }
     }
 }
@@ -50,17 +67,22 @@ impl Default for StoreOptions {
 /// state it describes, read back on (re)start.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
-    /// Highest accepted event time (the watermark is this minus lateness).
-    pub max_event_ms: Option<i64>,
+    /// The partition's event-time clock (the watermark is this minus the
+    /// allowed lateness).
+    pub event_clock_ms: Option<i64>,
     /// Next dead-letter sequence number.
     pub dead_letter_seq: u64,
-    /// Last applied position per positioned source (file replays, later
-    /// Kafka topics).
+    /// Last applied position per positioned source (file replays, Kafka
+    /// topics).
     pub positions: BTreeMap<String, u64>,
     /// Next dedupe segment sequence number.
     pub dedupe_seq: u64,
     /// Dedupe segments with newest claim before this are deleted.
     pub dedupe_deleted_below_ms: i64,
+    /// Minutes before this have been judged by the detectors (closed by the
+    /// watermark or the idle timer): events that reach them later are
+    /// counted but never judged again.
+    pub judged_before_ms: Option<i64>,
 }
 
 /// A late event as kept in the dead-letter column family.
@@ -82,111 +104,30 @@ pub struct CommitStats {
 }
 
 pub struct Store {
-    pub(crate) db: DB,
+    pub(crate) engine: Box<dyn KvEngine>,
     partitions: u16,
     retention: Retention,
     pub(crate) clocks: Arc<PartitionClocks>,
-    pub(crate) wal: bool,
+    pub(crate) clock: SharedClock,
     /// Set in Kafka mode: which keys changed since the last changelog round.
     pub(crate) changes: OnceLock<ChangeTracker>,
 }
 
-pub(crate) fn rocks(e: rocksdb::Error) -> Error {
-    Error::Storage(e.into_string())
-}
-
-/// The `stats` CF holds buckets and period totals; each merges its own way.
-fn merge_stats(key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
-    if keys::is_period_totals_key(key) {
-        crate::top::merge_period_totals(key, existing, operands)
-    } else {
-        merge_buckets(key, existing, operands)
-    }
-}
-
-/// Merges stored bucket stats with deltas. A value that fails to decode is
-/// logged and skipped instead of failing every read of the key.
-fn merge_buckets(key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
-    let mut acc = match existing.map(decode::<BucketStats>) {
-        Some(Ok(b)) => b,
-        Some(Err(e)) => {
-            tracing::error!(error = %e, key = ?key, "dropping undecodable stored bucket");
-            BucketStats::default()
-        }
-        None => BucketStats::default(),
-    };
-    for op in operands.iter() {
-        match decode::<BucketStats>(op) {
-            Ok(delta) => acc.merge(&delta),
-            Err(e) => tracing::error!(error = %e, key = ?key, "dropping undecodable bucket delta"),
-        }
-    }
-    encode(&acc).ok()
-}
-
-impl Store {
-    pub fn open(path: &Path, options: StoreOptions) -> Result<Store> {
-        if options.partitions == 0 || options.partitions == u16::MAX {
-            return Err(Error::InvalidOptions(format!(
-                "partitions must be within 1..{}",
-                u16::MAX
-            )));
-        }
-        std::fs::create_dir_all(path)
-            .map_err(|e| Error::Storage(format!("create {}: {e}", path.display())))?;
-        let clocks = Arc::new(PartitionClocks::new(options.partitions));
-        let retention = options.retention;
-        let cache = Cache::new_lru_cache(options.block_cache_bytes);
-
-        let mut db_opts = Options::default();
-        db_opts.create_if_missing(true);
-        db_opts.create_missing_column_families(true);
-        db_opts.increase_parallelism(2);
-        db_opts.set_max_background_jobs(2);
-        db_opts.set_keep_log_file_num(4);
-        // One commit spans column families (stats, dedupe, positions); a
-        // flush must never persist some of them without the others.
-        db_opts.set_atomic_flush(true);
-
-        let table = |bloom: bool| {
-            let mut t = BlockBasedOptions::default();
-            t.set_block_cache(&cache);
-            if bloom {
-                t.set_bloom_filter(10.0, false);
-            }
-            t
-        };
-        let base = |bloom: bool| {
-            let mut o = Options::default();
-            o.set_block_based_table_factory(&table(bloom));
-            // Fresh (L0/L1) files are rewritten soon by compaction; compress
-            // only the levels data settles in, to keep flushes cheap.
-            o.set_compression_per_level(&[
-                DBCompressionType::None,
-                DBCompressionType::None,
-                DBCompressionType::Lz4,
-                DBCompressionType::Lz4,
-                DBCompressionType::Lz4,
-                DBCompressionType::Lz4,
-                DBCompressionType::Lz4,
-            ]);
-            // Files that age without compaction are still rewritten, so
-            // retention filters run even on idle data.
-            o.set_periodic_compaction_seconds(86_400);
-            // Bounded memtables: peak memory matters more than write
-            // amplification at this size.
-            o.set_write_buffer_size(32 << 20);
-            o.set_max_write_buffer_number(2);
-            o
-        };
-
-        let mut stats = base(true);
-        stats.set_merge_operator_associative("tally.bucket_stats.v1", merge_stats);
-        let stats_clocks = clocks.clone();
-        stats.set_compaction_filter(
+/// Column families and what each does on merge and compaction.
+fn column_families(
+    retention: Retention,
+    clocks: Arc<PartitionClocks>,
+    clock: SharedClock,
+) -> Vec<ColumnFamily> {
+    let stats_clocks = clocks;
+    let stats = ColumnFamily {
+        name: CF_STATS,
+        bloom: true,
+        merge: Some(("tally.bucket_stats.v1", crate::merge::merge_stats)),
+        drop_on_compaction: Some((
             "tally.stats_retention",
-            move |_level: u32, key: &[u8], _value: &[u8]| {
-                let expired = match keys::decode_stats_key(key) {
+            Box::new(
+                move |key: &[u8], _value: &[u8]| match keys::decode_stats_key(key) {
                     Some(k) => retention.bucket_expired(
                         k.granularity,
                         k.bucket_start_ms,
@@ -199,79 +140,116 @@ impl Store {
                             stats_clocks.get(k.partition),
                         )
                     }),
-                };
-                if expired {
-                    Decision::Remove
-                } else {
-                    Decision::Keep
-                }
-            },
-        );
-
-        let dedupe = base(false);
-
-        let mut dead = base(false);
-        dead.set_compaction_filter(
+                },
+            ),
+        )),
+    };
+    let dead_clock = clock.clone();
+    let dead = ColumnFamily {
+        drop_on_compaction: Some((
             "tally.dead_letter_retention",
-            move |_level: u32, _key: &[u8], value: &[u8]| match decode::<DeadLetterRecord>(value) {
-                Ok(r)
-                    if r.recorded_at_ms
-                        < wall_clock_ms().saturating_sub(retention.dead_letter_ms) =>
-                {
-                    Decision::Remove
-                }
-                _ => Decision::Keep,
-            },
-        );
-
-        let mut alerts = base(false);
-        alerts.set_compaction_filter(
+            Box::new(move |_key: &[u8], value: &[u8]| {
+                decode::<DeadLetterRecord>(value).is_ok_and(|r| {
+                    r.recorded_at_ms < dead_clock.now_ms().saturating_sub(retention.dead_letter_ms)
+                })
+            }),
+        )),
+        ..ColumnFamily::plain(CF_DEAD_LETTER)
+    };
+    let alerts = ColumnFamily {
+        drop_on_compaction: Some((
             "tally.alert_retention",
-            move |_level: u32, _key: &[u8], value: &[u8]| match decode::<(i64, String)>(value) {
-                Ok((logged_at, _))
-                    if logged_at < wall_clock_ms().saturating_sub(retention.alerts_ms) =>
-                {
-                    Decision::Remove
-                }
-                _ => Decision::Keep,
-            },
-        );
+            Box::new(move |_key: &[u8], value: &[u8]| {
+                decode::<(i64, String)>(value).is_ok_and(|(logged_at, _)| {
+                    logged_at < clock.now_ms().saturating_sub(retention.alerts_ms)
+                })
+            }),
+        )),
+        ..ColumnFamily::plain(CF_ALERTS)
+    };
+    vec![
+        stats,
+        ColumnFamily::plain(CF_DEDUPE),
+        dead,
+        ColumnFamily::plain(CF_META),
+        ColumnFamily {
+            bloom: true,
+            ..ColumnFamily::plain(CF_LIMITS)
+        },
+        ColumnFamily::plain(CF_ANOMALIES),
+        alerts,
+    ]
+}
 
-        let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_STATS, stats),
-            ColumnFamilyDescriptor::new(CF_DEDUPE, dedupe),
-            ColumnFamilyDescriptor::new(CF_DEAD_LETTER, dead),
-            ColumnFamilyDescriptor::new(CF_META, base(false)),
-            ColumnFamilyDescriptor::new(CF_LIMITS, base(true)),
-            ColumnFamilyDescriptor::new(CF_ANOMALIES, base(false)),
-            ColumnFamilyDescriptor::new(CF_ALERTS, alerts),
-        ];
-        let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(rocks)?;
+impl Store {
+    pub fn open(path: &Path, options: StoreOptions) -> Result<Store> {
+        if options.partitions == 0 || options.partitions == u16::MAX {
+            return Err(Error::InvalidOptions(format!(
+                "partitions must be within 1..{}",
+                u16::MAX
+            )));
+        }
+        let clocks = Arc::new(PartitionClocks::new(options.partitions));
+        let rocks = RocksEngine::open(
+            path,
+            RocksOptions {
+                block_cache_bytes: options.block_cache_bytes,
+                wal: options.wal,
+                memtable_budget_bytes: options.memtable_budget_bytes,
+            },
+            column_families(options.retention, clocks.clone(), options.clock.clone()),
+        )?;
+        let engine: Box<dyn KvEngine> = match options.faults {
+            Some(faults) => Box::new(FaultyEngine::new(Box::new(rocks), faults)),
+            None => Box::new(rocks),
+        };
         let store = Store {
-            db,
+            engine,
             partitions: options.partitions,
-            retention,
+            retention: options.retention,
             clocks,
-            wal: options.wal,
+            clock: options.clock,
             changes: OnceLock::new(),
         };
-        store.check_partition_count()?;
+        store.check_layout()?;
         for p in 0..store.partitions {
-            if let Some(ms) = store.load_checkpoint(p)?.max_event_ms {
+            // A checkpoint that cannot be read here is reported by the
+            // shard that owns it (which then refuses to run); the store
+            // itself stays usable for every other partition.
+            if let Ok(Some(ms)) = store.load_checkpoint(p).map(|c| c.event_clock_ms) {
                 store.clocks.advance(p, ms);
             }
         }
         Ok(store)
     }
 
-    /// State is laid out by partition; reading it with another partition
-    /// count would misplace every client, so refuse.
-    fn check_partition_count(&self) -> Result<()> {
-        let key = keys::setting_key("partitions");
-        let meta = self.cf(CF_META)?;
-        match self.db.get_cf(meta, &key).map_err(rocks)? {
-            Some(v) => {
-                let stored: u16 = decode(&v)?;
+    /// State is laid out by partition and encoded in one format version;
+    /// reading it with another partition count or format would misread it,
+    /// so refuse.
+    fn check_layout(&self) -> Result<()> {
+        let partitions_key = keys::setting_key("partitions");
+        let format_key = keys::setting_key("format");
+        let stored_partitions = self.engine.get(CF_META, &partitions_key)?;
+        let stored_format = self.engine.get(CF_META, &format_key)?;
+        match (stored_partitions, stored_format) {
+            (None, _) => {
+                let mut batch = WriteBatch::default();
+                batch.put(CF_META, &partitions_key, &encode(&self.partitions)?);
+                batch.put(CF_META, &format_key, &encode(&FORMAT_VERSION)?);
+                self.engine.write(batch, true)?;
+            }
+            (Some(p), format) => {
+                let found: u32 = match format {
+                    Some(f) => decode(&f)?,
+                    None => 1,
+                };
+                if found != FORMAT_VERSION {
+                    return Err(Error::UnsupportedFormat {
+                        found,
+                        supported: FORMAT_VERSION,
+                    });
+                }
+                let stored: u16 = decode(&p)?;
                 if stored != self.partitions {
                     return Err(Error::PartitionMismatch {
                         stored,
@@ -279,18 +257,8 @@ impl Store {
                     });
                 }
             }
-            None => self
-                .db
-                .put_cf(meta, &key, encode(&self.partitions)?)
-                .map_err(rocks)?,
         }
         Ok(())
-    }
-
-    pub(crate) fn cf(&self, name: &'static str) -> Result<&ColumnFamily> {
-        self.db
-            .cf_handle(name)
-            .ok_or_else(|| Error::Storage(format!("column family {name} missing")))
     }
 
     pub fn partitions(&self) -> u16 {
@@ -301,15 +269,36 @@ impl Store {
         self.retention
     }
 
+    /// The wall clock the store stamps records with.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
     pub fn load_checkpoint(&self, partition: u16) -> Result<Checkpoint> {
-        match self
-            .db
-            .get_cf(self.cf(CF_META)?, keys::checkpoint_key(partition))
-            .map_err(rocks)?
-        {
-            Some(v) => decode(&v),
+        match self.engine.get(CF_META, &keys::checkpoint_key(partition))? {
+            Some(v) => decode(&v).map_err(|e| {
+                Error::Corrupt(format!(
+                    "the checkpoint of partition {partition} cannot be decoded ({e})"
+                ))
+            }),
             None => Ok(Checkpoint::default()),
         }
+    }
+
+    /// Forward scan of `[from, to)` in `cf`, decoding each value.
+    pub(crate) fn scan_decoded<T: serde::de::DeserializeOwned>(
+        &self,
+        cf: &'static str,
+        from: Vec<u8>,
+        to: Vec<u8>,
+    ) -> Result<Vec<(Box<[u8]>, T)>> {
+        self.engine
+            .scan(cf, Scan::range(from, to))?
+            .map(|item| {
+                let (key, value) = item?;
+                Ok((key, decode(&value)?))
+            })
+            .collect()
     }
 
     /// Dedupe claims of a partition with event time at or after
@@ -320,17 +309,12 @@ impl Store {
         cutoff_ms: Option<i64>,
     ) -> Result<Vec<(u128, i64)>> {
         let cutoff = cutoff_ms.unwrap_or(0);
-        let mut read = ReadOptions::default();
-        read.set_iterate_upper_bound(keys::partition_end(partition));
-        let start = keys::dedupe_segments_from(partition, cutoff);
         let mut out = Vec::new();
-        for item in self.db.iterator_cf_opt(
-            self.cf(CF_DEDUPE)?,
-            read,
-            IteratorMode::From(&start, Direction::Forward),
-        ) {
-            let (_, value) = item.map_err(rocks)?;
-            let claims: Vec<(u128, i64)> = decode(&value)?;
+        for (_, claims) in self.scan_decoded::<Vec<(u128, i64)>>(
+            CF_DEDUPE,
+            keys::dedupe_segments_from(partition, cutoff),
+            keys::partition_end(partition),
+        )? {
             out.extend(claims.into_iter().filter(|&(_, ts)| ts >= cutoff));
         }
         Ok(out)
@@ -352,9 +336,9 @@ impl Store {
             return Ok(None);
         }
         let key = keys::stats_key(partition, granularity, client_id, start_ms);
-        match self.db.get_cf(self.cf(CF_STATS)?, key).map_err(rocks)? {
+        match self.engine.get(CF_STATS, &key)? {
             Some(v) => {
-                let stats: BucketStats = decode(&v)?;
+                let stats: BucketStats = decode(&v).map_err(|e| corrupt_bucket(partition, e))?;
                 Ok((!stats.is_empty()).then_some(stats))
             }
             None => Ok(None),
@@ -376,16 +360,10 @@ impl Store {
         }
         let start = keys::stats_key(partition, granularity, client_id, from_ms);
         let end = keys::stats_key(partition, granularity, client_id, to_ms);
-        let mut read = ReadOptions::default();
-        read.set_iterate_upper_bound(end);
         let clock = self.clocks.get(partition);
         let mut out = Vec::new();
-        for item in self.db.iterator_cf_opt(
-            self.cf(CF_STATS)?,
-            read,
-            IteratorMode::From(&start, Direction::Forward),
-        ) {
-            let (key, value) = item.map_err(rocks)?;
+        for item in self.engine.scan(CF_STATS, Scan::range(start, end))? {
+            let (key, value) = item?;
             let Some(k) = keys::decode_stats_key(&key) else {
                 return Err(Error::Corrupt(format!("undecodable stats key {key:?}")));
             };
@@ -395,7 +373,7 @@ impl Store {
             {
                 continue;
             }
-            let stats: BucketStats = decode(&value)?;
+            let stats: BucketStats = decode(&value).map_err(|e| corrupt_bucket(partition, e))?;
             if !stats.is_empty() {
                 out.push((k.bucket_start_ms, stats));
             }
@@ -403,23 +381,27 @@ impl Store {
         Ok(out)
     }
 
-    /// The most recent dead letters of a partition, newest first.
-    pub fn dead_letters(&self, partition: u16, limit: usize) -> Result<Vec<DeadLetterRecord>> {
-        let start = keys::dead_letter_key(partition, 0);
-        let end = keys::dead_letter_key(partition, u64::MAX);
-        let mut read = ReadOptions::default();
-        read.set_iterate_lower_bound(start);
+    /// Dead letters of a partition, newest first, at most `limit`, starting
+    /// below sequence `before` (exclusive; `None` = from the newest).
+    pub fn dead_letters(
+        &self,
+        partition: u16,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetterRecord>> {
+        let from = match before {
+            Some(0) => return Ok(Vec::new()),
+            Some(seq) => keys::dead_letter_key(partition, seq - 1),
+            None => keys::dead_letter_key(partition, u64::MAX),
+        };
+        let lower = keys::dead_letter_key(partition, 0);
         let mut out = Vec::new();
         for item in self
-            .db
-            .iterator_cf_opt(
-                self.cf(CF_DEAD_LETTER)?,
-                read,
-                IteratorMode::From(&end, Direction::Reverse),
-            )
+            .engine
+            .scan(CF_DEAD_LETTER, Scan::backward(from, lower))?
             .take(limit)
         {
-            let (_, value) = item.map_err(rocks)?;
+            let (_, value) = item?;
             out.push(decode(&value)?);
         }
         Ok(out)
@@ -427,50 +409,35 @@ impl Store {
 
     /// Approximate bytes on disk and in memtables, for `/metrics`.
     pub fn size_bytes(&self) -> u64 {
-        let mut total = 0;
-        for name in keys::ALL_CFS {
-            if let Ok(cf) = self.cf(name) {
-                for prop in [
-                    "rocksdb.total-sst-files-size",
-                    "rocksdb.size-all-mem-tables",
-                ] {
-                    total += self
-                        .db
-                        .property_int_value_cf(cf, prop)
-                        .ok()
-                        .flatten()
-                        .unwrap_or(0);
-                }
-            }
-        }
-        total
+        self.engine.size_bytes()
     }
 
     /// Makes everything written so far durable (used at the end of a replay
     /// and at shutdown).
     pub fn sync(&self) -> Result<()> {
-        if self.wal {
-            return self.db.flush_wal(true).map_err(rocks);
-        }
-        let cfs = keys::ALL_CFS
-            .iter()
-            .map(|name| self.cf(name))
-            .collect::<Result<Vec<_>>>()?;
-        let mut opts = rocksdb::FlushOptions::default();
-        opts.set_wait(true);
-        self.db.flush_cfs_opt(&cfs, &opts).map_err(rocks)
+        self.engine.sync()
     }
 
     /// Forces a full compaction (retention tests, maintenance).
     pub fn compact(&self) -> Result<()> {
-        for name in keys::ALL_CFS {
-            self.db
-                .compact_range_cf(self.cf(name)?, None::<&[u8]>, None::<&[u8]>);
-        }
-        Ok(())
+        self.engine.compact()
     }
 
     pub fn partition_clock(&self, partition: u16) -> Option<i64> {
         self.clocks.get(partition)
     }
+
+    /// Writes raw bytes under a key, bypassing every encoding (repair
+    /// tooling, and tests that simulate on-disk corruption).
+    pub fn put_raw(&self, cf: &'static str, key: &[u8], value: &[u8]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put(cf, key, value);
+        self.engine.write(batch, true)
+    }
+}
+
+fn corrupt_bucket(partition: u16, e: Error) -> Error {
+    Error::Corrupt(format!(
+        "a usage bucket of partition {partition} cannot be decoded ({e})"
+    ))
 }

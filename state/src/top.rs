@@ -3,34 +3,17 @@
 //! the `stats` column family (so they move with the partition's
 //! changelog), and read back one period of one partition at a time.
 
-use rocksdb::{Direction, IteratorMode, MergeOperands, ReadOptions};
 use tally_pipelines::time::Period;
 use tally_pipelines::top::PeriodTotals;
 
-use crate::codec::{decode, encode};
+use crate::codec::decode;
+use crate::engine::Scan;
 use crate::keys::{self, CF_STATS};
-use crate::store::{rocks, Store};
+use crate::store::Store;
 use crate::Result;
 
 /// The periods totals are kept for.
 pub const PERIODS: [Period; 4] = [Period::Hour, Period::Day, Period::Week, Period::Month];
-
-/// Adds stored totals and deltas. An undecodable value is logged and
-/// skipped rather than failing every read of the key.
-pub(crate) fn merge_period_totals(
-    key: &[u8],
-    existing: Option<&[u8]>,
-    operands: &MergeOperands,
-) -> Option<Vec<u8>> {
-    let mut acc = PeriodTotals::default();
-    for value in existing.into_iter().chain(operands.iter()) {
-        match decode::<PeriodTotals>(value) {
-            Ok(t) => acc.add(&t),
-            Err(e) => tracing::error!(error = %e, key = ?key, "dropping undecodable period totals"),
-        }
-    }
-    encode(&acc).ok()
-}
 
 impl Store {
     /// Every client's totals in one period of a partition (one sequential
@@ -48,15 +31,10 @@ impl Store {
             return Ok(Vec::new());
         }
         let prefix = keys::period_totals_prefix(partition, period, period_start_ms);
-        let mut read = ReadOptions::default();
-        read.set_iterate_upper_bound(keys::prefix_end(&prefix));
+        let end = keys::prefix_end(&prefix);
         let mut out = Vec::new();
-        for item in self.db.iterator_cf_opt(
-            self.cf(CF_STATS)?,
-            read,
-            IteratorMode::From(&prefix, Direction::Forward),
-        ) {
-            let (key, value) = item.map_err(rocks)?;
+        for item in self.engine.scan(CF_STATS, Scan::range(prefix, end))? {
+            let (key, value) = item?;
             let Some(k) = keys::decode_period_totals_key(&key) else {
                 continue;
             };
@@ -80,7 +58,7 @@ impl Store {
             return Ok(PeriodTotals::default());
         }
         let key = keys::period_totals_key(partition, period, period_start_ms, client_id);
-        match self.db.get_cf(self.cf(CF_STATS)?, key).map_err(rocks)? {
+        match self.engine.get(CF_STATS, &key)? {
             Some(v) => decode(&v),
             None => Ok(PeriodTotals::default()),
         }

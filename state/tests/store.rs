@@ -20,6 +20,7 @@ fn event(client: &str, status: u16, latency: f64, ts: i64) -> RequestEvent {
         compute_units: None,
         timestamp_ms: ts,
         metadata: None,
+        source: None,
     }
 }
 
@@ -48,7 +49,7 @@ fn commits_merge_into_the_stored_bucket() {
     for status in [200, 500] {
         let content = FlushContent {
             stats: vec![delta("c", t, &[event("c", status, 5.0, t)])],
-            max_event_ms: Some(t),
+            event_clock_ms: Some(t),
             ..Default::default()
         };
         store.commit(3, &content, &mut cp, false).unwrap();
@@ -89,7 +90,7 @@ fn checkpoint_dedupe_and_dead_letters_survive_reopen() {
                 event_json: "{}".into(),
                 event_ms: t - HOUR_MS,
             }],
-            max_event_ms: Some(t),
+            event_clock_ms: Some(t),
             ..Default::default()
         };
         store.commit(0, &content, &mut cp, true).unwrap();
@@ -97,7 +98,7 @@ fn checkpoint_dedupe_and_dead_letters_survive_reopen() {
     }
     let store = open(dir.path());
     let cp = store.load_checkpoint(0).unwrap();
-    assert_eq!(cp.max_event_ms, Some(t));
+    assert_eq!(cp.event_clock_ms, Some(t));
     assert_eq!(cp.positions.get("file:/x"), Some(&41));
     // Claims before the cutoff are not restored; other partitions have none.
     assert_eq!(
@@ -106,7 +107,7 @@ fn checkpoint_dedupe_and_dead_letters_survive_reopen() {
     );
     assert_eq!(store.load_dedupe_claims(0, None).unwrap().len(), 2);
     assert!(store.load_dedupe_claims(1, None).unwrap().is_empty());
-    let dl = store.dead_letters(0, 10).unwrap();
+    let dl = store.dead_letters(0, None, 10).unwrap();
     assert_eq!(dl.len(), 1);
     assert_eq!(dl[0].reason, "late: test");
     assert_eq!(store.partition_clock(0), Some(t));
@@ -122,7 +123,7 @@ fn expired_dedupe_segments_are_deleted_by_range() {
         let content = FlushContent {
             dedupe_claims: vec![(i as u128, ts)],
             dedupe_cutoff_ms: Some(ts - HOUR_MS),
-            max_event_ms: Some(ts),
+            event_clock_ms: Some(ts),
             ..Default::default()
         };
         store.commit(5, &content, &mut cp, false).unwrap();
@@ -175,7 +176,7 @@ fn expired_minute_buckets_are_excluded_before_and_after_compaction() {
     let old = 50 * DAY_MS;
     let content = FlushContent {
         stats: vec![delta("c", old, &[event("c", 200, 1.0, old)])],
-        max_event_ms: Some(old),
+        event_clock_ms: Some(old),
         ..Default::default()
     };
     store.commit(0, &content, &mut cp, false).unwrap();
@@ -191,7 +192,7 @@ fn expired_minute_buckets_are_excluded_before_and_after_compaction() {
     let later = old + 3 * HOUR_MS;
     let content = FlushContent {
         stats: vec![delta("c", later, &[event("c", 200, 1.0, later)])],
-        max_event_ms: Some(later),
+        event_clock_ms: Some(later),
         ..Default::default()
     };
     store.commit(0, &content, &mut cp, false).unwrap();
@@ -240,7 +241,7 @@ fn a_published_round_rebuilds_the_partition_elsewhere() {
         let content = FlushContent {
             stats: vec![delta(client, ts, &[event(client, 200, 5.0, ts)])],
             dedupe_claims: vec![(u128::from(pos), ts)],
-            max_event_ms: Some(ts),
+            event_clock_ms: Some(ts),
             ..Default::default()
         };
         store.commit(p, &content, cp, false).unwrap();

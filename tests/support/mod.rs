@@ -437,3 +437,21 @@ pub fn metric_value(text: &str, name: &str, label: &str) -> Option<f64> {
         .collect();
     (!values.is_empty()).then(|| values.iter().sum())
 }
+
+/// Every dead letter, read page by page through `next_cursor`.
+pub async fn all_dead_letters(c: &reqwest::Client, server: &Server) -> Vec<serde_json::Value> {
+    let mut items = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let url = match &cursor {
+            Some(cur) => server.url(&format!("/v1/dead-letters?limit=1000&cursor={cur}")),
+            None => server.url("/v1/dead-letters?limit=1000"),
+        };
+        let page: serde_json::Value = c.get(url).send().await.unwrap().json().await.unwrap();
+        items.extend(page["dead_letters"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => return items,
+        }
+    }
+}

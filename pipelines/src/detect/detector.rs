@@ -8,6 +8,15 @@
 //! does not alarm on small absolute changes. Rule-based detectors (new
 //! endpoints, 401/403 bursts, sustained gateway denials, enumeration) score
 //! in multiples of their trigger. No client alarms before its warm-up.
+//!
+//! A sparse client (fewer than `error_min_requests` in a minute) cannot be
+//! judged on one minute: ten requests say little about a rate. Its minutes
+//! are gathered in a window, closed once it holds `error_min_requests` or
+//! spans `sparse_window_minutes` of event time, and the window is judged
+//! as one bucket for error spikes, request spikes and 401/403 bursts (with
+//! the noise floors of its request count), and teaches the error-rate
+//! baseline like a dense minute does. So a client at ten requests a minute
+//! whose answers turn 60 % 5xx is found within two minutes.
 
 use std::collections::BTreeSet;
 
@@ -29,6 +38,20 @@ pub struct ClientDetector {
     auth_failures: Ewma,
     /// Requests the baseline has seen (endpoint novelty needs enough).
     learned_requests: u64,
+    /// Sparse minutes gathered for judging together.
+    window: SparseWindow,
+}
+
+/// Sparse minutes of a client not judged yet.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct SparseWindow {
+    /// Minutes in the window (0 = empty).
+    minutes: u32,
+    first_minute_ms: i64,
+    last_minute_ms: i64,
+    requests: u64,
+    server_errors: u64,
+    auth_failures: u64,
 }
 
 struct Finding {
@@ -48,6 +71,147 @@ impl ClientDetector {
         self.buckets
     }
 
+    /// Gathers a sparse minute into the window, and judges the window when
+    /// it is complete (or when a dense minute or a gap ends it).
+    fn judge_window(
+        &mut self,
+        s: &MinuteSummary,
+        cfg: &DetectorConfig,
+        warm: bool,
+        findings: &mut Vec<(i64, Finding)>,
+    ) {
+        let span = i64::from(cfg.sparse_window_minutes.max(1)) * 60_000;
+        let sparse = s.requests < cfg.error_min_requests;
+        // A dense minute, or one beyond the window's span, ends the window.
+        if self.window.minutes > 0
+            && (!sparse || s.minute_start_ms >= self.window.first_minute_ms + span)
+        {
+            self.close_window(cfg, warm, findings);
+        }
+        if !sparse || s.requests == 0 {
+            return;
+        }
+        let w = &mut self.window;
+        if w.minutes == 0 {
+            w.first_minute_ms = s.minute_start_ms;
+        }
+        w.minutes += 1;
+        w.last_minute_ms = s.minute_start_ms;
+        w.requests += s.requests;
+        w.server_errors += s.server_errors;
+        w.auth_failures += s.auth_failures;
+        if w.requests >= cfg.error_min_requests
+            || s.minute_start_ms + 60_000 >= w.first_minute_ms + span
+        {
+            self.close_window(cfg, warm, findings);
+        }
+    }
+
+    /// Judges and learns from the window, then empties it. Findings carry
+    /// the window's last minute.
+    fn close_window(
+        &mut self,
+        cfg: &DetectorConfig,
+        warm: bool,
+        findings: &mut Vec<(i64, Finding)>,
+    ) {
+        let w = std::mem::take(&mut self.window);
+        if w.requests < cfg.sparse_min_requests.max(1) {
+            return;
+        }
+        let at = w.last_minute_ms;
+        let n = w.requests as f64;
+        let minutes = f64::from(w.minutes.max(1));
+        let mut errors_anomalous = false;
+        let rate = w.server_errors as f64 / n;
+        if warm
+            && w.server_errors >= cfg.error_min_errors
+            && self.error_rate.samples() >= cfg.min_baseline_samples
+        {
+            let mean = self.error_rate.mean();
+            let p = mean.clamp(0.02, 0.98);
+            let score = self
+                .error_rate
+                .score(rate, (p * (1.0 - p) / n).sqrt().max(0.02));
+            if rate - mean >= cfg.error_min_increase && score >= cfg.statistical.low {
+                errors_anomalous = true;
+                findings.push((
+                    at,
+                    Finding {
+                        kind: AnomalyType::SpikeInErrors,
+                        rule: "errors-window",
+                        score,
+                        endpoint: None,
+                        baseline: mean,
+                        observed: rate,
+                        floor: 0.01,
+                        description: format!(
+                            "{:.1} % of {} requests over {} minute(s) failed with 5xx against a baseline of {:.1} %",
+                            rate * 100.0,
+                            w.requests,
+                            w.minutes,
+                            mean * 100.0
+                        ),
+                    },
+                ));
+            }
+        }
+        if !errors_anomalous {
+            self.error_rate.update(rate, cfg.alpha);
+        }
+        // Requests against the per-minute baseline over as many minutes.
+        if warm && w.requests >= cfg.spike_min_requests {
+            let expected = self.requests.mean().max(0.0) * minutes;
+            let score = (n - expected) / expected.sqrt().max(1.0);
+            if n >= cfg.spike_min_ratio * expected.max(1.0) && score >= cfg.statistical.low {
+                findings.push((
+                    at,
+                    Finding {
+                        kind: AnomalyType::SpikeInRequests,
+                        rule: "requests-window",
+                        score,
+                        endpoint: None,
+                        baseline: expected,
+                        observed: n,
+                        floor: 1.0,
+                        description: format!(
+                            "{} requests over {} minute(s) against a baseline of {expected:.1}",
+                            w.requests, w.minutes
+                        ),
+                    },
+                ));
+            }
+        }
+        // 401/403 over the window against the trigger (and the usual rate
+        // over as many minutes once learned).
+        let usual = if self.auth_failures.samples() >= cfg.min_baseline_samples {
+            self.auth_failures.mean() * minutes
+        } else {
+            0.0
+        };
+        let trigger = (cfg.auth_failure_burst.max(1) as f64)
+            .max(cfg.auth_failure_baseline_ratio * usual)
+            .max(0.05 * n);
+        if w.auth_failures as f64 >= trigger {
+            findings.push((
+                at,
+                Finding {
+                    kind: AnomalyType::PotentialAbuse,
+                    rule: "auth-failures-window",
+                    score: w.auth_failures as f64 / trigger,
+                    endpoint: None,
+                    baseline: usual,
+                    observed: w.auth_failures as f64,
+                    floor: 1.0,
+                    description: format!(
+                        "{} authentication failures (401/403) over {} minute(s)",
+                        w.auth_failures, w.minutes
+                    ),
+                },
+            ));
+        }
+    }
+
     /// Judges one closed bucket, then learns from it.
     pub fn evaluate(
         &mut self,
@@ -57,6 +221,9 @@ impl ClientDetector {
     ) -> Vec<Anomaly> {
         let warm = self.buckets >= cfg.warmup_buckets;
         let mut findings = Vec::new();
+        // The window is judged against the baseline before this minute.
+        let mut windowed: Vec<(i64, Finding)> = Vec::new();
+        self.judge_window(s, cfg, warm, &mut windowed);
         let requests = s.requests as f64;
 
         // Requests.
@@ -279,7 +446,9 @@ impl ClientDetector {
 
         findings
             .into_iter()
-            .filter_map(|f| {
+            .map(|f| (s.minute_start_ms, f))
+            .chain(windowed)
+            .filter_map(|(minute_start_ms, f)| {
                 let thresholds = match f.kind {
                     AnomalyType::SpikeInRequests
                     | AnomalyType::SpikeInErrors
@@ -291,7 +460,7 @@ impl ClientDetector {
                     anomaly_id: anomaly_id(
                         client,
                         f.kind,
-                        s.minute_start_ms,
+                        minute_start_ms,
                         f.rule,
                         f.endpoint.as_deref(),
                     ),
@@ -299,7 +468,7 @@ impl ClientDetector {
                     endpoint: f.endpoint,
                     anomaly_type: f.kind,
                     severity,
-                    detected_at_ms: s.minute_start_ms + 60_000,
+                    detected_at_ms: minute_start_ms + 60_000,
                     description: f.description,
                     baseline: f.baseline,
                     observed: f.observed,

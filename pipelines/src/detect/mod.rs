@@ -127,6 +127,13 @@ pub struct DetectorConfig {
     pub endpoint_baseline_min_requests: u64,
     /// Endpoints remembered per client (beyond, none are added).
     pub max_known_endpoints: usize,
+    /// A client with fewer than `error_min_requests` in a minute is judged
+    /// over a window of its minutes instead (errors, request spikes and
+    /// 401/403 bursts), closed once it holds `error_min_requests` or spans
+    /// this many minutes...
+    pub sparse_window_minutes: u32,
+    /// ...and judged if it holds at least this many requests.
+    pub sparse_min_requests: u64,
 }
 
 impl Default for DetectorConfig {
@@ -162,6 +169,8 @@ impl Default for DetectorConfig {
             new_endpoint_min_requests: 3,
             endpoint_baseline_min_requests: 500,
             max_known_endpoints: 1000,
+            sparse_window_minutes: 5,
+            sparse_min_requests: 10,
         }
     }
 }
