@@ -218,7 +218,13 @@ async fn problem_instance(req: Request, next: Next) -> Response {
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes() == b"application/problem+json");
     let status = response.status();
-    if !(is_problem || status.is_client_error() || status.is_server_error()) {
+    // Answers that are JSON by design (a check's 429) stay as they are;
+    // the HTTP layer's own rejections are plain text or empty.
+    let plain = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_none_or(|v| v.as_bytes().starts_with(b"text/plain"));
+    if !is_problem && !(plain && (status.is_client_error() || status.is_server_error())) {
         return response;
     }
     let (mut parts, body) = response.into_parts();
