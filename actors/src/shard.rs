@@ -366,21 +366,25 @@ impl Shard {
     /// Clients a ranking let go and saw again come back with their stored
     /// totals (read after the commit, so they include this flush).
     fn admit_to_rankings(&mut self, needed: Vec<crate::top::TotalNeeded>) {
-        for n in needed {
-            match self.store.client_period_totals(
-                self.partition,
-                n.period,
-                n.period_start_ms,
-                &n.client,
-            ) {
-                Ok(total) => lock_top(&self.top).admit(&n, total),
-                Err(e) => {
-                    // A client neither held nor bounded would make memory
-                    // answers wrong: until the next load, the store answers.
-                    tracing::warn!(shard = self.partition, error = %e, "cannot read period totals for the ranking; queries read the store");
-                    lock_top(&self.top).clear();
-                    return;
+        if needed.is_empty() {
+            return;
+        }
+        let wanted: Vec<_> = needed
+            .iter()
+            .map(|n| (n.period, n.period_start_ms, n.client.as_str()))
+            .collect();
+        match self.store.period_totals_of(self.partition, &wanted) {
+            Ok(totals) => {
+                let mut top = lock_top(&self.top);
+                for (n, total) in needed.iter().zip(totals) {
+                    top.admit(n, total);
                 }
+            }
+            Err(e) => {
+                // A client neither held nor bounded would make memory
+                // answers wrong: until the next load, the store answers.
+                tracing::warn!(shard = self.partition, error = %e, "cannot read period totals for the ranking; queries read the store");
+                lock_top(&self.top).clear();
             }
         }
     }

@@ -61,6 +61,8 @@ pub struct Config {
     pub detect: tally_pipelines::detect::DetectorConfig,
     pub max_detectors: usize,
     pub max_ranked_clients: usize,
+    pub memtable_bytes: usize,
+    pub block_cache_bytes: usize,
     pub anomaly_idle_close: Duration,
     /// Top consumers: a change beyond this share is a trend.
     pub top_trend_threshold: f64,
@@ -170,6 +172,13 @@ impl Config {
         let max_detectors = s.memory.detectors.unwrap_or(200_000);
         let max_ranked_clients = s.memory.ranked_clients.unwrap_or(120_000);
         let max_errors_reported = s.max_errors_reported.unwrap_or(1000);
+        let memtable_bytes = s.memory.memtable_bytes.unwrap_or(192 << 20);
+        let block_cache_bytes = s.memory.block_cache_bytes.unwrap_or(64 << 20);
+        if memtable_bytes < (8 << 20) {
+            problems.push(format!(
+                "memory.memtable_bytes: {memtable_bytes} is below 8 MiB"
+            ));
+        }
         for (name, v) in [
             ("shard_threads", shard_threads),
             ("flush_max_events", flush_max_events),
@@ -296,6 +305,8 @@ impl Config {
             detect: s.detect.unwrap_or_default(),
             max_detectors,
             max_ranked_clients,
+            memtable_bytes,
+            block_cache_bytes,
             anomaly_idle_close,
             top_trend_threshold,
             request_sample_rate,
@@ -315,6 +326,8 @@ impl Config {
                 alerts_ms: ms(self.retention_alerts),
             },
             clock: self.clock.clone(),
+            memtable_budget_bytes: self.memtable_bytes,
+            block_cache_bytes: self.block_cache_bytes,
             ..Default::default()
         }
     }

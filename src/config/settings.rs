@@ -124,7 +124,7 @@ impl Settings {
             max_errors_reported, anomaly_idle_close, detect);
         layer!(self.kafka, over.kafka; brokers, group, topic, dead_letter_topic, outage_grace,
             changelog_interval, session_timeout);
-        layer!(self.memory, over.memory; detectors, ranked_clients);
+        layer!(self.memory, over.memory; detectors, ranked_clients, memtable_bytes, block_cache_bytes);
         layer!(self.retention, over.retention; minute, hour, day, dead_letter, alerts);
         layer!(self.limits, over.limits; default, max_clients, quota_reservation_ttl);
         layer!(self.top, over.top; trend_threshold);
@@ -187,8 +187,12 @@ pub struct KafkaSettings {
 pub struct MemorySettings {
     /// Client detectors kept in memory (LRU; the rest are in the store).
     pub detectors: Option<usize>,
-    /// Clients the top-consumer rankings hold per period kind.
+    /// Clients each top-consumer ranking holds.
     pub ranked_clients: Option<usize>,
+    /// Bytes all RocksDB memtables may hold together.
+    pub memtable_bytes: Option<usize>,
+    /// Bytes of RocksDB's block cache.
+    pub block_cache_bytes: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

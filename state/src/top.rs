@@ -63,4 +63,34 @@ impl Store {
             None => Ok(PeriodTotals::default()),
         }
     }
+
+    /// Many clients' totals at once (one batched read), each of its own
+    /// period: `(period, period start, client)`.
+    pub fn period_totals_of(
+        &self,
+        partition: u16,
+        wanted: &[(Period, i64, &str)],
+    ) -> Result<Vec<PeriodTotals>> {
+        let keys: Vec<Vec<u8>> = wanted
+            .iter()
+            .map(|(period, start, client)| {
+                keys::period_totals_key(partition, *period, *start, client)
+            })
+            .collect();
+        let clock = self.partition_clock(partition);
+        self.engine
+            .multi_get(CF_STATS, &keys)?
+            .into_iter()
+            .zip(wanted)
+            .map(|(value, (period, start, _))| {
+                if self.retention().period_expired(*period, *start, clock) {
+                    return Ok(PeriodTotals::default());
+                }
+                match value {
+                    Some(v) => decode(&v),
+                    None => Ok(PeriodTotals::default()),
+                }
+            })
+            .collect()
+    }
 }
