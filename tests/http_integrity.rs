@@ -524,3 +524,94 @@ fn a_data_directory_of_an_older_format_is_refused_with_a_clear_message() {
     assert!(stderr.contains("storage format 1"), "{stderr}");
     assert!(stderr.contains("new --data-dir"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_capped_and_listed_page_by_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &["--max-webhooks", "3"]);
+    let c = client();
+    let config = json!({
+        "url": "http://127.0.0.1:9/hook",
+        "secret": "a-secret-of-sixteen-bytes-or-more",
+        "event_types": ["RATE_LIMITED"],
+    });
+    for id in ["w-c", "w-a", "w-b"] {
+        let r = c
+            .put(server.url(&format!("/v1/webhooks/{id}")))
+            .json(&config)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    }
+    // A fourth is refused; replacing one of the three is not.
+    let r = c
+        .put(server.url("/v1/webhooks/w-d"))
+        .json(&config)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let problem: Value = r.json().await.unwrap();
+    assert!(
+        problem["detail"].as_str().unwrap().contains("max_webhooks"),
+        "{problem}"
+    );
+    let r = c
+        .put(server.url("/v1/webhooks/w-a"))
+        .json(&config)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, first) = get(&c, &server, "/v1/webhooks?limit=2").await;
+    let ids = |page: &Value| -> Vec<String> {
+        page["webhooks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids(&first), vec!["w-a", "w-b"], "{first}");
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let (_, second) = get(
+        &c,
+        &server,
+        &format!("/v1/webhooks?limit=2&cursor={cursor}"),
+    )
+    .await;
+    assert_eq!(ids(&second), vec!["w-c"]);
+    assert!(second["next_cursor"].is_null(), "{second}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_subscriptions_beyond_the_cap_are_refused_until_one_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &["--max-subscribers", "1"]);
+    let c = client();
+    let open = c.get(server.url("/v1/alerts/stream")).send().await.unwrap();
+    assert_eq!(open.status(), 200);
+    let refused = c.get(server.url("/v1/alerts/stream")).send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let problem: Value = refused.json().await.unwrap();
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("max_subscribers"),
+        "{problem}"
+    );
+    drop(open);
+    let mut reopened = false;
+    for _ in 0..100 {
+        let r = c.get(server.url("/v1/alerts/stream")).send().await.unwrap();
+        if r.status() == 200 {
+            reopened = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(reopened, "the slot comes back when the stream closes");
+}

@@ -392,3 +392,66 @@ fn alert_log_retention_and_sequences() {
     assert!(store.alerts_after(0, 10).unwrap().is_empty());
     assert_eq!(store.next_alert_sequence().unwrap(), 4);
 }
+
+/// Anomalies are read newest first, page by page, from a cursor that is
+/// the last anomaly of the previous page (detection time, then id): every
+/// anomaly once, none skipped at a tie of detection times.
+#[test]
+fn anomalies_page_newest_first_without_gaps_at_equal_times() {
+    use tally_pipelines::detect::{Anomaly, AnomalyType, Severity};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let anomalies: Vec<Anomaly> = (0..25)
+        .map(|i| Anomaly {
+            anomaly_id: format!("an-{i:032x}"),
+            client_id: format!("c{}", i % 4),
+            endpoint: None,
+            anomaly_type: AnomalyType::SpikeInRequests,
+            severity: if i % 5 == 0 {
+                Severity::High
+            } else {
+                Severity::Low
+            },
+            // Five per minute: ties are the rule, not the exception.
+            detected_at_ms: 10 * DAY_MS + (i / 5) as i64 * MINUTE_MS,
+            description: String::new(),
+            baseline: 1.0,
+            observed: 2.0,
+            deviation_percent: 100.0,
+        })
+        .collect();
+    store.put_anomalies(2, &anomalies).unwrap();
+    let mut want: Vec<(i64, String)> = anomalies
+        .iter()
+        .map(|a| (a.detected_at_ms, a.anomaly_id.clone()))
+        .collect();
+    want.sort_by(|a, b| b.cmp(a));
+    let mut got = Vec::new();
+    let mut cursor: Option<(i64, String)> = None;
+    loop {
+        let page = store
+            .anomalies_newest_first(
+                2,
+                0,
+                cursor.as_ref().map(|(t, id)| (*t, id.as_str())),
+                4,
+                |_| true,
+            )
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        cursor = page
+            .last()
+            .map(|a| (a.detected_at_ms, a.anomaly_id.clone()));
+        got.extend(page.into_iter().map(|a| (a.detected_at_ms, a.anomaly_id)));
+    }
+    assert_eq!(got, want);
+    // A filter applies while reading; the window's start bounds it.
+    let high = store
+        .anomalies_newest_first(2, 10 * DAY_MS + MINUTE_MS, None, 100, |a| {
+            a.severity == Severity::High
+        })
+        .unwrap();
+    assert_eq!(high.len(), 4, "five highs, one before the window");
+}
