@@ -23,7 +23,6 @@ use tally_actors::telemetry::{
 };
 use tally_pipelines::circuit::{backoff_ms, Circuit, CircuitState, Outcome, Transition};
 use tally_pipelines::time::format_rfc3339_ms;
-use tally_state::retention::wall_clock_ms;
 use tally_state::Store;
 
 use super::{sink_name, SinkCursor, WebhookConfig, WebhookStatus};
@@ -178,7 +177,7 @@ impl Delivery {
             Ok(b) => b,
             Err(err) => return (Outcome::ConnectionFailed, Some(err.to_string())),
         };
-        let timestamp = (wall_clock_ms() / 1000).to_string();
+        let timestamp = (self.store.clock().now_ms() / 1000).to_string();
         let started = Instant::now();
         let sent = self
             .client
@@ -216,7 +215,7 @@ impl Delivery {
             if self.overflowing(e.event_id.saturating_sub(1)) {
                 return Done::Overflowed;
             }
-            let now = wall_clock_ms();
+            let now = self.store.clock().now_ms();
             let (allowed, transition) = circuit.try_acquire(&cfg.circuit, now);
             if let Some(t) = transition {
                 self.transition(t);
@@ -230,7 +229,7 @@ impl Delivery {
             }
             attempt += 1;
             let (outcome, error) = self.attempt(e, attempt).await;
-            if let Some(t) = circuit.record(&cfg.circuit, &cfg.failure, &outcome, wall_clock_ms()) {
+            if let Some(t) = circuit.record(&cfg.circuit, &cfg.failure, &outcome, self.store.clock().now_ms()) {
                 self.transition(t);
             }
             let status = match outcome {
@@ -247,7 +246,7 @@ impl Delivery {
                 .increment(1);
             match result {
                 "delivered" => {
-                    self.update(|s| s.last_delivered_at = Some(format_rfc3339_ms(wall_clock_ms())));
+                    self.update(|s| s.last_delivered_at = Some(format_rfc3339_ms(self.store.clock().now_ms())));
                     return Done::Delivered;
                 }
                 "rejected" => {
