@@ -30,7 +30,8 @@ fn wait_with_rss(child: std::process::Child) -> (i32, i64) {
 
 fn main() {
     // `cargo bench` passes --bench; ignore arguments.
-    let bin = env!("CARGO_BIN_EXE_tally");
+    let bin = common::tally_bin();
+    let bin = bin.as_str();
     let events = env_or("TALLY_BENCH_EVENTS", 1_000_000);
     let clients = env_or("TALLY_BENCH_CLIENTS", 10_000);
     let batch = env_or("TALLY_BENCH_BATCH", 20_000);

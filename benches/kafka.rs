@@ -57,7 +57,8 @@ fn main() {
         println!("kafka: skipped (no tansu; set TALLY_TANSU or run .ci/run)");
         return;
     };
-    let bin = env!("CARGO_BIN_EXE_tally");
+    let bin = common::tally_bin();
+    let bin = bin.as_str();
     let events = env_or("TALLY_BENCH_EVENTS", 1_000_000);
     let clients = env_or("TALLY_BENCH_CLIENTS", 10_000);
     let dir = tempfile::tempdir().expect("tempdir");

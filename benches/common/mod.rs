@@ -12,6 +12,13 @@ pub fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// The `tally` binary to measure: this build's, or `TALLY_BENCH_BIN` (to
+/// measure another build, e.g. the commit before a change, with the same
+/// harness in the same run).
+pub fn tally_bin() -> String {
+    std::env::var("TALLY_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tally").to_string())
+}
+
 /// Peak RSS (KiB) of a running process.
 pub fn vm_hwm_kib(pid: u32) -> Option<i64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -49,7 +56,7 @@ pub fn start_tally(dir: &Path, config: &str) -> (std::process::Child, String) {
     use std::process::Stdio;
     let file = dir.join("tally.toml");
     std::fs::write(&file, config).expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+    let mut child = Command::new(tally_bin())
         .arg("serve")
         .arg("--data-dir")
         .arg(dir.join("data"))

@@ -229,7 +229,12 @@ impl Delivery {
             }
             attempt += 1;
             let (outcome, error) = self.attempt(e, attempt).await;
-            if let Some(t) = circuit.record(&cfg.circuit, &cfg.failure, &outcome, self.store.clock().now_ms()) {
+            if let Some(t) = circuit.record(
+                &cfg.circuit,
+                &cfg.failure,
+                &outcome,
+                self.store.clock().now_ms(),
+            ) {
                 self.transition(t);
             }
             let status = match outcome {
@@ -246,7 +251,9 @@ impl Delivery {
                 .increment(1);
             match result {
                 "delivered" => {
-                    self.update(|s| s.last_delivered_at = Some(format_rfc3339_ms(self.store.clock().now_ms())));
+                    self.update(|s| {
+                        s.last_delivered_at = Some(format_rfc3339_ms(self.store.clock().now_ms()))
+                    });
                     return Done::Delivered;
                 }
                 "rejected" => {
