@@ -16,7 +16,10 @@ pub fn env_or(name: &str, default: usize) -> usize {
 /// measure another build, e.g. the commit before a change, with the same
 /// harness in the same run).
 pub fn tally_bin() -> String {
-    std::env::var("TALLY_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tally").to_string())
+    std::env::var("TALLY_BENCH_BIN")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_tally").to_string())
 }
 
 /// Peak RSS (KiB) of a running process.

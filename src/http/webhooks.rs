@@ -92,7 +92,9 @@ async fn put(
             .await
             .map_err(|e| ApiError::Unavailable(format!("cannot publish the webhook: {e}")))?;
     }
-    let created = state.webhooks.put(&id, config).map_err(internal)?;
+    let (hooks, hook_id) = (state.webhooks.clone(), id.clone());
+    // Writes the store: off the async workers.
+    let created = super::blocking(move || hooks.put(&hook_id, config).map_err(internal)).await?;
     let (config, status) = state.webhooks.get(&id).ok_or_else(|| missing(&id))?;
     let code = if created {
         StatusCode::CREATED
@@ -170,7 +172,8 @@ async fn delete(
             .await
             .map_err(|e| ApiError::Unavailable(format!("cannot publish the deletion: {e}")))?;
     }
-    if state.webhooks.delete(&id).map_err(internal)? {
+    let (hooks, hook_id) = (state.webhooks.clone(), id.clone());
+    if super::blocking(move || hooks.delete(&hook_id).map_err(internal)).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(missing(&id))
