@@ -44,7 +44,16 @@ pub struct ShardRouter {
 #[derive(Debug, Default)]
 pub struct Ingested {
     pub outcome: BatchOutcome,
-    pub failed: Vec<(u16, Error)>,
+    pub failed: Vec<FailedPart>,
+}
+
+/// A partition that applied none of its part of an ingest.
+#[derive(Debug)]
+pub struct FailedPart {
+    pub partition: u16,
+    pub error: Error,
+    /// Positions, in the ingested vector, of the events it held.
+    pub positions: Vec<usize>,
 }
 
 /// Events split by partition, keeping source order within each.
@@ -112,7 +121,10 @@ impl ShardRouter {
         events: Vec<RequestEvent>,
         source: Source,
     ) -> Result<Ingested, Error> {
-        let routed = self.split(events, None);
+        // Each event's position in `events`, to say which ones a failed
+        // partition held.
+        let positions = (0..events.len() as u64).collect();
+        let routed = self.split(events, Some(positions));
         // Reserve mailbox room on every shard first; release on refusal.
         let mut reserved = Vec::with_capacity(routed.per_partition.len());
         for (p, _, _) in &routed.per_partition {
@@ -128,7 +140,7 @@ impl ShardRouter {
             }
         }
         let mut acks = Vec::with_capacity(routed.per_partition.len());
-        for (p, events, _) in routed.per_partition {
+        for (p, events, held) in routed.per_partition {
             let (tx, rx) = oneshot::channel();
             let msg = ApplyBatch {
                 source: source.clone(),
@@ -141,13 +153,17 @@ impl ShardRouter {
             // to handle the batch, so every shard works on it in parallel. A
             // dead shard drops the ack, which the receiver reports.
             self.shard(p)?.apply.do_send(msg);
-            acks.push((p, rx));
+            acks.push((p, held, rx));
         }
         let mut ingested = Ingested::default();
-        for (p, rx) in acks {
+        for (p, held, rx) in acks {
             match rx.await.map_err(|_| Error::ShardUnavailable { shard: p }) {
                 Ok(Ok(outcome)) => ingested.outcome.add(&outcome),
-                Ok(Err(e)) | Err(e) => ingested.failed.push((p, e)),
+                Ok(Err(e)) | Err(e) => ingested.failed.push(FailedPart {
+                    partition: p,
+                    error: e,
+                    positions: held.into_iter().map(|i| i as usize).collect(),
+                }),
             }
         }
         Ok(ingested)
@@ -162,7 +178,7 @@ impl ShardRouter {
     ) -> Result<BatchOutcome, Error> {
         let mut ingested = self.ingest_durable_parts(events, source).await?;
         match ingested.failed.pop() {
-            Some((_, e)) => Err(e),
+            Some(part) => Err(part.error),
             None => Ok(ingested.outcome),
         }
     }

@@ -169,7 +169,8 @@ async fn a_multi_partition_ingest_reports_exactly_the_partitions_that_failed() {
         .unwrap();
     assert_eq!(ingested.failed.len(), 1, "{:?}", ingested.failed);
     assert_eq!(ingested.outcome.accepted, 1);
-    let failed_partition = ingested.failed[0].0;
+    let failed_partition = ingested.failed[0].partition;
+    assert_eq!(ingested.failed[0].positions.len(), 1);
     let (failed_client, applied_client) = if failed_partition == partition_for(&a, 4) {
         (&a, &b)
     } else {

@@ -216,26 +216,22 @@ async fn ingest(
             ..Default::default()
         }
     } else {
-        let partitions: Vec<u16> = if decoded.events.is_empty() {
-            Vec::new()
-        } else {
-            decoded
-                .events
-                .iter()
-                .map(|e| state.shards.partition_of(&e.client_id))
-                .collect()
-        };
         let events: Vec<RequestEvent> = std::mem::take(&mut decoded.events);
         let ingested = state
             .shards
             .ingest_durable_parts(events, Source::Http)
             .await?;
-        if let Some((_, first)) = ingested.failed.first() {
-            let failed: Vec<u16> = ingested.failed.iter().map(|(p, _)| *p).collect();
+        if let Some(first) = ingested.failed.first() {
+            let mut failed = vec![false; indices.len()];
+            for part in &ingested.failed {
+                for &i in &part.positions {
+                    failed[i] = true;
+                }
+            }
             return Err(not_applied(
                 &indices,
-                |i| !failed.contains(&partitions[i]),
-                first.to_string(),
+                |i| !failed[i],
+                first.error.to_string(),
                 key.is_some(),
             ));
         }
