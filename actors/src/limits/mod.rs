@@ -426,6 +426,9 @@ impl ShardLimits {
     ) -> Vec<(String, QuotaConfig)> {
         self.writing.clear();
         self.generation += 1;
+        if self.quotas.is_empty() {
+            return Vec::new();
+        }
         let mut touched: HashSet<&str> = HashSet::new();
         for delta in flushed {
             if let Some(q) = self.quotas.get_mut(&delta.client_id) {
