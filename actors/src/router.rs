@@ -254,7 +254,7 @@ impl ShardRouter {
     ) -> Result<LimitReply, Error> {
         let partition = self.partition_of(client_id);
         let shard = self.shard(partition)?;
-        if let Some(reason) = shard.status.snapshot().fatal {
+        if let Some(reason) = shard.status.stopped() {
             return Err(Error::ShardFailed {
                 shard: partition,
                 reason,
