@@ -94,7 +94,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             prometheus: prometheus.clone(),
             ready: ready.clone(),
             kafka_ingest: match &config.kafka {
-                Some(k) => Some(Arc::new(tally_actors::kafka_ingest::KafkaIngest::new(k, config.partitions)?)),
+                Some(k) => Some(Arc::new(tally_actors::kafka_ingest::KafkaIngest::new(k, config.partitions, config.partitioner)?)),
                 None => None,
             },
             kafka_health: kafka.as_ref().map(|k| k.health()),

@@ -293,3 +293,92 @@ async fn broker_outage_flips_readiness_and_consumption_resumes_exactly() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// A topic produced with librdkafka's default partitioner (CRC-32, as
+/// confluent-kafka, node-rdkafka and the Rust rdkafka crate use) while
+/// Tally expects murmur2: within the first records readiness turns false
+/// naming crc32, nothing is dead-lettered for its partition, and restarted
+/// with `--partitioner crc32` Tally counts every event exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_librdkafka_default_producer_is_recognized_and_nothing_is_dead_lettered() {
+    let broker = Broker::start();
+    broker.create_topic(TOPIC, 12);
+    broker.create_topic(DLQ, 1);
+    let lines = dataset(6_000, 60, 47);
+    support::kafka::produce_all_partitioning(&broker.bootstrap(), TOPIC, &records(&lines), None)
+        .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let args = kafka_args(&broker);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start(&dir.path().join("data"), &args);
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let body = loop {
+        let (code, body) = status(&c, server.url("/health/ready")).await;
+        if code == 503 && body["detail"].as_str().unwrap_or("").contains("crc32") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "readiness never named crc32: {body}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("--partitioner crc32"), "{detail}");
+    let (_, health) = status(&c, server.url("/health/detailed")).await;
+    let partitioning = &health["kafka"]["partitioning"];
+    assert_eq!(partitioning["verdict"], "mismatched", "{health}");
+    assert_eq!(partitioning["producers_use"], "crc32", "{health}");
+    assert_eq!(partitioning["configured"], "murmur2", "{health}");
+    // Held, not dead-lettered: whatever reached the dead-letter topic is
+    // malformed input, never a good event for its partition.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (code, dead) = status(&c, server.url("/v1/dead-letters/kafka?limit=10000")).await;
+    assert_eq!(code, 200, "{dead}");
+    let malformed = count_kind(&lines, Kind::Malformed) as usize;
+    let listed = dead["dead_letters"].as_array().unwrap();
+    assert!(listed.len() <= malformed, "{} dead letters", listed.len());
+    for d in listed {
+        let reason = d["reason"].as_str().unwrap_or("");
+        assert!(!reason.contains("partition"), "a good event dead-lettered: {d}");
+        assert_eq!(d["source_topic"], TOPIC, "{d}");
+    }
+    server.stop();
+
+    // Restarted with the producers' partitioner (a new data directory:
+    // the old one lays clients out by murmur2): every event, exactly.
+    let server = Server::start(
+        &dir.path().join("data-crc32"),
+        &[args.as_slice(), &["--partitioner", "crc32"]].concat(),
+    );
+    wait_for_totals(&c, &server, &lines).await;
+    check_every_client(&c, &server, &lines).await;
+    let (code, ready) = status(&c, server.url("/health/ready")).await;
+    assert_eq!(code, 200, "{ready}");
+    let (_, health) = status(&c, server.url("/health/detailed")).await;
+    assert_eq!(health["kafka"]["partitioning"]["verdict"], "consistent", "{health}");
+    // Every malformed record is listed, with its reason and origin.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, dead) = status(&c, server.url("/v1/dead-letters/kafka?limit=10000")).await;
+        let listed = dead["dead_letters"].as_array().cloned().unwrap_or_default();
+        let origins: std::collections::HashSet<(String, String)> = listed
+            .iter()
+            .map(|d| {
+                assert!(!d["reason"].as_str().unwrap_or("").is_empty(), "{d}");
+                (
+                    d["source_partition"].as_str().unwrap_or("").to_string(),
+                    d["source_offset"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        if origins.len() == malformed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {malformed} malformed records listed",
+            origins.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

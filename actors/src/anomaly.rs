@@ -18,6 +18,12 @@
 //! Detectors live in a bounded LRU, like limiters: a detector evicted with
 //! unflushed learning is kept for the next flush, which writes it, and is
 //! read back from there until then.
+//!
+//! The clients of each open minute are marked in the store with the flush
+//! that wrote their bucket; memory keeps at most `max_detectors` of them
+//! per shard (so a burst of new clients inside the allowed lateness costs
+//! no memory per client). A minute whose list outgrew that is read back
+//! from its marks when it closes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::num::NonZeroUsize;
@@ -68,7 +74,9 @@ pub struct ShardDetectors {
     /// Minutes before this are judged; they never open again.
     judged_before: Option<i64>,
     /// Flushed minutes not closed yet, with the clients seen in them.
-    open: BTreeMap<i64, HashSet<String>>,
+    open: BTreeMap<i64, OpenMinute>,
+    /// Clients listed in `open`, over all minutes.
+    open_listed: usize,
     /// Gateway denials per (minute, client) not judged yet.
     denials: HashMap<(i64, String), u64>,
     changed: HashSet<String>,
@@ -88,6 +96,7 @@ impl ShardDetectors {
             evicted: HashMap::new(),
             judged_before: None,
             open: BTreeMap::new(),
+            open_listed: 0,
             denials: HashMap::new(),
             changed: HashSet::new(),
             closed: Vec::new(),
@@ -100,6 +109,7 @@ impl ShardDetectors {
         self.evicted.clear();
         self.judged_before = None;
         self.open.clear();
+        self.open_listed = 0;
         self.denials.clear();
         self.changed.clear();
         self.closed.clear();
@@ -113,9 +123,25 @@ impl ShardDetectors {
         self.clear();
         self.judged_before = judged_before;
         for (minute, client) in self.store.open_minutes(self.partition)? {
-            self.open.entry(minute).or_default().insert(client);
+            self.note_open(minute, client);
         }
         Ok(())
+    }
+
+    /// Lists a client in an open minute, or notes that the minute's list is
+    /// partial once memory holds as many as it may.
+    fn note_open(&mut self, minute: i64, client: String) {
+        let cap = self.settings.max_detectors.max(1);
+        let open = self.open.entry(minute).or_default();
+        if open.clients.contains(&client) {
+            return;
+        }
+        if self.open_listed < cap {
+            open.clients.insert(client);
+            self.open_listed += 1;
+        } else {
+            open.partial = true;
+        }
     }
 
     /// Minutes before this are judged (persisted with the flush).
@@ -138,7 +164,7 @@ impl ShardDetectors {
                     && !self
                         .open
                         .get(&d.minute_start_ms)
-                        .is_some_and(|c| c.contains(&d.client_id))
+                        .is_some_and(|m| m.clients.contains(&d.client_id))
             })
             .map(|d| (d.minute_start_ms, d.client_id.clone()))
             .collect();
@@ -162,10 +188,7 @@ impl ShardDetectors {
             if !self.is_open_to_judging(delta.minute_start_ms) {
                 continue;
             }
-            self.open
-                .entry(delta.minute_start_ms)
-                .or_default()
-                .insert(delta.client_id.clone());
+            self.note_open(delta.minute_start_ms, delta.client_id.clone());
         }
     }
 
@@ -177,7 +200,7 @@ impl ShardDetectors {
             if !self.is_open_to_judging(minute) {
                 continue;
             }
-            self.open.entry(minute).or_default().insert(client.clone());
+            self.note_open(minute, client.clone());
             *self.denials.entry((minute, client)).or_default() += n;
         }
     }
@@ -199,11 +222,23 @@ impl ShardDetectors {
             if watermark_ms.is_some_and(|w| minute + MINUTE_MS > w) {
                 break;
             }
-            let Some((minute, clients)) = self.open.pop_first() else {
+            let Some((minute, open)) = self.open.pop_first() else {
                 break;
             };
-            let mut clients: Vec<String> = clients.into_iter().collect();
+            self.open_listed -= open.clients.len();
+            let mut clients: Vec<String> = open.clients.into_iter().collect();
+            if open.partial {
+                // Marked by the flushes; denials are noted in memory only.
+                clients.extend(self.store.open_minute_clients(self.partition, minute)?);
+                clients.extend(
+                    self.denials
+                        .keys()
+                        .filter(|(m, _)| *m == minute)
+                        .map(|(_, c)| c.clone()),
+                );
+            }
             clients.sort();
+            clients.dedup();
             for client in clients {
                 let summary = self.summary(&client, minute)?;
                 self.denials.remove(&(minute, client.clone()));
@@ -302,4 +337,17 @@ impl ShardDetectors {
     pub fn in_memory(&self) -> usize {
         self.detectors.len() + self.evicted.len()
     }
+
+    /// Clients of open minutes listed in memory (for the memory bound).
+    pub fn open_listed(&self) -> usize {
+        self.open_listed
+    }
+}
+
+/// One minute flushed and not judged yet.
+#[derive(Default)]
+struct OpenMinute {
+    clients: HashSet<String>,
+    /// More clients were marked in the store than memory lists.
+    partial: bool,
 }

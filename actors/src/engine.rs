@@ -26,6 +26,7 @@ impl Engine {
     /// Starts one supervised shard per partition of `store`.
     pub fn start(store: Arc<Store>, config: ShardConfig, threads: usize) -> Result<Engine, Error> {
         let partitions = store.partitions();
+        let partitioner = store.partitioner();
         let threads = threads.clamp(1, usize::from(partitions));
         let config = Arc::new(config);
         let capacity = config.mailbox_capacity;
@@ -87,7 +88,7 @@ impl Engine {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         Ok(Engine {
-            router: ShardRouter::new(shards, capacity),
+            router: ShardRouter::new(shards, capacity, partitioner),
             system,
             thread: Some(thread),
         })

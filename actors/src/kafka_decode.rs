@@ -10,8 +10,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use tally_pipelines::decode::decode_event_bytes;
 use tally_pipelines::event::{RequestEvent, ValidationContext};
-use tally_pipelines::partitioner::partition_for;
+use tally_pipelines::partitioner::Partitioner;
 
+use crate::kafka_partitioning::{PartitionCheck, Placement, Verdict};
 use crate::kafka_source::KafkaConfig;
 use crate::messages::Source;
 use crate::telemetry::{EventsRejected, KAFKA_DEAD_LETTERS};
@@ -35,86 +36,136 @@ pub(crate) fn take(
     }
 }
 
+/// What one message is.
+enum Classified {
+    Event(RequestEvent),
+    /// Decoded, but on a partition the configured partitioner does not
+    /// give its client.
+    Misplaced { event: RequestEvent, owner: u16 },
+    Bad(String),
+}
+
 /// Decodes one message and checks it is on its client's partition.
 fn classify(
     m: &Received,
     partitions: u16,
+    partitioner: Partitioner,
     ctx: &ValidationContext,
-) -> Result<(u16, RequestEvent), String> {
+) -> Classified {
     let (partition, _, _, payload) = m;
     let Some(p) = u16::try_from(*partition).ok().filter(|p| *p < partitions) else {
-        return Err(format!(
+        return Classified::Bad(format!(
             "topic partition {partition} has no shard (instance has {partitions})"
         ));
     };
     let Some(bytes) = payload else {
-        return Err("empty message".to_string());
+        return Classified::Bad("empty message".to_string());
     };
-    let event = decode_event_bytes(bytes, ctx).map_err(|r| r.to_string())?;
-    let owner = partition_for(&event.client_id, partitions);
+    let event = match decode_event_bytes(bytes, ctx) {
+        Ok(e) => e,
+        Err(r) => return Classified::Bad(r.to_string()),
+    };
+    let owner = partitioner.partition(&event.client_id, partitions);
     if owner != p {
-        return Err(format!(
-            "client {:?} belongs to partition {owner}, not {p}: key messages by client_id with the default partitioner",
-            event.client_id
-        ));
+        return Classified::Misplaced { event, owner };
     }
-    Ok((p, event))
+    Classified::Event(event)
+}
+
+/// One partition's round, decoded: what to apply, and where reading must
+/// stop (the record at `hold_from` and after are read again later, not
+/// applied or committed now).
+pub(crate) struct Decoded {
+    pub events: Vec<RequestEvent>,
+    pub offsets: Vec<u64>,
+    pub hold_from: Option<i64>,
 }
 
 /// Decodes one partition's round of messages, in offset order, in parallel
-/// off the async threads; bad messages go to the dead-letter topic.
+/// off the async threads; bad messages go to the dead-letter topic. The
+/// round stops at a message that cannot be set aside yet: a misplaced one
+/// while the partitioner check holds them, or one the dead-letter topic
+/// did not take.
 pub(crate) async fn decode_round(
     config: &KafkaConfig,
     source: &Source,
     partitions: u16,
+    check: &PartitionCheck,
     producer: &FutureProducer,
     validation: &(dyn Fn() -> ValidationContext + Send + Sync),
     round: Vec<Received>,
-) -> Result<(Vec<RequestEvent>, Vec<u64>), Error> {
+) -> Result<Decoded, Error> {
     let ctx = validation();
+    let partitioner = check.configured();
     let decoded = tokio::task::spawn_blocking(move || {
         round
             .into_iter()
             .map(|m| {
-                let outcome = classify(&m, partitions, &ctx);
+                let outcome = classify(&m, partitions, partitioner, &ctx);
                 (m, outcome)
             })
             .collect::<Vec<_>>()
     })
     .await
     .map_err(|e| Error::Kafka(format!("decoder task failed: {e}")))?;
-    let (mut events, mut offsets) = (
-        Vec::with_capacity(decoded.len()),
-        Vec::with_capacity(decoded.len()),
-    );
+    let mut out = Decoded {
+        events: Vec::with_capacity(decoded.len()),
+        offsets: Vec::with_capacity(decoded.len()),
+        hold_from: None,
+    };
     let mut rejected = 0;
     for ((partition, offset, key, payload), outcome) in decoded {
-        match outcome {
-            Ok((_, event)) => {
-                events.push(event);
-                offsets.push(u64::try_from(offset).unwrap_or(0));
+        let p = u16::try_from(partition).unwrap_or(u16::MAX);
+        let reason = match outcome {
+            Classified::Event(event) => {
+                check.observe(p, offset, Placement::Fits);
+                out.events.push(event);
+                out.offsets.push(u64::try_from(offset).unwrap_or(0));
+                continue;
             }
-            Err(reason) => {
-                rejected += 1;
-                dead_letter(
-                    config,
-                    producer,
-                    partition,
-                    offset,
-                    key.as_deref(),
-                    payload.as_deref(),
-                    &reason,
+            Classified::Misplaced { event, owner } => {
+                let fitting = Partitioner::fitting(&event.client_id, p, partitions);
+                let verdict = check.observe(p, offset, Placement::Misfits { fitting: &fitting });
+                if verdict != Verdict::Consistent {
+                    out.hold_from = Some(offset);
+                    break;
+                }
+                let others: Vec<&str> = fitting.iter().map(|f| f.name()).collect();
+                format!(
+                    "client {:?} belongs to partition {owner} under the {partitioner} partitioner, not {p}{}: key records by client_id and partition them with {partitioner}",
+                    event.client_id,
+                    if others.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (the {} partitioner would put it here)", others.join(" or "))
+                    }
                 )
-                .await;
             }
+            Classified::Bad(reason) => reason,
+        };
+        let written = dead_letter(
+            config,
+            producer,
+            partition,
+            offset,
+            key.as_deref(),
+            payload.as_deref(),
+            &reason,
+        )
+        .await;
+        if written.is_err() {
+            // Not set aside: read it again rather than step over it.
+            out.hold_from = Some(offset);
+            break;
         }
+        rejected += 1;
     }
     EventsRejected {
         source: source.label(),
         count: rejected,
     }
     .emit();
-    Ok((events, offsets))
+    Ok(out)
 }
 
 pub(crate) async fn dead_letter(
@@ -125,7 +176,7 @@ pub(crate) async fn dead_letter(
     key: Option<&[u8]>,
     payload: Option<&[u8]>,
     reason: &str,
-) {
+) -> Result<(), Error> {
     let (p, o) = (partition.to_string(), offset.to_string());
     let headers = OwnedHeaders::new()
         .insert(Header {
@@ -152,9 +203,13 @@ pub(crate) async fn dead_letter(
         record = record.payload(v);
     }
     match producer.send(record, Duration::from_secs(30)).await {
-        Ok(_) => counter!(KAFKA_DEAD_LETTERS).increment(1),
+        Ok(_) => {
+            counter!(KAFKA_DEAD_LETTERS).increment(1);
+            Ok(())
+        }
         Err((e, _)) => {
-            tracing::error!(error = %e, partition, offset, "cannot write to the dead-letter topic")
+            tracing::error!(error = %e, partition, offset, "cannot write to the dead-letter topic");
+            Err(Error::Kafka(format!("dead-letter topic: {e}")))
         }
     }
 }

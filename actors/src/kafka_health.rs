@@ -11,6 +11,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 
+use crate::kafka_partitioning::{PartitionCheck, PartitioningView};
 use crate::telemetry::KAFKA_CONSUMER_LAG;
 
 const CONNECTED: i64 = i64::MIN;
@@ -24,6 +25,8 @@ pub struct KafkaHealth {
     last_error: Mutex<Option<String>>,
     /// partition -> consumer lag (messages), from the last statistics.
     lag: Mutex<BTreeMap<i32, i64>>,
+    /// Whether the records fit the configured partitioner.
+    partitioning: PartitionCheck,
 }
 
 /// A point-in-time view.
@@ -33,12 +36,14 @@ pub struct KafkaHealthView {
     pub down_since_ms: Option<i64>,
     pub last_error: Option<String>,
     pub lag: BTreeMap<i32, i64>,
+    pub partitioning: PartitioningView,
 }
 
 impl KafkaHealth {
-    pub fn new(now_ms: i64) -> Self {
+    pub fn new(now_ms: i64, partitioning: PartitionCheck) -> Self {
         // Not connected until a broker answers.
         Self {
+            partitioning,
             down_since_ms: AtomicI64::new(now_ms),
             ever_connected: AtomicBool::new(false),
             last_error: Mutex::new(None),
@@ -114,7 +119,12 @@ impl KafkaHealth {
             down_since_ms: (down != CONNECTED).then_some(down),
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
             lag: self.lag.lock().map(|l| l.clone()).unwrap_or_default(),
+            partitioning: self.partitioning.view(),
         }
+    }
+
+    pub fn partitioning(&self) -> &PartitionCheck {
+        &self.partitioning
     }
 }
 
@@ -124,7 +134,7 @@ mod tests {
 
     #[test]
     fn outage_is_timed_from_the_first_failure_and_cleared_by_a_connection() {
-        let h = KafkaHealth::new(0);
+        let h = KafkaHealth::new(0, PartitionCheck::new(Default::default(), 4));
         assert_eq!(h.view().down_since_ms, Some(0));
         h.connected();
         assert!(h.view().connected);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tally_pipelines::event::RequestEvent;
-use tally_pipelines::partitioner::partition_for;
+use tally_pipelines::partitioner::Partitioner;
 
 use crate::kafka_source::KafkaConfig;
 use crate::Error;
@@ -31,10 +31,15 @@ pub struct KafkaIngest {
     producer: FutureProducer,
     topic: String,
     partitions: u16,
+    partitioner: Partitioner,
 }
 
 impl KafkaIngest {
-    pub fn new(config: &KafkaConfig, partitions: u16) -> Result<KafkaIngest, Error> {
+    pub fn new(
+        config: &KafkaConfig,
+        partitions: u16,
+        partitioner: Partitioner,
+    ) -> Result<KafkaIngest, Error> {
         let producer = acked_producer(&config.brokers)
             .create()
             .map_err(|e| Error::Kafka(e.to_string()))?;
@@ -42,6 +47,7 @@ impl KafkaIngest {
             producer,
             topic: config.topic.clone(),
             partitions,
+            partitioner,
         })
     }
 
@@ -66,7 +72,7 @@ impl KafkaIngest {
         for event in events {
             let payload = event.to_wire_json();
             // Place explicitly: the shard of partition N must own the client.
-            let partition = i32::from(partition_for(&event.client_id, self.partitions));
+            let partition = i32::from(self.partitioner.partition(&event.client_id, self.partitions));
             let mut record = FutureRecord::to(&self.topic)
                 .partition(partition)
                 .key(event.client_id.as_str())

@@ -153,7 +153,10 @@ impl KafkaSource {
         validation: impl Fn() -> ValidationContext + Send + Sync + 'static,
     ) -> Result<KafkaSource, Error> {
         let kafka = |e: rdkafka::error::KafkaError| Error::Kafka(e.to_string());
-        let health = Arc::new(KafkaHealth::new(wall_clock_ms()));
+        let health = Arc::new(KafkaHealth::new(
+            wall_clock_ms(),
+            crate::kafka_partitioning::PartitionCheck::new(router.partitioner(), router.partitions()),
+        ));
         store.track_changes();
         let source_key = format!("kafka:{}", config.topic);
         // Changelog and membership records: ordered, exactly once per
@@ -273,6 +276,9 @@ impl KafkaSource {
     }
 }
 
+/// How soon a partition held at a record reads it again.
+const HOLD_RETRY: Duration = Duration::from_secs(1);
+
 type Validation = Arc<dyn Fn() -> ValidationContext + Send + Sync>;
 
 /// Splits every partition's messages into its own queue, consumed by its
@@ -342,7 +348,9 @@ async fn consume(
                 // Only partitions beyond the shards arrive here.
                 Some(Ok(m)) => {
                     let reason = format!("topic partition {} has no shard (instance has {})", m.partition(), router.partitions());
-                    dead_letter(&config, &producer, m.partition(), m.offset(), m.key(), m.payload(), &reason).await;
+                    // Beyond the shards nothing is committed: a failed
+                    // write is read again after the next restart.
+                    let _ = dead_letter(&config, &producer, m.partition(), m.offset(), m.key(), m.payload(), &reason).await;
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
                 None => break,
@@ -404,17 +412,21 @@ async fn consume_partition(
                 }
             }
         }
+        let mut hold_from = None;
         if !round.is_empty() {
             let sent = async {
-                let (events, offsets) = decode_round(
+                let decoded = decode_round(
                     &config,
                     &source,
                     partitions,
+                    health.partitioning(),
                     &producer,
                     validation.as_ref(),
                     round,
                 )
                 .await?;
+                hold_from = decoded.hold_from;
+                let (events, offsets) = (decoded.events, decoded.offsets);
                 let Some(&last) = offsets.last() else {
                     return Ok::<(), Error>(());
                 };
@@ -446,6 +458,22 @@ async fn consume_partition(
             }
         }
         commit_acknowledged(&consumer, &config.topic, &mut pending);
+        if let Some(offset) = hold_from {
+            // Read the held record again after a pause: nothing past it
+            // is applied or committed meanwhile.
+            if let Err(e) = consumer.seek(
+                &config.topic,
+                i32::from(partition),
+                Offset::Offset(offset),
+                Duration::from_secs(5),
+            ) {
+                tracing::debug!(partition, error = %e, "seek back to a held record");
+            }
+            tokio::select! {
+                _ = stopped.changed() => break,
+                _ = tokio::time::sleep(HOLD_RETRY) => {}
+            }
+        }
     }
     commit_acknowledged(&consumer, &config.topic, &mut pending);
 }

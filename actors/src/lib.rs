@@ -3,8 +3,10 @@
 //! - [`shard`]: the shard actor, sole owner of one partition's hot state,
 //!   flushing it atomically with source positions; supervised.
 //! - [`kafka_decode`]: records to batches, and dead letters.
+//! - [`kafka_dead_letters`]: the dead-letter topic read back for operators.
 //! - [`kafka_health`]: broker connection and consumer lag, for readiness.
 //! - [`kafka_ingest`]: HTTP ingest through the topic in Kafka mode.
+//! - [`kafka_partitioning`]: whether producers use the configured partitioner.
 //! - [`kafka_source`]: consumer-group source, positions from the store.
 //! - [`kafka_rebalance`]: what moves with a partition: flush and last
 //!   changelog round on revocation, restore on assignment.
@@ -30,9 +32,11 @@ pub mod anomaly;
 pub mod changelog;
 pub mod control_topic;
 pub mod engine;
+pub mod kafka_dead_letters;
 pub mod kafka_decode;
 pub mod kafka_health;
 pub mod kafka_ingest;
+pub mod kafka_partitioning;
 pub mod kafka_rebalance;
 pub mod kafka_source;
 pub mod limits;

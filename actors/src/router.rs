@@ -9,7 +9,7 @@ use std::sync::Arc;
 use actix::Recipient;
 use futures::future::join_all;
 use tally_pipelines::event::RequestEvent;
-use tally_pipelines::partitioner::partition_for;
+use tally_pipelines::partitioner::Partitioner;
 use tally_state::Store;
 use tokio::sync::oneshot;
 
@@ -37,6 +37,7 @@ pub struct ShardEndpoint {
 pub struct ShardRouter {
     shards: Arc<Vec<ShardEndpoint>>,
     capacity: usize,
+    partitioner: Partitioner,
 }
 
 /// What a durable ingest did: the outcome of the partitions that applied
@@ -62,11 +63,17 @@ pub struct Routed {
 }
 
 impl ShardRouter {
-    pub fn new(shards: Vec<ShardEndpoint>, capacity: usize) -> Self {
+    pub fn new(shards: Vec<ShardEndpoint>, capacity: usize, partitioner: Partitioner) -> Self {
         Self {
             shards: Arc::new(shards),
             capacity,
+            partitioner,
         }
+    }
+
+    /// The function that places clients on partitions (the Kafka topic's).
+    pub fn partitioner(&self) -> Partitioner {
+        self.partitioner
     }
 
     pub fn partitions(&self) -> u16 {
@@ -74,7 +81,7 @@ impl ShardRouter {
     }
 
     pub fn partition_of(&self, client_id: &str) -> u16 {
-        partition_for(client_id, self.partitions())
+        self.partitioner.partition(client_id, self.partitions())
     }
 
     /// Splits events (with their positions) by partition.

@@ -143,6 +143,7 @@ async fn ingest_is_refused_whole_when_a_shard_mailbox_is_full() {
             config_writes: Arc::default(),
         }],
         2,
+        Default::default(),
     );
     // Two batches fill the mailbox (their acks never come).
     for i in 0..2 {

@@ -336,3 +336,52 @@ async fn a_minute_closed_by_the_idle_timer_is_judged_once() {
     assert_eq!(day_total(&store, &a), 3);
     engine.shutdown().await.unwrap();
 }
+
+/// A minute with more clients than a shard lists in memory is read back
+/// from its marks in the store: every client is judged, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minute_with_more_clients_than_memory_lists_judges_every_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = T0 + 10 * MINUTE_MS;
+    let clock = ManualClock::new(start + 5_000);
+    let store = store(dir.path(), None, clock.clone());
+    let mut cfg = config(clock.clone());
+    cfg.detect = DetectSettings {
+        idle_close: Duration::from_secs(60),
+        max_detectors: 2,
+        ..DetectSettings::default()
+    };
+    let engine = Engine::start(store.clone(), cfg, 2).unwrap();
+    let router = engine.router();
+    let clients: Vec<String> = (0..24).map(|i| format!("small-{i}")).collect();
+    // Two flushes, so the second sees the first one's clients (listed or
+    // not) again.
+    for round in 0..2 {
+        router
+            .ingest_durable(
+                clients
+                    .iter()
+                    .map(|c| event(c, start + 1_000 + round))
+                    .collect(),
+                Source::Http,
+            )
+            .await
+            .unwrap();
+    }
+    clock.advance_ms(2 * MINUTE_MS);
+    let judged = |store: &Store, c: &str| {
+        store
+            .detector(partition_for(c, 4), c)
+            .unwrap()
+            .map_or(0, |d| d.buckets_seen())
+    };
+    until("every client's minute to be judged", || {
+        clients.iter().all(|c| judged(&store, c) >= 1)
+    })
+    .await;
+    for c in &clients {
+        assert_eq!(judged(&store, c), 1, "{c} judged once");
+        assert_eq!(day_total(&store, c), 2, "{c}");
+    }
+    engine.shutdown().await.unwrap();
+}

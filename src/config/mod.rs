@@ -25,6 +25,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub partitions: u16,
+    pub partitioner: tally_pipelines::partitioner::Partitioner,
     pub shard_threads: usize,
     pub flush_interval: Duration,
     pub flush_max_events: usize,
@@ -157,6 +158,13 @@ impl Config {
         if partitions == 0 || partitions > 4096 {
             problems.push(format!("partitions: {partitions} is outside 1..=4096"));
         }
+        let partitioner = match s.partitioner.as_deref() {
+            None => Default::default(),
+            Some(name) => name.parse().unwrap_or_else(|e| {
+                problems.push(format!("partitioner: {e}"));
+                Default::default()
+            }),
+        };
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
@@ -272,6 +280,7 @@ impl Config {
             data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("data")),
             listen,
             partitions,
+            partitioner,
             shard_threads,
             flush_interval,
             flush_max_events,
@@ -317,6 +326,7 @@ impl Config {
     pub fn store_options(&self) -> tally_state::StoreOptions {
         tally_state::StoreOptions {
             partitions: self.partitions,
+            partitioner: self.partitioner,
             retention: tally_state::Retention {
                 minute_ms: ms(self.retention_minute),
                 hour_ms: ms(self.retention_hour),

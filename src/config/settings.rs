@@ -39,6 +39,13 @@ pub struct Settings {
     /// Partitions (= shards); fixed for the life of a data directory [default: 12].
     #[arg(long, env = "TALLY_PARTITIONS")]
     pub partitions: Option<u16>,
+    /// How the Kafka topic's producers place keyed records, and so how
+    /// clients map to partitions everywhere: murmur2 (Java clients),
+    /// crc32 (librdkafka's default consistent_random: confluent-kafka,
+    /// node-rdkafka, Rust rdkafka) or fnv1a; fixed for the life of a data
+    /// directory [default: murmur2].
+    #[arg(long, env = "TALLY_PARTITIONER")]
+    pub partitioner: Option<String>,
     /// Threads that run shards [default: number of CPUs].
     #[arg(long, env = "TALLY_SHARD_THREADS")]
     pub shard_threads: Option<usize>,
@@ -117,7 +124,7 @@ pub struct Settings {
 impl Settings {
     /// `over` layered on `self`: its set fields win.
     pub fn over(mut self, over: Settings) -> Settings {
-        layer!(self, over; config, data_dir, listen, advertise, partitions, shard_threads,
+        layer!(self, over; config, data_dir, listen, advertise, partitions, partitioner, shard_threads,
             flush_interval, flush_max_events, mailbox_capacity, sync_writes, allowed_lateness,
             dedupe_window, dedupe_max_ids, max_future, max_body_bytes, max_ingest_requests,
             max_ingest_bytes, max_subscribers, max_webhooks, log_format, request_timeout,

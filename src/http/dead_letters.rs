@@ -2,6 +2,11 @@
 //! first (by partition sequence, merged across partitions by the time they
 //! were recorded), with the reason they were excluded. `next_cursor` holds
 //! where each partition's reading stopped.
+//!
+//! `GET /v1/dead-letters/kafka?limit=&cursor=`: in Kafka mode, the records
+//! the consumer sent to the dead-letter topic (undecodable, invalid, on the
+//! wrong partition), read back from the topic newest first, with reason and
+//! origin; the same cursor form, by dead-letter topic partition and offset.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -17,7 +22,9 @@ use crate::error::ApiError;
 const MAX_LIMIT: usize = 10_000;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/dead-letters", get(list))
+    Router::new()
+        .route("/v1/dead-letters", get(list))
+        .route("/v1/dead-letters/kafka", get(list_kafka))
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +62,49 @@ fn parse_cursor(cursor: &str, partitions: u16) -> Result<Vec<Option<u64>>, ApiEr
         *below.get_mut(usize::from(p)).ok_or_else(page::bad_cursor)? = Some(s);
     }
     Ok(below)
+}
+
+#[derive(Debug, Serialize)]
+struct KafkaResponse {
+    dead_letter_topic: String,
+    dead_letters: Vec<tally_actors::kafka_dead_letters::KafkaDeadLetter>,
+    next_cursor: Option<String>,
+}
+
+async fn list_kafka(
+    State(state): State<AppState>,
+    params: Result<Query<Params>, QueryRejection>,
+) -> Result<Json<KafkaResponse>, ApiError> {
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}"), vec![]))?;
+    let limit = page::limit(params.limit, 100, MAX_LIMIT)?;
+    let Some(kafka) = state.config.kafka.clone() else {
+        return Err(ApiError::NotFound(
+            "no Kafka source is configured: dead letters of HTTP and file input are at /v1/dead-letters".into(),
+        ));
+    };
+    let below = match &params.cursor {
+        None => None,
+        Some(c) => Some(
+            parse_cursor(c, u16::MAX)?
+                .into_iter()
+                .enumerate()
+                .filter_map(|(p, o)| Some((p as i32, i64::try_from(o?).ok()?)))
+                .collect::<Vec<_>>(),
+        ),
+    };
+    let topic = kafka.dead_letter_topic.clone();
+    let page = blocking(move || {
+        tally_actors::kafka_dead_letters::read_page(&kafka, below.as_deref(), limit)
+            .map_err(|e| ApiError::Unavailable(format!("reading the dead-letter topic: {e}")))
+    })
+    .await?;
+    let parts: Vec<String> = page.next.iter().map(|(p, o)| format!("{p}.{o}")).collect();
+    Ok(Json(KafkaResponse {
+        dead_letter_topic: topic,
+        dead_letters: page.dead_letters,
+        next_cursor: (!parts.is_empty()).then(|| parts.join("-")),
+    }))
 }
 
 async fn list(

@@ -37,6 +37,9 @@ fn not_ready_reason(state: &AppState) -> Option<String> {
     }
     if let Some(kafka) = &state.kafka_health {
         let view = kafka.view();
+        if let Some(reason) = view.partitioning.not_ready_reason() {
+            return Some(reason);
+        }
         let grace_ms =
             i64::try_from(state.config.kafka_outage_grace.as_millis()).unwrap_or(i64::MAX);
         if let Some(since) = view.down_since_ms {
@@ -113,6 +116,7 @@ async fn detailed(State(state): State<AppState>) -> impl IntoResponse {
                     "down_since": v.down_since_ms.map(format_rfc3339_ms),
                     "last_error": v.last_error,
                     "consumer_lag": v.lag,
+                    "partitioning": v.partitioning,
                 })
             }),
             "cluster": state.membership.as_ref().map(|m| json!({

@@ -11,7 +11,6 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tally_pipelines::aggregate::BucketStats;
 use tally_pipelines::event::MAX_CLIENT_ID_BYTES;
-use tally_pipelines::partitioner::partition_for;
 use tally_pipelines::time::{format_rfc3339_ms, parse_instant, Granularity, Period, HOUR_MS};
 
 use super::AppState;
@@ -128,7 +127,7 @@ async fn merged(
     start: i64,
     end: i64,
 ) -> Result<BucketStats, ApiError> {
-    let partition = partition_for(client, state.store.partitions());
+    let partition = state.store.partition_of(client);
     let client = client.to_string();
     super::read_partition(state, partition, move |store| {
         let mut total = BucketStats::default();
@@ -304,7 +303,7 @@ async fn history(
             )],
         ));
     }
-    let partition = partition_for(&client, state.store.partitions());
+    let partition = state.store.partition_of(&client);
     let name = client.clone();
     let points = super::read_partition(&state, partition, move |store| {
         store.read_buckets(partition, &name, granularity, start, to)

@@ -52,6 +52,11 @@ pub enum Error {
     InvalidOptions(String),
     #[error("the data directory was created with {stored} partitions, but {configured} are configured; use --partitions {stored} or a new data directory")]
     PartitionMismatch { stored: u16, configured: u16 },
+    #[error("the data directory lays clients out by the {stored} partitioner, but {configured} is configured; use --partitioner {stored} or a new data directory")]
+    PartitionerMismatch {
+        stored: tally_pipelines::partitioner::Partitioner,
+        configured: tally_pipelines::partitioner::Partitioner,
+    },
     #[error("the data directory was written in storage format {found}, and this Tally reads format {supported} only (format 2 de-duplicates by client and event id, format 1 by event id alone, so format-1 state would be misread); start with a new --data-dir and replay the events into it, or run the Tally that wrote it")]
     UnsupportedFormat { found: u32, supported: u32 },
 }

@@ -173,6 +173,20 @@ impl Store {
             .collect())
     }
 
+    /// The clients of one minute flushed and not judged yet (the store is
+    /// authoritative when a shard's in-memory list of them is partial).
+    pub fn open_minute_clients(&self, partition: u16, minute_start_ms: i64) -> Result<Vec<String>> {
+        let prefix = keys::open_minute_key(partition, minute_start_ms, "");
+        let end = keys::prefix_end(&prefix);
+        Ok(self
+            .engine
+            .scan(CF_LIMITS, Scan::range(prefix, end))?
+            .collect::<Result<Vec<_>>>()?
+            .iter()
+            .filter_map(|(key, _)| keys::decode_open_minute_key(key).map(|(_, client)| client))
+            .collect())
+    }
+
     /// Every quota configured in a partition with its marks (bounded by
     /// the number of clients with a quota; read when a shard loads).
     pub fn quotas(&self, partition: u16) -> Result<Vec<(String, QuotaConfig, QuotaMarks)>> {

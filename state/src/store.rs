@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use serde::{Deserialize, Serialize};
 use tally_pipelines::aggregate::BucketStats;
 use tally_pipelines::time::Granularity;
+use tally_pipelines::partitioner::Partitioner;
 
 use crate::clock::SharedClock;
 use crate::codec::{decode, encode};
@@ -33,6 +34,9 @@ pub const FORMAT_VERSION: u32 = 2;
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     pub partitions: u16,
+    /// Which partition a client's state lives in (the function the Kafka
+    /// topic's producers use).
+    pub partitioner: Partitioner,
     pub retention: Retention,
     pub block_cache_bytes: usize,
     /// Write-ahead log. Without it (bulk replays), commits live in
@@ -53,6 +57,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             partitions: 12,
+            partitioner: Partitioner::default(),
             retention: Retention::default(),
             block_cache_bytes: 64 << 20,
             wal: true,
@@ -106,6 +111,7 @@ pub struct CommitStats {
 pub struct Store {
     pub(crate) engine: Box<dyn KvEngine>,
     partitions: u16,
+    partitioner: Partitioner,
     retention: Retention,
     pub(crate) clocks: Arc<PartitionClocks>,
     pub(crate) clock: SharedClock,
@@ -206,6 +212,7 @@ impl Store {
         let store = Store {
             engine,
             partitions: options.partitions,
+            partitioner: options.partitioner,
             retention: options.retention,
             clocks,
             clock: options.clock,
@@ -229,6 +236,7 @@ impl Store {
     fn check_layout(&self) -> Result<()> {
         let partitions_key = keys::setting_key("partitions");
         let format_key = keys::setting_key("format");
+        let partitioner_key = keys::setting_key("partitioner");
         let stored_partitions = self.engine.get(CF_META, &partitions_key)?;
         let stored_format = self.engine.get(CF_META, &format_key)?;
         match (stored_partitions, stored_format) {
@@ -236,6 +244,7 @@ impl Store {
                 let mut batch = WriteBatch::default();
                 batch.put(CF_META, &partitions_key, &encode(&self.partitions)?);
                 batch.put(CF_META, &format_key, &encode(&FORMAT_VERSION)?);
+                batch.put(CF_META, &partitioner_key, self.partitioner.name().as_bytes());
                 self.engine.write(batch, true)?;
             }
             (Some(p), format) => {
@@ -256,6 +265,20 @@ impl Store {
                         configured: self.partitions,
                     });
                 }
+                // Directories from before the setting laid clients out by
+                // murmur2, the only partitioner then.
+                let stored = match self.engine.get(CF_META, &partitioner_key)? {
+                    Some(name) => String::from_utf8_lossy(&name)
+                        .parse::<Partitioner>()
+                        .map_err(Error::Corrupt)?,
+                    None => Partitioner::Murmur2,
+                };
+                if stored != self.partitioner {
+                    return Err(Error::PartitionerMismatch {
+                        stored,
+                        configured: self.partitioner,
+                    });
+                }
             }
         }
         Ok(())
@@ -263,6 +286,15 @@ impl Store {
 
     pub fn partitions(&self) -> u16 {
         self.partitions
+    }
+
+    pub fn partitioner(&self) -> Partitioner {
+        self.partitioner
+    }
+
+    /// The partition a client's state lives in.
+    pub fn partition_of(&self, client_id: &str) -> u16 {
+        self.partitioner.partition(client_id, self.partitions)
     }
 
     pub fn retention(&self) -> Retention {

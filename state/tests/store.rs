@@ -159,6 +159,36 @@ fn reopening_with_another_partition_count_is_refused() {
 }
 
 #[test]
+fn reopening_with_another_partitioner_is_refused_and_the_same_one_opens() {
+    use tally_pipelines::partitioner::Partitioner;
+    let dir = tempfile::tempdir().unwrap();
+    let with = |partitioner| {
+        Store::open(
+            dir.path(),
+            StoreOptions {
+                partitioner,
+                ..Default::default()
+            },
+        )
+    };
+    drop(with(Partitioner::Crc32).unwrap());
+    let err = with(Partitioner::Murmur2).err().unwrap();
+    assert!(
+        matches!(
+            err,
+            Error::PartitionerMismatch {
+                stored: Partitioner::Crc32,
+                configured: Partitioner::Murmur2
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--partitioner crc32"), "{err}");
+    let store = with(Partitioner::Crc32).unwrap();
+    assert_eq!(store.partition_of("123456789"), 2, "crc32 mod 12");
+}
+
+#[test]
 fn expired_minute_buckets_are_excluded_before_and_after_compaction() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(

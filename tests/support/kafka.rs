@@ -127,9 +127,18 @@ impl Broker {
 /// engine drops, and a non-idempotent producer cannot be left in a fatal
 /// state by a broker restart.
 pub fn producer_for(bootstrap: &str) -> FutureProducer {
-    ClientConfig::new()
+    producer_partitioning(bootstrap, Some("murmur2_random"))
+}
+
+/// The same with librdkafka's `partitioner` setting (`None`: its default,
+/// `consistent_random`, as most non-Java clients use).
+pub fn producer_partitioning(bootstrap: &str, partitioner: Option<&str>) -> FutureProducer {
+    let mut config = ClientConfig::new();
+    if let Some(p) = partitioner {
+        config.set("partitioner", p);
+    }
+    config
         .set("bootstrap.servers", bootstrap)
-        .set("partitioner", "murmur2_random")
         .set("linger.ms", "20")
         .set("enable.idempotence", "false")
         .set("acks", "all")
@@ -152,11 +161,22 @@ impl Drop for Broker {
 /// out a batch) are sent again, a few times: the events carry ids, so a
 /// record delivered twice is a duplicate the engine drops.
 pub async fn produce_all(bootstrap: &str, topic: &str, records: &[(String, String)]) {
+    produce_all_partitioning(bootstrap, topic, records, Some("murmur2_random")).await
+}
+
+/// [`produce_all`] with a librdkafka `partitioner` setting (`None`: the
+/// library's default).
+pub async fn produce_all_partitioning(
+    bootstrap: &str,
+    topic: &str,
+    records: &[(String, String)],
+    partitioner: Option<&str>,
+) {
     let mut todo: Vec<usize> = (0..records.len()).collect();
     for attempt in 0..5 {
         // A fresh producer each attempt: one that failed across a broker
         // restart may stay failed (seen in CI under load).
-        let producer = &producer_for(bootstrap);
+        let producer = &producer_partitioning(bootstrap, partitioner);
         let mut failed = Vec::new();
         let mut in_flight = Vec::new();
         for &i in &todo {
