@@ -319,7 +319,10 @@ async fn a_librdkafka_default_producer_is_recognized_and_nothing_is_dead_lettere
         if code == 503 && body["detail"].as_str().unwrap_or("").contains("crc32") {
             break body;
         }
-        assert!(Instant::now() < deadline, "readiness never named crc32: {body}");
+        assert!(
+            Instant::now() < deadline,
+            "readiness never named crc32: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let detail = body["detail"].as_str().unwrap();
@@ -339,7 +342,10 @@ async fn a_librdkafka_default_producer_is_recognized_and_nothing_is_dead_lettere
     assert!(listed.len() <= malformed, "{} dead letters", listed.len());
     for d in listed {
         let reason = d["reason"].as_str().unwrap_or("");
-        assert!(!reason.contains("partition"), "a good event dead-lettered: {d}");
+        assert!(
+            !reason.contains("partition"),
+            "a good event dead-lettered: {d}"
+        );
         assert_eq!(d["source_topic"], TOPIC, "{d}");
     }
     server.stop();
@@ -355,7 +361,10 @@ async fn a_librdkafka_default_producer_is_recognized_and_nothing_is_dead_lettere
     let (code, ready) = status(&c, server.url("/health/ready")).await;
     assert_eq!(code, 200, "{ready}");
     let (_, health) = status(&c, server.url("/health/detailed")).await;
-    assert_eq!(health["kafka"]["partitioning"]["verdict"], "consistent", "{health}");
+    assert_eq!(
+        health["kafka"]["partitioning"]["verdict"], "consistent",
+        "{health}"
+    );
     // Every malformed record is listed, with its reason and origin.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -110,9 +110,7 @@ pub fn read_page(
                         }
                     }
                 }
-                Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
-                    open.retain(|(op, _)| *op != p)
-                }
+                Err(rdkafka::error::KafkaError::PartitionEOF(p)) => open.retain(|(op, _)| *op != p),
                 Err(e) => return Err(kafka(e)),
             }
         }

@@ -41,7 +41,10 @@ enum Classified {
     Event(RequestEvent),
     /// Decoded, but on a partition the configured partitioner does not
     /// give its client.
-    Misplaced { event: RequestEvent, owner: u16 },
+    Misplaced {
+        event: RequestEvent,
+        owner: u16,
+    },
     Bad(String),
 }
 

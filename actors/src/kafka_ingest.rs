@@ -72,7 +72,10 @@ impl KafkaIngest {
         for event in events {
             let payload = event.to_wire_json();
             // Place explicitly: the shard of partition N must own the client.
-            let partition = i32::from(self.partitioner.partition(&event.client_id, self.partitions));
+            let partition = i32::from(
+                self.partitioner
+                    .partition(&event.client_id, self.partitions),
+            );
             let mut record = FutureRecord::to(&self.topic)
                 .partition(partition)
                 .key(event.client_id.as_str())

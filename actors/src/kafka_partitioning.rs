@@ -80,7 +80,9 @@ pub enum Placement<'a> {
     Fits,
     /// On `partition`, which the configured function does not give the
     /// client; `fitting` are the known partitioners that would.
-    Misfits { fitting: &'a [Partitioner] },
+    Misfits {
+        fitting: &'a [Partitioner],
+    },
 }
 
 #[derive(Debug)]

@@ -155,7 +155,10 @@ impl KafkaSource {
         let kafka = |e: rdkafka::error::KafkaError| Error::Kafka(e.to_string());
         let health = Arc::new(KafkaHealth::new(
             wall_clock_ms(),
-            crate::kafka_partitioning::PartitionCheck::new(router.partitioner(), router.partitions()),
+            crate::kafka_partitioning::PartitionCheck::new(
+                router.partitioner(),
+                router.partitions(),
+            ),
         ));
         store.track_changes();
         let source_key = format!("kafka:{}", config.topic);

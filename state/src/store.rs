@@ -9,8 +9,8 @@ use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use tally_pipelines::aggregate::BucketStats;
-use tally_pipelines::time::Granularity;
 use tally_pipelines::partitioner::Partitioner;
+use tally_pipelines::time::Granularity;
 
 use crate::clock::SharedClock;
 use crate::codec::{decode, encode};
@@ -244,7 +244,11 @@ impl Store {
                 let mut batch = WriteBatch::default();
                 batch.put(CF_META, &partitions_key, &encode(&self.partitions)?);
                 batch.put(CF_META, &format_key, &encode(&FORMAT_VERSION)?);
-                batch.put(CF_META, &partitioner_key, self.partitioner.name().as_bytes());
+                batch.put(
+                    CF_META,
+                    &partitioner_key,
+                    self.partitioner.name().as_bytes(),
+                );
                 self.engine.write(batch, true)?;
             }
             (Some(p), format) => {
