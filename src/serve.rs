@@ -43,7 +43,8 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let last_store = store.clone();
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -164,11 +165,25 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
         tokio::time::timeout(Duration::from_secs(5), engine.shutdown())
             .await
             .context("flushing shards timed out")??;
-        state_alerts.flush();
+        state_alerts.close();
         store.sync()?;
         tracing::info!("state flushed; bye");
         anyhow::Ok(())
-    })
+    });
+    // Dropping the runtime waits for its blocking tasks; then RocksDB is
+    // closed here, on the main thread, before `exit`: closed by a thread
+    // racing `exit` it aborts in its destructor.
+    drop(runtime);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while Arc::strong_count(&last_store) > 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if Arc::strong_count(&last_store) > 1 {
+        tracing::warn!("the store is still in use at exit; leaving it to the OS");
+        // Never closed: everything acknowledged is already synced.
+        std::mem::forget(last_store);
+    }
+    served
 }
 
 async fn shutdown_signal() {

@@ -77,6 +77,9 @@ enum Queued {
     },
     /// Answered once everything queued before it is logged.
     Flush(std::sync::mpsc::Sender<()>),
+    /// Like `Flush`, and the writer lets go of the store first: answered
+    /// once the thread holds nothing.
+    Close(std::sync::mpsc::Sender<()>),
 }
 
 /// Events queued for the writer before publishers start dropping them.
@@ -155,6 +158,18 @@ impl AlertLog {
         }
     }
 
+    /// Logs everything published before the call, then stops the writer
+    /// thread and waits until it has let go of the store. The store must
+    /// be closed by the main thread before the process exits: a RocksDB
+    /// closed by a thread racing `exit` aborts in its destructor (its
+    /// static mutexes are already gone). Later events are dropped.
+    pub fn close(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.queue.send(Queued::Close(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+
     /// The id of the newest logged event (0 when none).
     pub fn last_id(&self) -> u64 {
         self.next
@@ -200,10 +215,15 @@ struct Writer {
 
 impl Writer {
     fn run(self, queued: Receiver<Queued>) {
-        for item in queued {
+        for item in &queued {
             match item {
                 Queued::Flush(done) => {
                     let _ = done.send(());
+                }
+                Queued::Close(done) => {
+                    drop(self);
+                    let _ = done.send(());
+                    return;
                 }
                 Queued::Event {
                     event_type,
