@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use tally_actors::kafka_source::KafkaSource;
+use tally_actors::kafka::source::KafkaSource;
 use tally_actors::Engine;
 use tally_state::Store;
 
@@ -77,7 +77,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
         let control = match &config.kafka {
             Some(k) => {
                 let hooks = webhooks.clone();
-                Some(tally_actors::control_topic::ControlTopic::start(
+                Some(tally_actors::kafka::control::ControlTopic::start(
                     k,
                     Box::new(move |key, value| hooks.apply_control(key, value)),
                 )?)
@@ -85,7 +85,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             None => None,
         };
         let alert_topic = match &config.kafka {
-            Some(k) => Some(tally_actors::alert_topic::start(k, store.clone(), alerts.clone())?),
+            Some(k) => Some(tally_actors::kafka::alert_topic::start(k, store.clone(), alerts.clone())?),
             None => None,
         };
         let state = AppState::new(Shared {
@@ -95,7 +95,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             prometheus: prometheus.clone(),
             ready: ready.clone(),
             kafka_ingest: match &config.kafka {
-                Some(k) => Some(Arc::new(tally_actors::kafka_ingest::KafkaIngest::new(k, config.partitions, config.partitioner)?)),
+                Some(k) => Some(Arc::new(tally_actors::kafka::ingest::KafkaIngest::new(k, config.partitions, config.partitioner)?)),
                 None => None,
             },
             kafka_health: kafka.as_ref().map(|k| k.health()),

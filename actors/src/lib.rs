@@ -2,21 +2,12 @@
 //!
 //! - [`shard`]: the shard actor, sole owner of one partition's hot state,
 //!   flushing it atomically with source positions; supervised.
-//! - [`kafka_decode`]: records to batches, and dead letters.
-//! - [`kafka_dead_letters`]: the dead-letter topic read back for operators.
-//! - [`kafka_health`]: broker connection and consumer lag, for readiness.
-//! - [`kafka_ingest`]: HTTP ingest through the topic in Kafka mode.
-//! - [`kafka_partitioning`]: whether producers use the configured partitioner.
-//! - [`kafka_source`]: consumer-group source, positions from the store.
-//! - [`kafka_rebalance`]: what moves with a partition: flush and last
-//!   changelog round on revocation, restore on assignment.
-//! - [`control_topic`]: configuration every instance shares (webhooks).
-//! - [`changelog`]: changelog topics: publishing rounds, rebuilding.
-//! - [`membership`]: who owns which partition, for query forwarding.
+//! - [`kafka`]: everything that talks to Kafka: the consumer-group
+//!   source, decoding and dead letters, rebalancing, changelogs,
+//!   membership, the control and alert topics, health, HTTP ingest.
 //! - [`limits`]: a shard's rate limiters and quotas; the gateway check.
 //! - [`anomaly`]: closing a shard's minutes and judging them.
 //! - [`top`]: a shard's incremental top-consumer ranking.
-//! - [`alert_topic`]: the event channel produced to `<topic>.alerts`.
 //! - [`alerts`]: the event channel: persisted log and live broadcast.
 //! - [`adaptive`]: tightening every limit under pressure (hysteresis).
 //! - [`router`]: partitioning, admission and back-pressure.
@@ -26,21 +17,11 @@
 //! - [`telemetry`]: metric names and typed internal events.
 
 pub mod adaptive;
-pub mod alert_topic;
 pub mod alerts;
 pub mod anomaly;
-pub mod changelog;
-pub mod control_topic;
 pub mod engine;
-pub mod kafka_dead_letters;
-pub mod kafka_decode;
-pub mod kafka_health;
-pub mod kafka_ingest;
-pub mod kafka_partitioning;
-pub mod kafka_rebalance;
-pub mod kafka_source;
+pub mod kafka;
 pub mod limits;
-pub mod membership;
 pub mod messages;
 pub mod router;
 pub mod shard;

@@ -52,7 +52,7 @@ pub struct Config {
     pub retention_alerts: Duration,
     pub log_format: Option<LogFormat>,
     pub compute_units: HashMap<String, u64>,
-    pub kafka: Option<tally_actors::kafka_source::KafkaConfig>,
+    pub kafka: Option<tally_actors::kafka::source::KafkaConfig>,
     pub kafka_outage_grace: Duration,
     /// Advertised HTTP base URL, if configured.
     pub advertise: Option<String>,
@@ -258,7 +258,7 @@ impl Config {
                     .topic
                     .clone()
                     .unwrap_or_else(|| "tally.requests".into());
-                tally_actors::kafka_source::KafkaConfig {
+                tally_actors::kafka::source::KafkaConfig {
                     brokers,
                     group: s.kafka.group.clone().unwrap_or_else(|| "tally".into()),
                     dead_letter_topic: s

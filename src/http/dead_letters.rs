@@ -67,7 +67,7 @@ fn parse_cursor(cursor: &str, partitions: u16) -> Result<Vec<Option<u64>>, ApiEr
 #[derive(Debug, Serialize)]
 struct KafkaResponse {
     dead_letter_topic: String,
-    dead_letters: Vec<tally_actors::kafka_dead_letters::KafkaDeadLetter>,
+    dead_letters: Vec<tally_actors::kafka::dead_letters::KafkaDeadLetter>,
     next_cursor: Option<String>,
 }
 
@@ -95,7 +95,7 @@ async fn list_kafka(
     };
     let topic = kafka.dead_letter_topic.clone();
     let page = blocking(move || {
-        tally_actors::kafka_dead_letters::read_page(&kafka, below.as_deref(), limit)
+        tally_actors::kafka::dead_letters::read_page(&kafka, below.as_deref(), limit)
             .map_err(|e| ApiError::Unavailable(format!("reading the dead-letter topic: {e}")))
     })
     .await?;

@@ -14,7 +14,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use tally_actors::membership::Owner;
+use tally_actors::kafka::membership::Owner;
 
 use super::AppState;
 use crate::error::ApiError;

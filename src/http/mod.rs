@@ -63,11 +63,11 @@ pub struct Shared {
     /// False until the engine runs and again once shutdown begins.
     pub ready: Arc<AtomicBool>,
     /// In Kafka mode, ingest produces to the request topic.
-    pub kafka_ingest: Option<Arc<tally_actors::kafka_ingest::KafkaIngest>>,
+    pub kafka_ingest: Option<Arc<tally_actors::kafka::ingest::KafkaIngest>>,
     /// In Kafka mode, the consumer's broker connection and lag.
-    pub kafka_health: Option<Arc<tally_actors::kafka_health::KafkaHealth>>,
+    pub kafka_health: Option<Arc<tally_actors::kafka::health::KafkaHealth>>,
     /// In Kafka mode, who owns which partition (queries are forwarded).
-    pub membership: Option<Arc<tally_actors::membership::Membership>>,
+    pub membership: Option<Arc<tally_actors::kafka::membership::Membership>>,
     /// Forwards queries to the owning instance.
     pub http_client: reqwest::Client,
     /// The event channel (alerts).
@@ -75,7 +75,7 @@ pub struct Shared {
     /// Webhook configurations and their delivery tasks.
     pub webhooks: Arc<crate::webhooks::Webhooks>,
     /// In Kafka mode, configuration shared by every instance.
-    pub control: Option<Arc<tally_actors::control_topic::ControlTopic>>,
+    pub control: Option<Arc<tally_actors::kafka::control::ControlTopic>>,
     /// Load shedding of ingest bodies.
     pub ingest_gate: ingest::IngestGate,
     /// Open SSE and WebSocket subscriptions (bounded by configuration).

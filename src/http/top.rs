@@ -15,7 +15,7 @@ use axum::http::HeaderMap;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tally_actors::membership::Owner;
+use tally_actors::kafka::membership::Owner;
 use tally_actors::top::{lock_top, stored_top, PartitionTop};
 use tally_pipelines::time::{format_rfc3339_ms, parse_instant, Period};
 use tally_pipelines::top::{merge_top, trend, PeriodTotals, TopMetric, Trend};

@@ -10,7 +10,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use tally_pipelines::event::RequestEvent;
 use tally_pipelines::partitioner::Partitioner;
 
-use crate::kafka_source::KafkaConfig;
+use crate::kafka::source::KafkaConfig;
 use crate::Error;
 
 /// The producer settings of everything Tally must not lose or duplicate

@@ -12,8 +12,8 @@ use tally_pipelines::decode::decode_event_bytes;
 use tally_pipelines::event::{RequestEvent, ValidationContext};
 use tally_pipelines::partitioner::Partitioner;
 
-use crate::kafka_partitioning::{PartitionCheck, Placement, Verdict};
-use crate::kafka_source::KafkaConfig;
+use crate::kafka::partitioning::{PartitionCheck, Placement, Verdict};
+use crate::kafka::source::KafkaConfig;
 use crate::messages::Source;
 use crate::telemetry::{EventsRejected, KAFKA_DEAD_LETTERS};
 use crate::Error;

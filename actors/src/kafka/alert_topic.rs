@@ -15,7 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use tally_state::Store;
 
 use crate::alerts::AlertLog;
-use crate::kafka_source::KafkaConfig;
+use crate::kafka::source::KafkaConfig;
 use crate::telemetry::ALERT_TOPIC_PUBLISHED;
 use crate::Error;
 
@@ -35,7 +35,7 @@ pub fn start(
     store: Arc<Store>,
     alerts: Arc<AlertLog>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
-    let producer: FutureProducer = crate::kafka_ingest::acked_producer(&config.brokers)
+    let producer: FutureProducer = crate::kafka::ingest::acked_producer(&config.brokers)
         .create()
         .map_err(|e| Error::Kafka(e.to_string()))?;
     let cursor = match store.sink_state::<u64>(SINK)? {

@@ -11,7 +11,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::kafka_partitioning::{PartitionCheck, PartitioningView};
+use crate::kafka::partitioning::{PartitionCheck, PartitioningView};
 use crate::telemetry::KAFKA_CONSUMER_LAG;
 
 const CONNECTED: i64 = i64::MIN;

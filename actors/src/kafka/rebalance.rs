@@ -24,9 +24,9 @@ use tally_state::changelog::ChangelogMark;
 use tally_state::retention::wall_clock_ms;
 use tally_state::Store;
 
-use crate::changelog::{ChangelogReader, ChangelogWriter};
-use crate::kafka_health::KafkaHealth;
-use crate::membership::Membership;
+use crate::kafka::changelog::{ChangelogReader, ChangelogWriter};
+use crate::kafka::health::KafkaHealth;
+use crate::kafka::membership::Membership;
 use crate::messages::PartitionControl;
 use crate::router::ShardRouter;
 use crate::Error;

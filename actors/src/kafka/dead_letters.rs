@@ -11,7 +11,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::kafka_source::KafkaConfig;
+use crate::kafka::source::KafkaConfig;
 use crate::Error;
 
 /// Payload bytes shown per record; longer payloads are cut.

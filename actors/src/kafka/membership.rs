@@ -77,7 +77,7 @@ impl Membership {
         producer: FutureProducer,
     ) -> Result<Arc<Membership>, Error> {
         let topic = Self::members_topic(topic);
-        let consumer = crate::control_topic::read_from_beginning(brokers, &topic, "members")?;
+        let consumer = crate::kafka::control::read_from_beginning(brokers, &topic, "members")?;
         let membership = Arc::new(Membership {
             address,
             partitions,

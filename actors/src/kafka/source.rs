@@ -14,7 +14,7 @@
 //! where they came from; they never stall a partition.
 //!
 //! Instances sharing the group split the partitions; what moves with a
-//! partition (changelog restore, membership) is in [`crate::kafka_rebalance`].
+//! partition (changelog restore, membership) is in [`crate::kafka::rebalance`].
 
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
@@ -37,11 +37,11 @@ use tally_state::Store;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::changelog::{changelog_topic, ChangelogReader, ChangelogWriter};
-use crate::kafka_decode::{dead_letter, decode_round, take, Received};
-use crate::kafka_health::KafkaHealth;
-use crate::kafka_rebalance::GroupContext;
-use crate::membership::{Membership, MEMBER_EXPIRY};
+use crate::kafka::changelog::{changelog_topic, ChangelogReader, ChangelogWriter};
+use crate::kafka::decode::{dead_letter, decode_round, take, Received};
+use crate::kafka::health::KafkaHealth;
+use crate::kafka::membership::{Membership, MEMBER_EXPIRY};
+use crate::kafka::rebalance::GroupContext;
 use crate::messages::{BatchOutcome, Source};
 use crate::router::ShardRouter;
 use crate::telemetry::KAFKA_PARTITION_PAUSES;
@@ -100,7 +100,7 @@ impl KafkaSource {
             .map(|s| changelog_topic(&config.topic, *s))
             .collect();
         let members = Membership::members_topic(&config.topic);
-        let control = crate::control_topic::control_topic(&config.topic);
+        let control = crate::kafka::control::control_topic(&config.topic);
         let mut topics: Vec<NewTopic<'_>> = names
             .iter()
             .map(|n| NewTopic::new(n, i32::from(partitions), TopicReplication::Fixed(1)))
@@ -117,7 +117,7 @@ impl KafkaSource {
             })
             .collect();
         // The alert topic is an event stream, not state: plain retention.
-        let alerts = crate::alert_topic::alerts_topic(&config.topic);
+        let alerts = crate::kafka::alert_topic::alerts_topic(&config.topic);
         let mut topics = topics;
         topics.push(NewTopic::new(
             &alerts,
@@ -155,7 +155,7 @@ impl KafkaSource {
         let kafka = |e: rdkafka::error::KafkaError| Error::Kafka(e.to_string());
         let health = Arc::new(KafkaHealth::new(
             wall_clock_ms(),
-            crate::kafka_partitioning::PartitionCheck::new(
+            crate::kafka::partitioning::PartitionCheck::new(
                 router.partitioner(),
                 router.partitions(),
             ),

@@ -15,7 +15,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::kafka_source::KafkaConfig;
+use crate::kafka::source::KafkaConfig;
 use crate::Error;
 
 pub fn control_topic(topic: &str) -> String {
@@ -63,7 +63,7 @@ impl ControlTopic {
     pub fn start(config: &KafkaConfig, apply: Apply) -> Result<Arc<ControlTopic>, Error> {
         let topic = control_topic(&config.topic);
         let consumer = read_from_beginning(&config.brokers, &topic, "control")?;
-        let producer: FutureProducer = crate::kafka_ingest::acked_producer(&config.brokers)
+        let producer: FutureProducer = crate::kafka::ingest::acked_producer(&config.brokers)
             .set("message.timeout.ms", "10000")
             .create()
             .map_err(|e| Error::Kafka(e.to_string()))?;

@@ -1,0 +1,30 @@
+//! Kafka mode, in one place.
+//!
+//! - [`source`]: the consumer-group source; one task per partition,
+//!   positions from the store, offsets committed after the flush.
+//! - [`decode`]: records to shard batches; the partition check; dead
+//!   letters with their reason and origin.
+//! - [`partitioning`]: whether the producers use the configured
+//!   partitioner, judged from the records.
+//! - [`dead_letters`]: the dead-letter topic read back for operators.
+//! - [`rebalance`]: what moves with a partition: flush and last changelog
+//!   round on revocation, restore on assignment.
+//! - [`changelog`]: changelog topics: publishing rounds, rebuilding.
+//! - [`membership`]: who owns which partition, for query forwarding.
+//! - [`control`]: configuration every instance shares (webhooks).
+//! - [`alert_topic`]: the event channel produced to `<topic>.alerts`.
+//! - [`health`]: broker connection, consumer lag and partitioning, for
+//!   readiness.
+//! - [`ingest`]: HTTP ingest through the topic.
+
+pub mod alert_topic;
+pub mod changelog;
+pub mod control;
+pub mod dead_letters;
+pub mod decode;
+pub mod health;
+pub mod ingest;
+pub mod membership;
+pub mod partitioning;
+pub mod rebalance;
+pub mod source;
