@@ -435,7 +435,10 @@ async fn consume_partition(
                 };
                 if consumer.context().epoch(partition) != epoch {
                     // The partition moved while this round was read: drop
-                    // it and read again from what the store now holds.
+                    // it and read again from what the store now holds
+                    // (not from a hold inside the dropped round, which
+                    // would skip what came before it).
+                    hold_from = None;
                     reposition(&consumer, &config.topic, partition);
                     return Ok(());
                 }
@@ -458,6 +461,9 @@ async fn consume_partition(
             };
             if let Err(e) = sent.await {
                 tracing::error!(error = %e, partition, "kafka dispatch failed");
+                // Nothing of the round was applied: a hold inside it must
+                // not move reading past the rest.
+                hold_from = None;
             }
         }
         commit_acknowledged(&consumer, &config.topic, &mut pending);
