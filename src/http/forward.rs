@@ -23,6 +23,9 @@ use crate::error::ApiError;
 pub const FORWARDED_BY: HeaderName = HeaderName::from_static("x-tally-forwarded-by");
 /// The instance that answered.
 pub const SERVED_BY: HeaderName = HeaderName::from_static("x-tally-served-by");
+/// On a read answered from local state while its partition has no owner:
+/// the last offset of the request topic applied to that state.
+pub const AS_OF_OFFSET: HeaderName = HeaderName::from_static("x-tally-as-of-offset");
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Client routes take small JSON bodies (configurations).
@@ -58,8 +61,35 @@ pub async fn to_owner(
             }
             .into_response(),
         },
-        Err(e) => e.into_response(),
+        Err(e) => {
+            // No instance owns the partition right now (a restart, a
+            // rebalance): a read is answered from this instance's copy if
+            // it has one, marked with how far that copy goes.
+            let partition = state.shards.partition_of(client);
+            let unowned = matches!(membership.owner(partition), Owner::Unknown);
+            match local_as_of(&state, partition) {
+                Some(offset) if unowned && req.method() == axum::http::Method::GET => {
+                    let mut response = next.run(req).await;
+                    response
+                        .headers_mut()
+                        .insert(AS_OF_OFFSET, HeaderValue::from(offset));
+                    if let Ok(v) = HeaderValue::from_str(membership.address()) {
+                        response.headers_mut().insert(SERVED_BY, v);
+                    }
+                    response
+                }
+                _ => e.into_response(),
+            }
+        }
     }
+}
+
+/// The last request-topic offset applied to this instance's state of
+/// `partition`, if it ever applied any.
+fn local_as_of(state: &AppState, partition: u16) -> Option<u64> {
+    let key = state.config.kafka.as_ref()?.position_key();
+    let checkpoint = state.store.load_checkpoint(partition).ok()?;
+    checkpoint.positions.get(&key).copied()
 }
 
 async fn forward(

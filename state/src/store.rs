@@ -296,6 +296,23 @@ impl Store {
         self.partitioner
     }
 
+    /// This data directory's identity: made once, at first use, and kept
+    /// with the data, so an instance restarted on the same directory is the
+    /// same member of its Kafka consumer group (static membership) and a
+    /// copy of the directory made before that use is a different one.
+    pub fn instance_id(&self) -> Result<String> {
+        let key = keys::setting_key("instance_id");
+        if let Some(id) = self.engine.get(CF_META, &key)? {
+            return String::from_utf8(id)
+                .map_err(|e| Error::Corrupt(format!("instance id is not UTF-8: {e}")));
+        }
+        let id = format!("{:016x}", rand::random::<u64>());
+        let mut batch = WriteBatch::default();
+        batch.put(CF_META, &key, id.as_bytes());
+        self.engine.write(batch, true)?;
+        Ok(id)
+    }
+
     /// The partition a client's state lives in.
     pub fn partition_of(&self, client_id: &str) -> u16 {
         self.partitioner.partition(client_id, self.partitions)

@@ -45,9 +45,19 @@ fn spawn_tansu(port: u16, dir: Option<&Path>) -> Child {
             .args(["--storage-engine", "sqlite://tansu.db"]),
         None => cmd.args(["--storage-engine", "memory://tansu/"]),
     };
+    // A persistent broker logs beside its data, for a failure to point at.
+    let log = || match dir {
+        Some(dir) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("tansu.log"))
+            .map_or_else(|_| Stdio::null(), Stdio::from),
+        None => Stdio::null(),
+    };
     let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .env("RUST_LOG", "warn")
+        .stdout(log())
+        .stderr(log())
         .spawn()
         .unwrap_or_else(|e| {
             panic!(

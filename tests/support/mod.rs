@@ -32,12 +32,22 @@ pub struct Server {
 
 impl Server {
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
-        let log = std::fs::File::create(data_dir.with_extension("log")).unwrap();
+        Server::start_on(data_dir, "127.0.0.1:0", extra)
+    }
+
+    /// On a given address: a restart on the same one is the same cluster
+    /// member for query routing.
+    pub fn start_on(data_dir: &Path, listen: &str, extra: &[&str]) -> Server {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.with_extension("log"))
+            .unwrap();
         let mut child = Command::new(tally_bin())
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--listen", listen, "--log-format", "json"])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -63,6 +73,11 @@ impl Server {
         }
     }
 
+    /// `host:port` it listens on.
+    pub fn listen_address(&self) -> String {
+        self.base.trim_start_matches("http://").to_string()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
@@ -80,6 +95,21 @@ impl Server {
         }
         std::mem::forget(self);
         status
+    }
+
+    /// Whether the process still runs and the last lines of its log, for
+    /// a failure message that says what the server was doing.
+    pub fn report(&mut self) -> String {
+        let state = match self.child.try_wait() {
+            Ok(None) => "still running".to_string(),
+            Ok(Some(status)) => format!("exited with {status}"),
+            Err(e) => format!("state unknown: {e}"),
+        };
+        let log = std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default();
+        // Request logs say little about why the server is stuck.
+        let lines: Vec<&str> = log.lines().filter(|l| !l.contains("tower_http")).collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        format!("tally serve {state}; last log lines:\n{tail}")
     }
 
     /// SIGKILL: no chance to flush anything.

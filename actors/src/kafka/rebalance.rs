@@ -45,6 +45,9 @@ pub(crate) struct GroupContext {
     pub writer: Arc<ChangelogWriter>,
     pub reader: ChangelogReader,
     pub membership: Arc<Membership>,
+    /// Revocations served so far: a stopping source waits for the one its
+    /// unsubscribe causes, after which librdkafka sends LeaveGroup.
+    pub revocations: AtomicU64,
 }
 
 impl ClientContext for GroupContext {
@@ -122,6 +125,7 @@ impl ConsumerContext for GroupContext {
                     tracing::error!(error = %e, "unassign failed");
                 }
                 self.membership.set_owned(BTreeSet::new());
+                self.revocations.fetch_add(1, Ordering::SeqCst);
             }
             other => tracing::error!(error = ?other, "rebalance error"),
         }

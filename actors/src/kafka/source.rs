@@ -17,7 +17,7 @@
 //! partition (changelog restore, membership) is in [`crate::kafka::rebalance`].
 
 use std::collections::VecDeque;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,8 +67,13 @@ pub struct KafkaConfig {
 impl KafkaConfig {
     pub fn source(&self) -> Source {
         Source::Kafka {
-            id: format!("kafka:{}", self.topic),
+            id: self.position_key(),
         }
+    }
+
+    /// Under which name a shard's checkpoint keeps its offset in the topic.
+    pub fn position_key(&self) -> String {
+        format!("kafka:{}", self.topic)
     }
 }
 
@@ -161,7 +166,17 @@ impl KafkaSource {
             ),
         ));
         store.track_changes();
-        let source_key = format!("kafka:{}", config.topic);
+        // Static membership (KIP-345): restarted on the same data directory
+        // after a crash, the instance rejoins as the member it was and gets
+        // its partitions back at once, instead of after the broker expires
+        // the dead member's session. A clean stop still leaves the group
+        // (unsubscribe sends LeaveGroup), so its partitions move at once.
+        let group_instance_id = format!("tally-{}", store.instance_id()?);
+        tracing::info!(
+            group_instance_id,
+            "joining the consumer group as a static member"
+        );
+        let source_key = config.position_key();
         // Changelog and membership records: ordered, exactly once per
         // round attempt, and a delivery report always within the timeout.
         let control_producer: FutureProducer = ClientConfig::new()
@@ -201,6 +216,7 @@ impl KafkaSource {
             writer: writer.clone(),
             reader: ChangelogReader::new(&config.brokers, &config.topic, Duration::from_secs(10))?,
             membership: membership.clone(),
+            revocations: AtomicU64::new(0),
         };
         let mut consumer_config = ClientConfig::new();
         // librdkafka's own debug contexts (e.g. "cgrp,fetch") for operators.
@@ -210,6 +226,7 @@ impl KafkaSource {
         let consumer: StreamConsumer<GroupContext> = consumer_config
             .set("bootstrap.servers", &config.brokers)
             .set("group.id", &config.group)
+            .set("group.instance.id", &group_instance_id)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
@@ -365,17 +382,37 @@ async fn consume(
     }
     // Hand over: flush and publish every owned partition before leaving
     // the group (blocking calls, off the async workers).
-    let consumer = consumer.clone();
+    let revocations = consumer.context().revocations.load(Ordering::SeqCst);
+    let handing = consumer.clone();
     let _ = tokio::task::spawn_blocking(move || {
-        let context = consumer.context();
+        let context = handing.context();
         for p in context.membership.owned() {
             context.release(p);
         }
         context.membership.set_owned(Default::default());
-        consumer.unsubscribe();
+        handing.unsubscribe();
     })
     .await;
+    // A static member leaves the group only once the revocation that
+    // unsubscribing causes is served (never on close): keep polling until
+    // it is, so its partitions move at once rather than after the session
+    // timeout.
+    let deadline = tokio::time::Instant::now() + LEAVE_TIMEOUT;
+    while consumer.context().revocations.load(Ordering::SeqCst) == revocations {
+        match tokio::time::timeout_at(deadline, main.next()).await {
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => {
+                tracing::warn!("the consumer group did not confirm the leave; partitions move after the session timeout");
+                return;
+            }
+        }
+    }
+    // Let librdkafka send the LeaveGroup it queued.
+    let _ = tokio::time::timeout(Duration::from_millis(500), main.next()).await;
 }
+
+/// How long a stopping source serves the group to leave it cleanly.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[allow(clippy::too_many_arguments)]
 async fn consume_partition(
