@@ -189,6 +189,20 @@ fn reopening_with_another_partitioner_is_refused_and_the_same_one_opens() {
 }
 
 #[test]
+fn a_data_directory_keeps_its_instance_id_and_another_directory_has_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let open = |path: &std::path::Path| Store::open(path, StoreOptions::default()).unwrap();
+    let store = open(dir.path());
+    let id = store.instance_id().unwrap();
+    assert_eq!(id.len(), 16, "{id}");
+    assert_eq!(store.instance_id().unwrap(), id, "asked twice");
+    drop(store);
+    assert_eq!(open(dir.path()).instance_id().unwrap(), id, "after reopening");
+    assert_ne!(open(other.path()).instance_id().unwrap(), id);
+}
+
+#[test]
 fn expired_minute_buckets_are_excluded_before_and_after_compaction() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(
