@@ -10,25 +10,11 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use serde_json::Value;
-use support::kafka::{produce_all, Broker};
+use support::kafka::{produce_all, records, Broker};
 use support::*;
 
 const TOPIC: &str = "tally.requests";
 const DLQ: &str = "tally.requests.dlq";
-
-fn records(lines: &[Line]) -> Vec<(String, String)> {
-    lines
-        .iter()
-        .map(|l| {
-            let key = if l.kind == Kind::Malformed {
-                "malformed".to_string()
-            } else {
-                l.client.clone()
-            };
-            (key, l.json.clone())
-        })
-        .collect()
-}
 
 /// Sum of a counter over all its label sets with `source="kafka"`.
 async fn kafka_counter(c: &reqwest::Client, server: &Server, name: &str) -> u64 {

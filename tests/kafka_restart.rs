@@ -11,25 +11,11 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::kafka::{produce_all, Broker};
+use support::kafka::{produce_all, records, Broker};
 use support::*;
 
 const TOPIC: &str = "tally.requests";
 const DLQ: &str = "tally.requests.dlq";
-
-fn records(lines: &[Line]) -> Vec<(String, String)> {
-    lines
-        .iter()
-        .map(|l| {
-            let key = if l.kind == Kind::Malformed {
-                "malformed".to_string()
-            } else {
-                l.client.clone()
-            };
-            (key, l.json.clone())
-        })
-        .collect()
-}
 
 async fn accepted(c: &reqwest::Client, server: &Server) -> u64 {
     metric_value(

@@ -9,25 +9,11 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::kafka::{produce_all, Broker};
+use support::kafka::{produce_all, records, Broker};
 use support::*;
 
 const TOPIC: &str = "tally.requests";
 const PARTITIONS: u16 = 12;
-
-fn records(lines: &[Line]) -> Vec<(String, String)> {
-    lines
-        .iter()
-        .map(|l| {
-            let key = if l.kind == Kind::Malformed {
-                "malformed".to_string()
-            } else {
-                l.client.clone()
-            };
-            (key, l.json.clone())
-        })
-        .collect()
-}
 
 async fn owned(c: &reqwest::Client, server: &Server) -> BTreeSet<u16> {
     let Ok(r) = c.get(server.url("/health/detailed")).send().await else {

@@ -100,6 +100,11 @@ pub enum PartitionControl {
         epoch: u64,
         restore: Option<Box<(Rebuilt, ChangelogMark)>>,
     },
+    /// The source read the stored position again after the shard lost
+    /// applied-but-unflushed events in a restart: accept its batches again,
+    /// tagged `epoch` (batches of `from_epoch`, fetched before, stay
+    /// refused). Refused if the partition moved since `from_epoch`.
+    Resume { from_epoch: u64, epoch: u64 },
 }
 
 /// Flush now and answer when durable. With a `source`, also fail if the

@@ -198,7 +198,11 @@ fn a_data_directory_keeps_its_instance_id_and_another_directory_has_its_own() {
     assert_eq!(id.len(), 16, "{id}");
     assert_eq!(store.instance_id().unwrap(), id, "asked twice");
     drop(store);
-    assert_eq!(open(dir.path()).instance_id().unwrap(), id, "after reopening");
+    assert_eq!(
+        open(dir.path()).instance_id().unwrap(),
+        id,
+        "after reopening"
+    );
     assert_ne!(open(other.path()).instance_id().unwrap(), id);
 }
 

@@ -132,6 +132,22 @@ impl Broker {
     }
 }
 
+/// Each line as a Kafka record keyed by its client (malformed lines, which
+/// may have none, by "malformed").
+pub fn records(lines: &[super::Line]) -> Vec<(String, String)> {
+    lines
+        .iter()
+        .map(|l| {
+            let key = if l.kind == super::Kind::Malformed {
+                "malformed".to_string()
+            } else {
+                l.client.clone()
+            };
+            (key, l.json.clone())
+        })
+        .collect()
+}
+
 /// A producer that places keys as Kafka's Java clients do (murmur2). Not
 /// idempotent: a record sent twice is a duplicate event (same id) that the
 /// engine drops, and a non-idempotent producer cannot be left in a fatal

@@ -13,7 +13,7 @@
 //! stored position, and the instance publishes its new membership.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +45,10 @@ pub(crate) struct GroupContext {
     pub writer: Arc<ChangelogWriter>,
     pub reader: ChangelogReader,
     pub membership: Arc<Membership>,
+    /// Per partition, the offset the next record read must not be past
+    /// (set on assignment and every seek; -1: none). See
+    /// `source::check_expected`.
+    pub expected: Arc<Vec<AtomicI64>>,
     /// Revocations served so far: a stopping source waits for the one its
     /// unsubscribe causes, after which librdkafka sends LeaveGroup.
     pub revocations: AtomicU64,
@@ -139,6 +143,16 @@ impl GroupContext {
             .map_or(0, |e| e.load(Ordering::SeqCst))
     }
 
+    /// Moves `partition` from `from` to the next epoch, unless a
+    /// rebalance already moved it on.
+    pub fn advance_epoch(&self, partition: u16, from: u64) -> Option<u64> {
+        let epoch = self.epochs.get(usize::from(partition))?;
+        epoch
+            .compare_exchange(from, from + 1, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()
+            .map(|_| from + 1)
+    }
+
     fn next_epoch(&self, partition: u16) -> u64 {
         self.epochs
             .get(usize::from(partition))
@@ -189,7 +203,16 @@ impl GroupContext {
                 .control(p, PartitionControl::Adopt { epoch, restore }),
         )?;
         self.writer.adopt(p, next_round, writer_ends);
-        self.resume_offset(p)
+        let offset = self.resume_offset(p)?;
+        self.expect(p, offset);
+        Ok(offset)
+    }
+
+    /// Records that reading `partition` now starts at `offset`.
+    pub fn expect(&self, partition: u16, offset: Offset) {
+        if let (Some(e), Offset::Offset(o)) = (self.expected.get(usize::from(partition)), offset) {
+            e.store(o, Ordering::SeqCst);
+        }
     }
 
     /// Lets go of `partition`: flush, drop hot state, publish last round.

@@ -17,7 +17,7 @@
 //! partition (changelog restore, membership) is in [`crate::kafka::rebalance`].
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,9 +42,9 @@ use crate::kafka::decode::{dead_letter, decode_round, take, Received};
 use crate::kafka::health::KafkaHealth;
 use crate::kafka::membership::{Membership, MEMBER_EXPIRY};
 use crate::kafka::rebalance::GroupContext;
-use crate::messages::{BatchOutcome, Source};
+use crate::messages::{BatchOutcome, PartitionControl, Source};
 use crate::router::ShardRouter;
-use crate::telemetry::KAFKA_PARTITION_PAUSES;
+use crate::telemetry::{KAFKA_PARTITION_PAUSES, KAFKA_PARTITION_RESUMES, KAFKA_REREADS};
 use crate::Error;
 
 #[derive(Debug, Clone)]
@@ -90,6 +90,8 @@ pub struct KafkaSource {
 pub(crate) struct PendingAck {
     pub partition: i32,
     pub last_offset: i64,
+    /// The ownership epoch the batch was sent with.
+    pub epoch: u64,
     pub rx: oneshot::Receiver<Result<BatchOutcome, Error>>,
 }
 
@@ -217,6 +219,11 @@ impl KafkaSource {
             reader: ChangelogReader::new(&config.brokers, &config.topic, Duration::from_secs(10))?,
             membership: membership.clone(),
             revocations: AtomicU64::new(0),
+            expected: Arc::new(
+                (0..router.partitions())
+                    .map(|_| AtomicI64::new(-1))
+                    .collect(),
+            ),
         };
         let mut consumer_config = ClientConfig::new();
         // librdkafka's own debug contexts (e.g. "cgrp,fetch") for operators.
@@ -430,6 +437,7 @@ async fn consume_partition(
     let partitions = router.partitions();
     let mut stream = queue.stream();
     let mut pending: VecDeque<PendingAck> = VecDeque::new();
+    let mut step_back = STEP_BACK;
     loop {
         let first = tokio::select! {
             _ = stopped.changed() => break,
@@ -450,6 +458,13 @@ async fn consume_partition(
                     Ok(Some(m)) => take(&mut round, m),
                     _ => break,
                 }
+            }
+        }
+        if let Some(&(_, first, _, _)) = round.first() {
+            if consumer.context().epoch(partition) == epoch
+                && !check_expected(&consumer, &config.topic, partition, first, &mut step_back)
+            {
+                continue;
             }
         }
         let mut hold_from = None;
@@ -492,28 +507,43 @@ async fn consume_partition(
                 pending.push_back(PendingAck {
                     partition: i32::from(partition),
                     last_offset: i64::try_from(last).unwrap_or(i64::MAX),
+                    epoch,
                     rx,
                 });
                 Ok(())
             };
             if let Err(e) = sent.await {
-                tracing::error!(error = %e, partition, "kafka dispatch failed");
-                // Nothing of the round was applied: a hold inside it must
-                // not move reading past the rest.
+                tracing::error!(error = %e, partition, "kafka dispatch failed; reading again from the stored position");
+                // Nothing of the round was applied: read it again (the
+                // shard drops what it already has), and a hold inside it
+                // must not move reading past the rest.
                 hold_from = None;
+                reposition(&consumer, &config.topic, partition);
+                tokio::select! {
+                    _ = stopped.changed() => break,
+                    _ = tokio::time::sleep(HOLD_RETRY) => {}
+                }
             }
         }
-        commit_acknowledged(&consumer, &config.topic, &mut pending);
+        let current = consumer.context().epoch(partition);
+        if commit_acknowledged(&consumer, &config.topic, &mut pending, current) {
+            // The shard lost applied-but-unflushed batches (a failed flush
+            // restarted it) and refuses what follows them: read again from
+            // what it stored, instead of fetching and dropping forever.
+            resume_from_store(&consumer, &router, &config.topic, partition, current).await;
+            continue;
+        }
         if let Some(offset) = hold_from {
             // Read the held record again after a pause: nothing past it
             // is applied or committed meanwhile.
-            if let Err(e) = consumer.seek(
+            match consumer.seek(
                 &config.topic,
                 i32::from(partition),
                 Offset::Offset(offset),
                 Duration::from_secs(5),
             ) {
-                tracing::debug!(partition, error = %e, "seek back to a held record");
+                Ok(()) => consumer.context().expect(partition, Offset::Offset(offset)),
+                Err(e) => tracing::debug!(partition, error = %e, "seek back to a held record"),
             }
             tokio::select! {
                 _ = stopped.changed() => break,
@@ -521,7 +551,35 @@ async fn consume_partition(
             }
         }
     }
-    commit_acknowledged(&consumer, &config.topic, &mut pending);
+    let current = consumer.context().epoch(partition);
+    commit_acknowledged(&consumer, &config.topic, &mut pending, current);
+}
+
+async fn resume_from_store(
+    consumer: &StreamConsumer<GroupContext>,
+    router: &ShardRouter,
+    topic: &str,
+    partition: u16,
+    from_epoch: u64,
+) {
+    // A rebalance in between reloads the shard and repositions by itself.
+    let Some(epoch) = consumer.context().advance_epoch(partition, from_epoch) else {
+        return;
+    };
+    match router
+        .control(partition, PartitionControl::Resume { from_epoch, epoch })
+        .await
+    {
+        Ok(()) => {
+            tracing::warn!(
+                partition,
+                "shard restarted; resuming from its stored position"
+            );
+            counter!(KAFKA_PARTITION_RESUMES).increment(1);
+            reposition(consumer, topic, partition);
+        }
+        Err(e) => tracing::warn!(partition, error = %e, "cannot resume the partition's shard"),
+    }
 }
 
 fn reposition(consumer: &StreamConsumer<GroupContext>, topic: &str, p: u16) {
@@ -532,10 +590,82 @@ fn reposition(consumer: &StreamConsumer<GroupContext>, topic: &str, p: u16) {
             return;
         }
     };
-    if let Err(e) = consumer.seek(topic, i32::from(p), offset, Duration::from_secs(5)) {
+    match consumer.seek(topic, i32::from(p), offset, Duration::from_secs(5)) {
+        Ok(()) => {
+            consumer.context().expect(p, offset);
+            tracing::debug!(
+                partition = p,
+                ?offset,
+                "reading again from the stored position"
+            )
+        }
         // Not assigned any more: nothing to read again.
-        tracing::debug!(partition = p, error = %e, "seek after a partition move");
+        Err(e) => {
+            tracing::warn!(partition = p, ?offset, error = %e, "cannot seek to the stored position")
+        }
     }
+}
+
+/// How far back a first re-read step goes (doubled each time).
+const STEP_BACK: i64 = 1024;
+
+/// Whether a round whose first record is at `first` may be dispatched.
+///
+/// After an assignment or seek to offset X the next record read must be at
+/// or before X. Some brokers (tansu 0.6's object-store engine) answer a
+/// fetch from the middle of a record batch with the batches after it, which
+/// would skip the rest of that batch silently. Then this seeks further back
+/// (1,024 records, doubling) until the record at X is read again; what comes
+/// before it is dropped by the shard, which keeps its position. A gap that
+/// remains from offset 0 is real (deleted records) and is let through.
+fn check_expected(
+    consumer: &StreamConsumer<GroupContext>,
+    topic: &str,
+    partition: u16,
+    first: i64,
+    step_back: &mut i64,
+) -> bool {
+    let Some(expected) = consumer.context().expected.get(usize::from(partition)) else {
+        return true;
+    };
+    let want = expected.load(Ordering::SeqCst);
+    if want < 0 || first <= want {
+        expected.store(-1, Ordering::SeqCst);
+        *step_back = STEP_BACK;
+        return true;
+    }
+    // The last step went back to offset 0 already.
+    let tried_zero = *step_back != STEP_BACK && want.saturating_sub(*step_back / 2) <= 0;
+    let from = want.saturating_sub(*step_back).max(0);
+    if tried_zero {
+        tracing::warn!(
+            partition,
+            want,
+            first,
+            "records before {first} cannot be read; going on from there"
+        );
+        expected.store(-1, Ordering::SeqCst);
+        *step_back = STEP_BACK;
+        return true;
+    }
+    tracing::warn!(
+        partition,
+        want,
+        first,
+        from,
+        "the broker answered past the offset asked for; reading again from further back"
+    );
+    counter!(KAFKA_REREADS).increment(1);
+    *step_back = step_back.saturating_mul(2);
+    if let Err(e) = consumer.seek(
+        topic,
+        i32::from(partition),
+        Offset::Offset(from),
+        Duration::from_secs(5),
+    ) {
+        tracing::debug!(partition, error = %e, "seek further back");
+    }
+    false
 }
 
 fn set_paused(consumer: &StreamConsumer<GroupContext>, topic: &str, p: u16, paused: bool) {
@@ -551,21 +681,28 @@ fn set_paused(consumer: &StreamConsumer<GroupContext>, topic: &str, p: u16, paus
     }
 }
 
-/// Commits, for monitoring, the offsets whose shards have flushed.
+/// Commits, for monitoring, the offsets whose shards have flushed; true
+/// if a batch of the current `epoch` was not applied (the partition must
+/// then be read again from the stored position).
 fn commit_acknowledged(
     consumer: &StreamConsumer<GroupContext>,
     topic: &str,
     pending: &mut VecDeque<PendingAck>,
-) {
+    epoch: u64,
+) -> bool {
     let mut tpl = TopicPartitionList::new();
+    let mut lost = false;
     pending.retain_mut(|ack| match ack.rx.try_recv() {
         Ok(Ok(_)) => {
             let _ = tpl.add_partition_offset(topic, ack.partition, Offset::Offset(ack.last_offset + 1));
             false
         }
         Ok(Err(Error::StaleEpoch { .. })) => false,
+        // Sent before the last resume or move: already read again.
+        Ok(Err(_)) if ack.epoch != epoch => false,
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, partition = ack.partition, "batch not applied; it will be re-read after restart");
+            tracing::warn!(error = %e, partition = ack.partition, "batch not applied; reading again from the stored position");
+            lost = true;
             false
         }
         Err(oneshot::error::TryRecvError::Empty) => true,
@@ -576,4 +713,5 @@ fn commit_acknowledged(
             tracing::warn!(error = %e, "offset commit failed (monitoring only)");
         }
     }
+    lost
 }

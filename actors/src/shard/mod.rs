@@ -542,6 +542,18 @@ impl Handler<PartitionControl> for Shard {
                 self.released = false;
                 Ok(())
             }
+            PartitionControl::Resume { from_epoch, epoch } => {
+                if self.released || self.epoch != from_epoch {
+                    return Err(Error::StaleEpoch {
+                        shard: self.partition,
+                    });
+                }
+                // Positioned sources are per partition (the Kafka topic):
+                // the one resuming is the one that lost events.
+                self.broken_sources.clear();
+                self.epoch = epoch;
+                Ok(())
+            }
         }
     }
 }
