@@ -467,6 +467,7 @@ async fn consume_partition(
                 continue;
             }
         }
+        let round_end = round.last().map(|&(_, offset, _, _)| offset);
         let mut hold_from = None;
         if !round.is_empty() {
             let sent = async {
@@ -500,6 +501,13 @@ async fn consume_partition(
                     counter!(KAFKA_PARTITION_PAUSES).increment(1);
                     router.wait_for_room(partition).await;
                     set_paused(&consumer, &config.topic, partition, false);
+                    // Resumed, the fetch starts after this round: it must
+                    // not skip past that (see `check_expected`).
+                    if let Some(end) = round_end {
+                        consumer
+                            .context()
+                            .expect(partition, Offset::Offset(end + 1));
+                    }
                 }
                 let rx = router
                     .send_positioned(partition, source.clone(), events, offsets, Some(epoch))
@@ -611,8 +619,8 @@ const STEP_BACK: i64 = 1024;
 
 /// Whether a round whose first record is at `first` may be dispatched.
 ///
-/// After an assignment or seek to offset X the next record read must be at
-/// or before X. Some brokers (tansu 0.6's object-store engine) answer a
+/// After an assignment, a seek or a pause to offset X the next record read
+/// must be at or before X. Some brokers (tansu 0.6's object-store engine) answer a
 /// fetch from the middle of a record batch with the batches after it, which
 /// would skip the rest of that batch silently. Then this seeks further back
 /// (1,024 records, doubling) until the record at X is read again; what comes
