@@ -42,6 +42,46 @@ fn want_of(lines: &[Line], client: &str) -> u64 {
         .count() as u64
 }
 
+/// A store on disk (behind `faults` if given) and an engine over it that
+/// flushes every 50 ms.
+fn open_engine(dir: &std::path::Path, faults: Option<Arc<Faults>>) -> (Arc<Store>, Engine) {
+    let store = Arc::new(
+        Store::open(
+            dir,
+            StoreOptions {
+                partitions: PARTITIONS,
+                faults,
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let engine = Engine::start(
+        store.clone(),
+        ShardConfig {
+            flush_interval: Duration::from_millis(50),
+            ..ShardConfig::default()
+        },
+        2,
+    )
+    .unwrap();
+    (store, engine)
+}
+
+fn kafka_config(broker: &Broker, group: &str, dead_letter_topic: &str) -> KafkaConfig {
+    KafkaConfig {
+        brokers: broker.bootstrap(),
+        group: group.into(),
+        topic: TOPIC.into(),
+        dead_letter_topic: dead_letter_topic.into(),
+        batch_max: 500,
+        batch_linger: Duration::from_millis(20),
+        session_timeout: Duration::from_secs(10),
+        changelog_interval: Duration::from_secs(1),
+        restore_memory_bytes: 64 << 20,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_flush_mid_stream_does_not_stall_its_partition() {
     let _ = tracing_subscriber::fmt()
@@ -57,37 +97,8 @@ async fn a_failed_flush_mid_stream_does_not_stall_its_partition() {
 
     let dir = tempfile::tempdir().unwrap();
     let faults = Faults::new();
-    let store = Arc::new(
-        Store::open(
-            dir.path(),
-            StoreOptions {
-                partitions: PARTITIONS,
-                faults: Some(faults.clone()),
-                ..StoreOptions::default()
-            },
-        )
-        .unwrap(),
-    );
-    let engine = Engine::start(
-        store.clone(),
-        ShardConfig {
-            flush_interval: Duration::from_millis(50),
-            ..ShardConfig::default()
-        },
-        2,
-    )
-    .unwrap();
-    let config = KafkaConfig {
-        brokers: broker.bootstrap(),
-        group: "tally-shard-restart".into(),
-        topic: TOPIC.into(),
-        dead_letter_topic: format!("{TOPIC}.dlq"),
-        batch_max: 500,
-        batch_linger: Duration::from_millis(20),
-        session_timeout: Duration::from_secs(10),
-        changelog_interval: Duration::from_secs(1),
-        restore_memory_bytes: 64 << 20,
-    };
+    let (store, engine) = open_engine(dir.path(), Some(faults.clone()));
+    let config = kafka_config(&broker, "tally-shard-restart", &format!("{TOPIC}.dlq"));
     KafkaSource::ensure_topics(&config, PARTITIONS)
         .await
         .unwrap();
@@ -168,36 +179,9 @@ async fn a_failed_dead_letter_write_holds_its_partition() {
     assert!(malformed > 10);
 
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(
-        Store::open(
-            dir.path(),
-            StoreOptions {
-                partitions: PARTITIONS,
-                ..StoreOptions::default()
-            },
-        )
-        .unwrap(),
-    );
-    let engine = Engine::start(
-        store.clone(),
-        ShardConfig {
-            flush_interval: Duration::from_millis(50),
-            ..ShardConfig::default()
-        },
-        2,
-    )
-    .unwrap();
-    let config = |dead_letter_topic: &str| KafkaConfig {
-        brokers: broker.bootstrap(),
-        group: "tally-dlq-failure".into(),
-        topic: TOPIC.into(),
-        dead_letter_topic: dead_letter_topic.into(),
-        batch_max: 500,
-        batch_linger: Duration::from_millis(20),
-        session_timeout: Duration::from_secs(10),
-        changelog_interval: Duration::from_secs(1),
-        restore_memory_bytes: 64 << 20,
-    };
+    let (store, engine) = open_engine(dir.path(), None);
+    let config =
+        |dead_letter_topic: &str| kafka_config(&broker, "tally-dlq-failure", dead_letter_topic);
     let start = |config: KafkaConfig| {
         KafkaSource::start(
             config,
@@ -210,9 +194,7 @@ async fn a_failed_dead_letter_write_holds_its_partition() {
     };
     produce_all(&broker.bootstrap(), TOPIC, &records(&lines)).await;
     // A topic name the broker refuses: every dead-letter write fails.
-    let unwritable = KafkaConfig {
-        ..config("no such topic!")
-    };
+    let unwritable = config("no such topic!");
     KafkaSource::ensure_topics(&config(&dlq), PARTITIONS)
         .await
         .unwrap();

@@ -50,19 +50,10 @@ fn open(dir: &std::path::Path) -> Store {
 
 fn event(client: &str, ts: i64) -> RequestEvent {
     RequestEvent {
-        event_id: None,
-        client_id: client.into(),
-        api_key_id: None,
-        endpoint: "/v1/x".into(),
-        method: None,
-        status: 200,
         request_bytes: 10,
         response_bytes: 90,
         latency_ms: 3.0,
-        compute_units: None,
-        timestamp_ms: ts,
-        metadata: None,
-        source: None,
+        ..RequestEvent::new(client, "/v1/x", 200, ts)
     }
 }
 
