@@ -501,3 +501,45 @@ fn anomalies_page_newest_first_without_gaps_at_equal_times() {
         .unwrap();
     assert_eq!(high.len(), 4, "five highs, one before the window");
 }
+
+/// A judged minute's mark is deleted by the next flush: the round after
+/// publishes it as removed and tombstones it, so compaction drops it.
+#[test]
+fn a_judged_minute_mark_becomes_a_tombstone() {
+    use tally_state::changelog::StateStore;
+    use tally_state::limits::LimitWrites;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.track_changes();
+    let mut cp = Checkpoint::default();
+    let t = 10 * DAY_MS;
+    let mark = tally_state::keys::open_minute_key(2, t, "a");
+    let mut at_marker = store.snapshot();
+    for (round, writes) in [
+        LimitWrites {
+            open_minutes: vec![(t, "a".into())],
+            ..LimitWrites::default()
+        },
+        LimitWrites {
+            closed_minutes: vec![(t, "a".into())],
+            ..LimitWrites::default()
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        store
+            .commit_with(2, &FlushContent::default(), &writes, &mut cp, false)
+            .unwrap();
+        let prepared = store
+            .prepare_round(2, &at_marker, round as u64 + 1, "kafka:t", None, &[])
+            .unwrap();
+        let published: Vec<&Vec<u8>> = prepared.changes.iter().map(|(_, k, _)| k).collect();
+        assert_eq!(published, vec![&mark], "round {round}");
+        let buried = prepared
+            .tombstones
+            .contains(&(StateStore::Limits, mark.clone()));
+        assert_eq!(buried, round == 1, "round {round}");
+        at_marker = prepared.snapshot;
+    }
+}
