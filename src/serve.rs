@@ -35,7 +35,12 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
         Store::open(&config.data_dir, config.store_options())
             .with_context(|| format!("cannot open state in {}", config.data_dir.display()))?,
     );
-    let alerts = tally_actors::alerts::AlertLog::open(store.clone())?;
+    // In a cluster, event ids carry this instance's tag.
+    let tag = match &config.kafka {
+        Some(_) => tally_actors::alerts::cluster_tag(&store.instance_id()?),
+        None => 0,
+    };
+    let alerts = tally_actors::alerts::AlertLog::open(store.clone(), tag)?;
     let mut shard_config = config.shard_config();
     shard_config.limits.alerts = Some(alerts.clone());
     shard_config.detect.alerts = Some(alerts.clone());

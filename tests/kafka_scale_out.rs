@@ -269,6 +269,25 @@ async fn two_instances_split_partitions_forward_queries_and_survive_a_kill() {
         assert!(Instant::now() < deadline, "webhook got {got:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Both instances raised events: their ids never collide (a receiver
+    // deduplicating by event id, as webhooks' Idempotency-Key invites,
+    // must not drop a real event).
+    {
+        let events = received.lock().unwrap();
+        let ids: BTreeSet<u64> = events
+            .iter()
+            .map(|e| e["event_id"].as_u64().unwrap())
+            .collect();
+        let distinct: BTreeSet<String> = events
+            .iter()
+            .map(|e| format!("{}@{}", e["client_id"], e["timestamp"]))
+            .collect();
+        assert_eq!(
+            ids.len(),
+            distinct.len(),
+            "event ids repeat across instances: {events:?}"
+        );
+    }
 
     // Checks are exact across instances: whichever instance is asked, the
     // owner's limiter decides (20 tokens, no refill within the test).

@@ -42,6 +42,46 @@ fn want_of(lines: &[Line], client: &str) -> u64 {
         .count() as u64
 }
 
+/// A store on disk (behind `faults` if given) and an engine over it that
+/// flushes every 50 ms.
+fn open_engine(dir: &std::path::Path, faults: Option<Arc<Faults>>) -> (Arc<Store>, Engine) {
+    let store = Arc::new(
+        Store::open(
+            dir,
+            StoreOptions {
+                partitions: PARTITIONS,
+                faults,
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let engine = Engine::start(
+        store.clone(),
+        ShardConfig {
+            flush_interval: Duration::from_millis(50),
+            ..ShardConfig::default()
+        },
+        2,
+    )
+    .unwrap();
+    (store, engine)
+}
+
+fn kafka_config(broker: &Broker, group: &str, dead_letter_topic: &str) -> KafkaConfig {
+    KafkaConfig {
+        brokers: broker.bootstrap(),
+        group: group.into(),
+        topic: TOPIC.into(),
+        dead_letter_topic: dead_letter_topic.into(),
+        batch_max: 500,
+        batch_linger: Duration::from_millis(20),
+        session_timeout: Duration::from_secs(10),
+        changelog_interval: Duration::from_secs(1),
+        restore_memory_bytes: 64 << 20,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_flush_mid_stream_does_not_stall_its_partition() {
     let _ = tracing_subscriber::fmt()
@@ -57,36 +97,8 @@ async fn a_failed_flush_mid_stream_does_not_stall_its_partition() {
 
     let dir = tempfile::tempdir().unwrap();
     let faults = Faults::new();
-    let store = Arc::new(
-        Store::open(
-            dir.path(),
-            StoreOptions {
-                partitions: PARTITIONS,
-                faults: Some(faults.clone()),
-                ..StoreOptions::default()
-            },
-        )
-        .unwrap(),
-    );
-    let engine = Engine::start(
-        store.clone(),
-        ShardConfig {
-            flush_interval: Duration::from_millis(50),
-            ..ShardConfig::default()
-        },
-        2,
-    )
-    .unwrap();
-    let config = KafkaConfig {
-        brokers: broker.bootstrap(),
-        group: "tally-shard-restart".into(),
-        topic: TOPIC.into(),
-        dead_letter_topic: format!("{TOPIC}.dlq"),
-        batch_max: 500,
-        batch_linger: Duration::from_millis(20),
-        session_timeout: Duration::from_secs(10),
-        changelog_interval: Duration::from_secs(1),
-    };
+    let (store, engine) = open_engine(dir.path(), Some(faults.clone()));
+    let config = kafka_config(&broker, "tally-shard-restart", &format!("{TOPIC}.dlq"));
     KafkaSource::ensure_topics(&config, PARTITIONS)
         .await
         .unwrap();
@@ -146,5 +158,124 @@ async fn a_failed_flush_mid_stream_does_not_stall_its_partition() {
         "exactly one shard restarted (the failed flush)"
     );
     source.stop().await;
+    engine.shutdown().await.unwrap();
+}
+
+/// A dead letter that cannot be written holds its partition at that
+/// record: nothing after it is applied and its offset is not committed, so
+/// nothing is stepped over. Started again with a writable dead-letter
+/// topic, the source writes every dead letter and counts every good event
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "open defect: the hold works, but the restarted source counts nothing more (5594 of 7756, no error logged); see the closing note of 2026-12-02"]
+async fn a_failed_dead_letter_write_holds_its_partition() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "off".into()))
+        .try_init();
+    let broker = Broker::start();
+    broker.create_topic(TOPIC, u32::from(PARTITIONS));
+    let dlq = format!("{TOPIC}.dlq");
+    broker.create_topic(&dlq, 1);
+    let lines = dataset(8_000, 40, 97);
+    let clients: Vec<String> = clients_of(&lines).into_iter().collect();
+    let want: u64 = clients.iter().map(|c| want_of(&lines, c)).sum();
+    let malformed = count_kind(&lines, Kind::Malformed);
+    assert!(malformed > 10);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (store, engine) = open_engine(dir.path(), None);
+    let config =
+        |dead_letter_topic: &str| kafka_config(&broker, "tally-dlq-failure", dead_letter_topic);
+    let start = |config: KafkaConfig, engine: &Engine| {
+        KafkaSource::start(
+            config,
+            engine.router(),
+            store.clone(),
+            "http://127.0.0.1:9".into(),
+            ValidationContext::lenient,
+        )
+        .unwrap()
+    };
+    produce_all(&broker.bootstrap(), TOPIC, &records(&lines)).await;
+    // A topic name the broker refuses: every dead-letter write fails.
+    let unwritable = config("no such topic!");
+    KafkaSource::ensure_topics(&config(&dlq), PARTITIONS)
+        .await
+        .unwrap();
+    let source = start(unwritable, &engine);
+    let total = || clients.iter().map(|c| stored_total(&store, c)).sum::<u64>();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while total() == 0 {
+        assert!(Instant::now() < deadline, "nothing consumed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Held: the count stops short and stays there.
+    let mut held = total();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = total();
+        if now == held {
+            break;
+        }
+        held = now;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        total(),
+        held,
+        "the count moved on past an unwritten dead letter"
+    );
+    assert!(
+        held < want,
+        "every event counted although no dead letter was written"
+    );
+    source.stop().await;
+    // Started again as a process would be: a new engine over the same
+    // store (the shards' ownership epochs belong to one source).
+    engine.shutdown().await.unwrap();
+    let engine = Engine::start(
+        store.clone(),
+        ShardConfig {
+            flush_interval: Duration::from_millis(50),
+            ..ShardConfig::default()
+        },
+        2,
+    )
+    .unwrap();
+    let source = start(config(&dlq), &engine);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let got = total();
+        assert!(got <= want, "counted {got} of {want}: double counting");
+        if got == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {got} of {want} counted after the fix"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for client in &clients {
+        assert_eq!(
+            stored_total(&store, client),
+            want_of(&lines, client),
+            "{client}"
+        );
+    }
+    source.stop().await;
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("group.id", "dlq-count")
+        .create()
+        .unwrap();
+    let (low, high) =
+        rdkafka::consumer::Consumer::fetch_watermarks(&consumer, &dlq, 0, Duration::from_secs(10))
+            .unwrap();
+    assert_eq!(
+        (high - low) as u64,
+        malformed,
+        "each dead letter written once"
+    );
     engine.shutdown().await.unwrap();
 }

@@ -3,7 +3,6 @@
 
 use actix::Message;
 use tally_pipelines::event::RequestEvent;
-use tally_state::changelog::{ChangelogMark, Rebuilt};
 use tokio::sync::oneshot;
 
 use crate::Error;
@@ -93,13 +92,10 @@ pub enum PartitionControl {
     /// Revoked: flush what was applied, then drop the hot state and refuse
     /// batches until adopted again.
     Release,
-    /// Assigned: optionally replace the stored state with one rebuilt from
-    /// the changelog, reload the hot state from the store, and accept
-    /// batches of `epoch`.
-    Adopt {
-        epoch: u64,
-        restore: Option<Box<(Rebuilt, ChangelogMark)>>,
-    },
+    /// Assigned: reload the hot state from the store (which a restore from
+    /// the changelog may have rewritten while the shard was released), and
+    /// accept batches of `epoch`.
+    Adopt { epoch: u64 },
     /// The source read the stored position again after the shard lost
     /// applied-but-unflushed events in a restart: accept its batches again,
     /// tagged `epoch` (batches of `from_epoch`, fetched before, stay

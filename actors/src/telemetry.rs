@@ -29,6 +29,8 @@ pub const CHANGELOG_RECORDS: &str = "tally_changelog_records_total";
 pub const CHANGELOG_ROUNDS: &str = "tally_changelog_rounds_total";
 pub const CHANGELOG_RESTORES: &str = "tally_changelog_restores_total";
 pub const CHANGELOG_RESTORED_RECORDS: &str = "tally_changelog_restored_records_total";
+pub const CHANGELOG_TOMBSTONES: &str = "tally_changelog_tombstones_total";
+pub const CHANGELOG_RESTORES_STREAMED: &str = "tally_changelog_restores_streamed_total";
 pub const OWNED_PARTITIONS: &str = "tally_owned_partitions";
 pub const RATE_LIMIT_FACTOR: &str = "tally_rate_limit_factor";
 pub const QUEUE_UTILIZATION: &str = "tally_queue_utilization";
@@ -188,6 +190,7 @@ impl IngestOverloaded {
 pub struct ChangelogRoundPublished {
     pub partition: u16,
     pub records: usize,
+    pub tombstones: usize,
     pub duration: Duration,
 }
 
@@ -195,9 +198,11 @@ impl ChangelogRoundPublished {
     pub fn emit(&self) {
         counter!(CHANGELOG_ROUNDS).increment(1);
         counter!(CHANGELOG_RECORDS).increment(self.records as u64);
+        counter!(CHANGELOG_TOMBSTONES).increment(self.tombstones as u64);
         tracing::debug!(
             partition = self.partition,
             records = self.records,
+            tombstones = self.tombstones,
             ms = self.duration.as_millis() as u64,
             "changelog round published"
         );
@@ -208,7 +213,10 @@ impl ChangelogRoundPublished {
 pub struct ChangelogRestored {
     pub partition: u16,
     pub records: u64,
-    pub keys: usize,
+    /// Read from a local mark on (only what was appended since).
+    pub continued: bool,
+    /// Outgrew the memory budget and streamed into the store.
+    pub streamed: bool,
     pub duration: Duration,
 }
 
@@ -216,10 +224,14 @@ impl ChangelogRestored {
     pub fn emit(&self) {
         counter!(CHANGELOG_RESTORES).increment(1);
         counter!(CHANGELOG_RESTORED_RECORDS).increment(self.records);
+        if self.streamed {
+            counter!(CHANGELOG_RESTORES_STREAMED).increment(1);
+        }
         tracing::info!(
             partition = self.partition,
             records = self.records,
-            keys = self.keys,
+            continued = self.continued,
+            streamed = self.streamed,
             ms = self.duration.as_millis() as u64,
             "partition restored from its changelog"
         );

@@ -182,6 +182,7 @@ impl Config {
         let max_errors_reported = s.max_errors_reported.unwrap_or(1000);
         let memtable_bytes = s.memory.memtable_bytes.unwrap_or(192 << 20);
         let block_cache_bytes = s.memory.block_cache_bytes.unwrap_or(64 << 20);
+        let restore_memory_bytes = s.memory.restore_bytes.unwrap_or(64 << 20);
         if memtable_bytes < (8 << 20) {
             problems.push(format!(
                 "memory.memtable_bytes: {memtable_bytes} is below 8 MiB"
@@ -271,6 +272,7 @@ impl Config {
                     batch_linger: Duration::from_millis(20),
                     session_timeout,
                     changelog_interval,
+                    restore_memory_bytes,
                 }
             });
         if !problems.is_empty() {

@@ -131,7 +131,7 @@ impl Settings {
             max_errors_reported, anomaly_idle_close, detect);
         layer!(self.kafka, over.kafka; brokers, group, topic, dead_letter_topic, outage_grace,
             changelog_interval, session_timeout);
-        layer!(self.memory, over.memory; detectors, ranked_clients, memtable_bytes, block_cache_bytes);
+        layer!(self.memory, over.memory; detectors, ranked_clients, memtable_bytes, block_cache_bytes, restore_bytes);
         layer!(self.retention, over.retention; minute, hour, day, dead_letter, alerts);
         layer!(self.limits, over.limits; default, max_clients, quota_reservation_ttl);
         layer!(self.top, over.top; trend_threshold);
@@ -200,6 +200,9 @@ pub struct MemorySettings {
     pub memtable_bytes: Option<usize>,
     /// Bytes of RocksDB's block cache.
     pub block_cache_bytes: Option<usize>,
+    /// Bytes of changelog records a Kafka restore holds before it streams
+    /// into the store.
+    pub restore_bytes: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

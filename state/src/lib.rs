@@ -12,14 +12,17 @@
 //! - [`commit`]: a shard's flush as one atomic WriteBatch.
 //! - [`store`]: the RocksDB store: atomic flush commits (state deltas,
 //!   dedupe claims, dead letters and positions in one WriteBatch), reads.
-//! - [`snapshot`]: consistent snapshots, changed-key tracking and
-//!   whole-partition replacement, for the changelog.
+//! - [`snapshot`]: consistent snapshots and changed-key tracking, for the
+//!   changelog.
 //! - [`sinks`]: webhook configurations and alert-sink cursors.
 //! - [`alerts`]: the persisted alert log.
 //! - [`anomalies`]: stored anomalies.
 //! - [`top`]: per-period client totals for the top-consumer ranking.
 //! - [`changelog`]: changelog records and the rule that rebuilds a
 //!   partition from them.
+//! - [`round`]: what one changelog round publishes, tombstones included.
+//! - [`restore`]: a partition restored from its changelog, streamed into
+//!   the store past a memory budget.
 
 pub mod alerts;
 pub mod anomalies;
@@ -31,7 +34,9 @@ pub mod engine;
 pub mod keys;
 pub mod limits;
 pub mod merge;
+pub mod restore;
 pub mod retention;
+pub mod round;
 pub mod sinks;
 pub mod snapshot;
 pub mod store;

@@ -5,10 +5,12 @@
 //! The clock of a partition is the highest event time it has flushed, so a
 //! replay of old traffic keeps its history instead of expiring on arrival.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tally_pipelines::time::{Granularity, Period, DAY_MS, HOUR_MS};
+
+use crate::keys;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
@@ -60,6 +62,23 @@ impl Retention {
         })
     }
 
+    /// Whether a `stats` key (a bucket or a period's totals) has aged out,
+    /// given its partition's clock.
+    pub fn stats_key_expired(&self, key: &[u8], clock_ms: Option<i64>) -> bool {
+        match keys::decode_stats_key(key) {
+            Some(k) => self.bucket_expired(k.granularity, k.bucket_start_ms, clock_ms),
+            None => keys::decode_period_totals_key(key)
+                .is_some_and(|k| self.period_expired(k.period, k.period_start_ms, clock_ms)),
+        }
+    }
+
+    /// How far a partition's clock moves between two changelog sweeps for
+    /// expired keys: an eighth of the shortest retention, at least a minute
+    /// (each sweep reads the partition's `stats` keys once).
+    pub fn sweep_step_ms(&self) -> i64 {
+        (self.minute_ms.min(self.hour_ms).min(self.day_ms) / 8).max(60_000)
+    }
+
     /// Whether a bucket has aged out, given its partition's clock.
     pub fn bucket_expired(
         &self,
@@ -74,10 +93,16 @@ impl Retention {
     }
 }
 
-/// The event-time clock of every partition (highest flushed event time).
+/// The event-time clock of every partition (highest flushed event time),
+/// and, with a changelog, the clock up to which expired keys have been
+/// published as deleted.
 #[derive(Debug)]
 pub struct PartitionClocks {
     clocks: Vec<AtomicI64>,
+    published: Vec<AtomicI64>,
+    /// Set in Kafka mode: compaction may drop only what the changelog has
+    /// published as deleted, or the changelog would keep it forever.
+    guarded: AtomicBool,
 }
 
 const UNKNOWN: i64 = i64::MIN;
@@ -86,6 +111,43 @@ impl PartitionClocks {
     pub fn new(partitions: u16) -> Self {
         Self {
             clocks: (0..partitions).map(|_| AtomicI64::new(UNKNOWN)).collect(),
+            published: (0..partitions).map(|_| AtomicI64::new(UNKNOWN)).collect(),
+            guarded: AtomicBool::new(false),
+        }
+    }
+
+    /// From now on compaction drops by [`PartitionClocks::drop_clock`].
+    pub fn guard_with_changelog(&self) {
+        self.guarded.store(true, Ordering::SeqCst);
+    }
+
+    /// The clock by which compaction may drop a partition's expired keys:
+    /// its clock, or with a changelog the clock its expired keys were
+    /// published as deleted at (nothing before the first such round).
+    pub fn drop_clock(&self, partition: u16) -> Option<i64> {
+        let clock = self.get(partition)?;
+        if !self.guarded.load(Ordering::Relaxed) {
+            return Some(clock);
+        }
+        let published = self
+            .published
+            .get(usize::from(partition))?
+            .load(Ordering::Relaxed);
+        (published != UNKNOWN).then(|| published.min(clock))
+    }
+
+    /// The changelog has published every key expired at `event_ms`.
+    pub fn published_expiry(&self, partition: u16, event_ms: i64) {
+        if let Some(c) = self.published.get(usize::from(partition)) {
+            c.fetch_max(event_ms, Ordering::SeqCst);
+        }
+    }
+
+    /// A partition taken over starts without published expiries: its
+    /// first round sweeps from scratch.
+    pub fn forget_published_expiry(&self, partition: u16) {
+        if let Some(c) = self.published.get(usize::from(partition)) {
+            c.store(UNKNOWN, Ordering::SeqCst);
         }
     }
 
@@ -134,5 +196,20 @@ mod tests {
         assert_eq!(c.get(0), Some(10));
         assert_eq!(c.get(1), None);
         assert_eq!(c.get(9), None);
+    }
+
+    #[test]
+    fn with_a_changelog_compaction_drops_only_what_was_published() {
+        let c = PartitionClocks::new(1);
+        c.advance(0, 100);
+        assert_eq!(c.drop_clock(0), Some(100));
+        c.guard_with_changelog();
+        assert_eq!(c.drop_clock(0), None, "nothing published yet");
+        c.published_expiry(0, 40);
+        assert_eq!(c.drop_clock(0), Some(40));
+        c.published_expiry(0, 500);
+        assert_eq!(c.drop_clock(0), Some(100), "never past the clock");
+        c.forget_published_expiry(0);
+        assert_eq!(c.drop_clock(0), None);
     }
 }

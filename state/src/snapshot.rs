@@ -1,5 +1,5 @@
-//! Consistent snapshots, changed-key tracking and whole-partition
-//! replacement: what the changelog publishes from and restores into.
+//! Consistent snapshots and changed-key tracking: what the changelog
+//! publishes from.
 //!
 //! A commit marks its keys changed and writes its batch under the
 //! partition's tracking lock; a changelog round takes its snapshot and the
@@ -9,9 +9,9 @@
 use std::collections::HashSet;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::changelog::{ChangelogMark, Rebuilt, StateStore};
+use crate::changelog::{ChangelogMark, StateStore};
 use crate::codec::{decode, encode};
-use crate::engine::{EngineSnapshot, WriteBatch};
+use crate::engine::{EngineSnapshot, Scan, ScanIter, WriteBatch};
 use crate::keys::{self, CF_META};
 use crate::store::{Checkpoint, Store};
 use crate::Result;
@@ -49,6 +49,10 @@ impl StoreSnapshot<'_> {
         self.snapshot.get(store.column_family(), key)
     }
 
+    pub fn scan(&self, store: &'static str, scan: Scan) -> Result<ScanIter<'_>> {
+        self.snapshot.scan(store, scan)
+    }
+
     pub fn checkpoint(&self, partition: u16) -> Result<Checkpoint> {
         match self
             .snapshot
@@ -64,6 +68,7 @@ impl Store {
     /// Starts recording which keys each commit changes (Kafka mode).
     pub fn track_changes(&self) {
         let _ = self.changes.set(ChangeTracker::new(self.partitions()));
+        self.clocks.guard_with_changelog();
     }
 
     pub fn snapshot(&self) -> StoreSnapshot<'_> {
@@ -106,58 +111,5 @@ impl Store {
             &encode(mark)?,
         );
         self.engine.write(batch, false)
-    }
-
-    /// Replaces everything of `partition` (statistics, dedupe claims,
-    /// checkpoint) with a rebuilt state, atomically and durably; the keys
-    /// the rebuild found uncommitted are marked changed so the next round
-    /// republishes them. Dead letters stay (they are local diagnostics).
-    pub fn restore_partition(
-        &self,
-        partition: u16,
-        rebuilt: &Rebuilt,
-        mark: &ChangelogMark,
-    ) -> Result<()> {
-        let mut batch = WriteBatch::default();
-        let (start, end) = (
-            keys::partition_start(partition),
-            keys::partition_end(partition),
-        );
-        for store in StateStore::ALL {
-            batch.delete_range(store.column_family(), &start, &end);
-        }
-        for (store, key, value) in &rebuilt.values {
-            if keys::partition_of(key) != Some(partition) {
-                return Err(crate::Error::Corrupt(format!(
-                    "changelog of partition {partition} holds key {key:?} of another partition"
-                )));
-            }
-            batch.put(store.column_family(), key, value);
-        }
-        let mut checkpoint = rebuilt.checkpoint.clone();
-        // Local dead letters keep their sequence numbers.
-        checkpoint.dead_letter_seq = checkpoint
-            .dead_letter_seq
-            .max(self.load_checkpoint(partition)?.dead_letter_seq);
-        batch.put(
-            CF_META,
-            &keys::checkpoint_key(partition),
-            &encode(&checkpoint)?,
-        );
-        batch.put(
-            CF_META,
-            &keys::changelog_mark_key(partition),
-            &encode(mark)?,
-        );
-        let guard = self.changes.get().and_then(|t| t.lock(partition));
-        self.engine.write(batch, true)?;
-        if let Some(mut set) = guard {
-            set.clear();
-            set.extend(rebuilt.uncommitted.iter().cloned());
-        }
-        if let Some(ms) = checkpoint.event_clock_ms {
-            self.clocks.advance(partition, ms);
-        }
-        Ok(())
     }
 }

@@ -132,22 +132,10 @@ fn column_families(
         merge: Some(("tally.bucket_stats.v1", crate::merge::merge_stats)),
         drop_on_compaction: Some((
             "tally.stats_retention",
-            Box::new(
-                move |key: &[u8], _value: &[u8]| match keys::decode_stats_key(key) {
-                    Some(k) => retention.bucket_expired(
-                        k.granularity,
-                        k.bucket_start_ms,
-                        stats_clocks.get(k.partition),
-                    ),
-                    None => keys::decode_period_totals_key(key).is_some_and(|k| {
-                        retention.period_expired(
-                            k.period,
-                            k.period_start_ms,
-                            stats_clocks.get(k.partition),
-                        )
-                    }),
-                },
-            ),
+            Box::new(move |key: &[u8], _value: &[u8]| {
+                keys::partition_of(key)
+                    .is_some_and(|p| retention.stats_key_expired(key, stats_clocks.drop_clock(p)))
+            }),
         )),
     };
     let dead_clock = clock.clone();

@@ -271,12 +271,12 @@ fn expired_minute_buckets_are_excluded_before_and_after_compaction() {
 }
 
 /// A changelog round sees exactly the keys committed since the last round;
-/// publishing them (before, after) and rebuilding on another store yields
+/// publishing them (before, after) and restoring on another store yields
 /// the same state, leaving that store's other partitions alone.
 #[test]
 fn a_published_round_rebuilds_the_partition_elsewhere() {
-    use tally_state::changelog::{ChangelogMark, ChangelogValue, Rebuild, StateStore};
-    use tally_state::codec::encode;
+    use tally_state::changelog::{StateStore, STATE_STORES};
+    use tally_state::restore::Restore;
 
     let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (src, dst) = (open(src_dir.path()), open(dst_dir.path()));
@@ -299,8 +299,9 @@ fn a_published_round_rebuilds_the_partition_elsewhere() {
     commit(&dst, &mut other, 2, "stale", t, 1);
     commit(&dst, &mut other, 5, "keep", t, 1);
 
-    let mut log: Vec<(StateStore, Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut log: Vec<(StateStore, Vec<u8>, Option<Vec<u8>>)> = Vec::new();
     let mut prev = src.snapshot();
+    let mut swept = None;
     let mut round = 1;
     for batch in [
         [("a", t, 10), ("b", t + MINUTE_MS, 11)],
@@ -309,50 +310,47 @@ fn a_published_round_rebuilds_the_partition_elsewhere() {
         for (client, ts, pos) in batch {
             commit(&src, &mut cp, 2, client, ts, pos);
         }
-        let (snap, keys) = src.begin_round(2);
+        let prepared = src
+            .prepare_round(2, &prev, round, "kafka:t", swept, &[])
+            .unwrap();
         // Round 1: (a, b) x (minute, hour, day) buckets, different clients
         // share nothing = 6, plus (a, b) x (hour, day, week, month) period
         // totals = 8: 14 stats keys + 2 dedupe segments. Round 2: a's
         // minute and hour at t + 1 h, its minute and hour at t, its one
         // day = 5, plus its totals of two hours, the day, week and month
-        // = 5: 10 stats keys + 2 segments.
-        let stats = keys.iter().filter(|(s, _)| *s == StateStore::Stats).count();
+        // = 5: 10 stats keys + 2 segments. Nothing has expired.
+        let changes = &prepared.changes;
+        let stats = changes
+            .iter()
+            .filter(|(s, _, _)| *s == StateStore::Stats)
+            .count();
         assert_eq!(stats, if round == 1 { 14 } else { 10 }, "round {round}");
-        assert_eq!(keys.len() - stats, 2, "round {round}");
-        for (store, key) in keys {
-            let value = ChangelogValue::Change {
-                round,
-                source_offset: None,
-                before: prev.get(store, &key).unwrap(),
-                after: snap.get(store, &key).unwrap(),
-            };
-            log.push((store, key, encode(&value).unwrap()));
+        assert_eq!(changes.len() - stats, 2, "round {round}");
+        assert!(prepared.tombstones.is_empty());
+        for (store, key, value) in changes {
+            log.push((*store, key.clone(), Some(value.clone())));
         }
-        let marker = ChangelogValue::Marker {
-            round,
-            checkpoint: snap.checkpoint(2).unwrap(),
-        };
         log.push((
             StateStore::Stats,
             tally_state::keys::changelog_marker_key(2),
-            encode(&marker).unwrap(),
+            Some(prepared.marker.clone()),
         ));
-        prev = snap;
+        src.round_delivered(2, &prepared);
+        swept = prepared.swept_at.or(swept);
+        prev = prepared.snapshot;
         round += 1;
     }
-    assert!(
-        src.begin_round(2).1.is_empty(),
-        "a round drains the changed keys"
-    );
-
-    let mut rebuild = Rebuild::default();
-    for (store, key, value) in &log {
-        rebuild.apply(*store, key, Some(value));
-    }
-    let rebuilt = rebuild.finish();
-    assert_eq!(rebuilt.round, Some(2));
-    dst.restore_partition(2, &rebuilt, &ChangelogMark::default())
+    let empty = src
+        .prepare_round(2, &prev, round, "kafka:t", swept, &[])
         .unwrap();
+    assert!(empty.is_empty(), "a round drains the changed keys");
+
+    let mut restore = Restore::replacing(&dst, 2, usize::MAX);
+    for (store, key, value) in &log {
+        restore.apply(*store, key, value.as_deref()).unwrap();
+    }
+    let restored = restore.finish([0; STATE_STORES]).unwrap();
+    assert_eq!(restored.round, Some(2));
 
     for g in Granularity::ALL {
         for client in ["a", "b", "stale"] {
@@ -502,4 +500,46 @@ fn anomalies_page_newest_first_without_gaps_at_equal_times() {
         })
         .unwrap();
     assert_eq!(high.len(), 4, "five highs, one before the window");
+}
+
+/// A judged minute's mark is deleted by the next flush: the round after
+/// publishes it as removed and tombstones it, so compaction drops it.
+#[test]
+fn a_judged_minute_mark_becomes_a_tombstone() {
+    use tally_state::changelog::StateStore;
+    use tally_state::limits::LimitWrites;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.track_changes();
+    let mut cp = Checkpoint::default();
+    let t = 10 * DAY_MS;
+    let mark = tally_state::keys::open_minute_key(2, t, "a");
+    let mut at_marker = store.snapshot();
+    for (round, writes) in [
+        LimitWrites {
+            open_minutes: vec![(t, "a".into())],
+            ..LimitWrites::default()
+        },
+        LimitWrites {
+            closed_minutes: vec![(t, "a".into())],
+            ..LimitWrites::default()
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        store
+            .commit_with(2, &FlushContent::default(), &writes, &mut cp, false)
+            .unwrap();
+        let prepared = store
+            .prepare_round(2, &at_marker, round as u64 + 1, "kafka:t", None, &[])
+            .unwrap();
+        let published: Vec<&Vec<u8>> = prepared.changes.iter().map(|(_, k, _)| k).collect();
+        assert_eq!(published, vec![&mark], "round {round}");
+        let buried = prepared
+            .tombstones
+            .contains(&(StateStore::Limits, mark.clone()));
+        assert_eq!(buried, round == 1, "round {round}");
+        at_marker = prepared.snapshot;
+    }
 }

@@ -21,12 +21,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use tally_state::changelog::{
-    ChangelogMark, ChangelogValue, Rebuild, Rebuilt, StateStore, STATE_STORES,
-};
-use tally_state::codec::encode;
+use tally_state::changelog::{ChangelogMark, StateStore, STATE_STORES};
 use tally_state::keys::changelog_marker_key;
-use tally_state::snapshot::StoreSnapshot;
+use tally_state::restore::{Restore, Restored};
+use tally_state::round::Round;
+use tally_state::snapshot::{ChangedKey, StoreSnapshot};
 use tally_state::Store;
 
 use crate::telemetry::{ChangelogRestored, ChangelogRoundPublished};
@@ -54,6 +53,7 @@ enum Command {
         partition: u16,
         next_round: u64,
         ends: Option<[i64; STATE_STORES]>,
+        unburied: Vec<ChangedKey>,
     },
     Release {
         partition: u16,
@@ -95,12 +95,20 @@ impl ChangelogWriter {
     }
 
     /// Starts publishing `partition`, whose state now equals the
-    /// changelog's at round `next_round - 1`.
-    pub fn adopt(&self, partition: u16, next_round: u64, ends: Option<[i64; STATE_STORES]>) {
+    /// changelog's at round `next_round - 1`; `unburied` keys are absent
+    /// but still need their tombstone.
+    pub fn adopt(
+        &self,
+        partition: u16,
+        next_round: u64,
+        ends: Option<[i64; STATE_STORES]>,
+        unburied: Vec<ChangedKey>,
+    ) {
         let _ = self.commands.send(Command::Adopt {
             partition,
             next_round,
             ends,
+            unburied,
         });
     }
 
@@ -139,6 +147,11 @@ struct Owned<'s> {
     /// End offsets of the changelog partitions after the last marker.
     ends: Option<[i64; STATE_STORES]>,
     published: Option<tally_state::Checkpoint>,
+    /// The clock of the last sweep for expired keys (`None`: the first
+    /// round sweeps).
+    swept: Option<i64>,
+    /// Keys a restore found absent without a tombstone.
+    unburied: Vec<ChangedKey>,
 }
 
 struct Publisher {
@@ -160,6 +173,7 @@ impl Publisher {
                     partition,
                     next_round,
                     ends,
+                    unburied,
                 }) => {
                     owned.insert(
                         partition,
@@ -168,6 +182,8 @@ impl Publisher {
                             at_marker: store.snapshot(),
                             ends,
                             published: None,
+                            swept: None,
+                            unburied,
                         },
                     );
                 }
@@ -201,26 +217,30 @@ impl Publisher {
     }
 
     /// One round of one partition: changed keys with their values before
-    /// and after, then the marker. On failure the keys go back to the
-    /// changed set and the next attempt reuses the round number.
+    /// and after, the marker, then tombstones. On failure the keys go back
+    /// to the changed set and the next attempt reuses the round number.
     fn publish<'s>(&self, store: &'s Store, p: u16, owned: &mut Owned<'s>) -> Result<(), Error> {
-        let (snapshot, keys) = store.begin_round(p);
-        let checkpoint = match snapshot.checkpoint(p) {
-            Ok(c) => c,
-            Err(e) => {
-                store.return_changes(p, keys);
-                return Err(state(e));
-            }
-        };
-        if keys.is_empty() && owned.published.as_ref() == Some(&checkpoint) {
+        let round = store
+            .prepare_round(
+                p,
+                &owned.at_marker,
+                owned.next_round,
+                &self.source_key,
+                owned.swept,
+                &owned.unburied,
+            )
+            .map_err(state)?;
+        if round.is_empty() && owned.published.as_ref() == Some(&round.checkpoint) {
+            store.abandon_round(p, round);
             return Ok(());
         }
         let started = Instant::now();
-        match self.send_round(p, owned, &snapshot, &keys, &checkpoint) {
+        match self.send_round(p, owned, &round) {
             Ok(ends) => {
+                store.round_delivered(p, &round);
                 let mark = ChangelogMark {
                     round: owned.next_round,
-                    checkpoint: checkpoint.clone(),
+                    checkpoint: round.checkpoint.clone(),
                     ends: Some(ends),
                 };
                 if let Err(e) = store.save_changelog_mark(p, &mark) {
@@ -230,18 +250,23 @@ impl Publisher {
                 }
                 ChangelogRoundPublished {
                     partition: p,
-                    records: keys.len(),
+                    records: round.changes.len(),
+                    tombstones: round.tombstones.len(),
                     duration: started.elapsed(),
                 }
                 .emit();
-                owned.at_marker = snapshot;
+                if round.swept_at.is_some() {
+                    owned.swept = round.swept_at;
+                }
+                owned.unburied.clear();
                 owned.next_round += 1;
                 owned.ends = Some(ends);
-                owned.published = Some(checkpoint);
+                owned.published = Some(round.checkpoint.clone());
+                owned.at_marker = round.snapshot;
                 Ok(())
             }
             Err(e) => {
-                store.return_changes(p, keys);
+                store.abandon_round(p, round);
                 Err(e)
             }
         }
@@ -251,49 +276,32 @@ impl Publisher {
         &self,
         p: u16,
         owned: &Owned<'_>,
-        snapshot: &StoreSnapshot<'_>,
-        keys: &[(StateStore, Vec<u8>)],
-        checkpoint: &tally_state::Checkpoint,
+        round: &Round<'_>,
     ) -> Result<[i64; STATE_STORES], Error> {
-        let round = owned.next_round;
-        let source_offset = checkpoint.positions.get(&self.source_key).copied();
-        let mut deliveries = Vec::with_capacity(keys.len());
-        for (store, key) in keys {
-            let value = ChangelogValue::Change {
-                round,
-                source_offset,
-                before: owned.at_marker.get(*store, key).map_err(state)?,
-                after: snapshot.get(*store, key).map_err(state)?,
-            };
-            let payload = encode(&value).map_err(state)?;
-            let topic = &self.topics[index(*store)];
-            deliveries.push((*store, self.send(topic, p, key, &payload)?));
-        }
         // Where each changelog partition ends after this round.
         let mut ends: [Option<i64>; STATE_STORES] = [None; STATE_STORES];
-        let results = futures::executor::block_on(join_all(
-            deliveries
-                .into_iter()
-                .map(|(s, d)| async move { (s, d.await) }),
-        ));
-        for (store, result) in results {
-            let delivery = delivered(result)?;
-            let end = &mut ends[index(store)];
-            *end = (*end).max(Some(delivery.offset + 1));
+        let mut deliveries = Vec::with_capacity(round.changes.len());
+        for (store, key, payload) in &round.changes {
+            let topic = &self.topics[index(*store)];
+            deliveries.push((*store, self.send(topic, p, key, Some(payload))?));
         }
-        let marker = encode(&ChangelogValue::Marker {
-            round,
-            checkpoint: checkpoint.clone(),
-        })
-        .map_err(state)?;
+        self.await_all(deliveries, &mut ends)?;
         let key = changelog_marker_key(p);
         let delivery = delivered(futures::executor::block_on(self.send(
             &self.topics[0],
             p,
             &key,
-            &marker,
+            Some(&round.marker),
         )?))?;
         ends[0] = Some(delivery.offset + 1);
+        // Tombstones only after the marker: a round cut short must still
+        // rebuild the previous marker's state, which needs the `before`s.
+        let mut deliveries = Vec::with_capacity(round.tombstones.len());
+        for (store, key) in &round.tombstones {
+            let topic = &self.topics[index(*store)];
+            deliveries.push((*store, self.send(topic, p, key, None)?));
+        }
+        self.await_all(deliveries, &mut ends)?;
         let mut out = [0; STATE_STORES];
         for (i, end) in ends.iter().enumerate() {
             out[i] = match (end, owned.ends) {
@@ -311,19 +319,40 @@ impl Publisher {
         Ok(out)
     }
 
+    fn await_all(
+        &self,
+        deliveries: Vec<(StateStore, rdkafka::producer::DeliveryFuture)>,
+        ends: &mut [Option<i64>; STATE_STORES],
+    ) -> Result<(), Error> {
+        let results = futures::executor::block_on(join_all(
+            deliveries
+                .into_iter()
+                .map(|(s, d)| async move { (s, d.await) }),
+        ));
+        for (store, result) in results {
+            let delivery = delivered(result)?;
+            let end = &mut ends[index(store)];
+            *end = (*end).max(Some(delivery.offset + 1));
+        }
+        Ok(())
+    }
+
     /// Enqueues one record, waiting while the producer queue is full.
+    /// `payload: None` is a tombstone.
     fn send(
         &self,
         topic: &str,
         p: u16,
         key: &[u8],
-        payload: &[u8],
+        payload: Option<&Vec<u8>>,
     ) -> Result<rdkafka::producer::DeliveryFuture, Error> {
         let deadline = Instant::now() + DELIVERY_TIMEOUT;
-        let mut record = FutureRecord::to(topic)
+        let mut record = FutureRecord::<[u8], Vec<u8>>::to(topic)
             .partition(i32::from(p))
-            .key(key)
-            .payload(payload);
+            .key(key);
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
         loop {
             match self.producer.send_result(record) {
                 Ok(d) => return Ok(d),
@@ -356,11 +385,20 @@ fn delivered(
 pub struct ChangelogReader {
     consumer: BaseConsumer,
     topics: [String; STATE_STORES],
+    /// How long a read may go without progress.
     timeout: Duration,
+    /// How many bytes of undecided records a restore holds before it
+    /// streams into the store.
+    budget: usize,
 }
 
 impl ChangelogReader {
-    pub fn new(brokers: &str, topic: &str, timeout: Duration) -> Result<ChangelogReader, Error> {
+    pub fn new(
+        brokers: &str,
+        topic: &str,
+        timeout: Duration,
+        budget: usize,
+    ) -> Result<ChangelogReader, Error> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set(
@@ -379,10 +417,11 @@ impl ChangelogReader {
             consumer,
             topics: StateStore::ALL.map(|s| changelog_topic(topic, s)),
             timeout,
+            budget,
         })
     }
 
-    /// Current end offsets of the partition's changelogs (stats, dedupe).
+    /// Current end offsets of the partition's changelogs.
     pub fn ends(&self, p: u16) -> Result<[i64; STATE_STORES], Error> {
         let mut ends = [0; STATE_STORES];
         for (i, topic) in self.topics.iter().enumerate() {
@@ -395,20 +434,39 @@ impl ChangelogReader {
         Ok(ends)
     }
 
-    /// Reads both changelogs of `p` to their current ends and rebuilds the
-    /// state at the last marker. Returns the ends read up to.
-    pub fn rebuild(&self, p: u16) -> Result<(Rebuilt, [i64; STATE_STORES]), Error> {
+    /// Restores `p` into `store` from its changelogs, read to their ends
+    /// `ends`: everything, or with `from` (a mark this instance recorded,
+    /// whose state the local one still is) only what was appended after
+    /// it. A read fails when it makes no progress for the timeout, however
+    /// long the whole read takes.
+    pub fn restore(
+        &self,
+        store: &Store,
+        p: u16,
+        ends: [i64; STATE_STORES],
+        from: Option<&ChangelogMark>,
+    ) -> Result<Restored, Error> {
         let started = Instant::now();
-        let mut rebuild = Rebuild::default();
-        let mut ends = [0; STATE_STORES];
-        let mut records = 0u64;
-        for store in StateStore::ALL {
-            let topic = &self.topics[index(store)];
-            let (low, high) = self
-                .consumer
-                .fetch_watermarks(topic, i32::from(p), self.timeout)
-                .map_err(kafka)?;
-            ends[index(store)] = high;
+        let (mut restore, starts) = match from.and_then(|m| m.ends.map(|e| (m, e))) {
+            Some((mark, starts)) => (
+                Restore::continuing(store, p, mark, self.budget),
+                Some(starts),
+            ),
+            None => (Restore::replacing(store, p, self.budget), None),
+        };
+        for store_kind in StateStore::ALL {
+            let i = index(store_kind);
+            let topic = &self.topics[i];
+            let low = match starts {
+                Some(s) => s[i],
+                None => {
+                    self.consumer
+                        .fetch_watermarks(topic, i32::from(p), self.timeout)
+                        .map_err(kafka)?
+                        .0
+                }
+            };
+            let high = ends[i];
             if high <= low {
                 continue;
             }
@@ -416,20 +474,22 @@ impl ChangelogReader {
             tpl.add_partition_offset(topic, i32::from(p), Offset::Offset(low))
                 .map_err(kafka)?;
             self.consumer.assign(&tpl).map_err(kafka)?;
-            let deadline = Instant::now() + self.timeout.max(Duration::from_secs(60));
             let mut next = low;
+            let mut progress = Instant::now();
             while next < high {
-                if Instant::now() > deadline {
+                if progress.elapsed() > self.timeout {
+                    let _ = self.consumer.unassign();
                     return Err(Error::Changelog(format!(
-                        "reading {topic}[{p}] stopped at offset {next} of {high}"
+                        "reading {topic}[{p}] made no progress for {:?} at offset {next} of {high}",
+                        self.timeout
                     )));
                 }
                 match self.consumer.poll(Duration::from_millis(500)) {
                     Some(Ok(m)) => {
                         next = m.offset() + 1;
+                        progress = Instant::now();
                         if let Some(key) = m.key() {
-                            rebuild.apply(store, key, m.payload());
-                            records += 1;
+                            restore.apply(store_kind, key, m.payload()).map_err(state)?;
                         }
                     }
                     Some(Err(e)) => tracing::warn!(error = %e, topic, p, "changelog read error"),
@@ -438,14 +498,15 @@ impl ChangelogReader {
             }
         }
         let _ = self.consumer.unassign();
-        let rebuilt = rebuild.finish();
+        let restored = restore.finish(ends).map_err(state)?;
         ChangelogRestored {
             partition: p,
-            records,
-            keys: rebuilt.values.len(),
+            records: restored.records,
+            continued: starts.is_some(),
+            streamed: restored.spilled,
             duration: started.elapsed(),
         }
         .emit();
-        Ok((rebuilt, ends))
+        Ok(restored)
     }
 }

@@ -1,7 +1,11 @@
 //! Kafka mode, in one place.
 //!
-//! - [`source`]: the consumer-group source; one task per partition,
-//!   positions from the store, offsets committed after the flush.
+//! - [`source`]: the consumer-group source: configuration, topics,
+//!   start and stop.
+//! - `group`: the main stream (rebalances, errors) on a thread of its own,
+//!   and the hand-over and clean leave.
+//! - `partition_task`: one task per partition: positions from the store,
+//!   offsets committed after the flush, re-reads when a read went wrong.
 //! - [`decode`]: records to shard batches; the partition check; dead
 //!   letters with their reason and origin.
 //! - [`partitioning`]: whether the producers use the configured
@@ -22,9 +26,11 @@ pub mod changelog;
 pub mod control;
 pub mod dead_letters;
 pub mod decode;
+mod group;
 pub mod health;
 pub mod ingest;
 pub mod membership;
+mod partition_task;
 pub mod partitioning;
 pub mod rebalance;
 pub mod source;

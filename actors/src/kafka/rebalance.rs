@@ -20,7 +20,6 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tally_state::changelog::ChangelogMark;
 use tally_state::retention::wall_clock_ms;
 use tally_state::Store;
 
@@ -179,30 +178,26 @@ impl GroupContext {
         let epoch = self.next_epoch(p);
         let ends = self.reader.ends(p)?;
         let local = self.store.load_checkpoint(p)?;
-        let mark = self.store.load_changelog_mark(p)?;
-        let current = mark
-            .as_ref()
-            .filter(|m| m.ends == Some(ends) && m.checkpoint == local);
-        let (restore, next_round, writer_ends) = match current {
-            Some(m) => (None, m.round + 1, m.ends),
-            None => {
-                let (rebuilt, read_ends) = self.reader.rebuild(p)?;
-                let mark = ChangelogMark {
-                    round: rebuilt.round.unwrap_or(0),
-                    checkpoint: rebuilt.checkpoint.clone(),
-                    // Strays of a cut-short round must be republished
-                    // before the local state may count as current.
-                    ends: rebuilt.uncommitted.is_empty().then_some(read_ends),
-                };
-                let (next, ends) = (rebuilt.next_round(), mark.ends);
-                (Some(Box::new((rebuilt, mark))), next, ends)
+        // The local state is the changelog's at this instance's last mark
+        // if nothing was flushed since (a clean hand-over, or a restore):
+        // then only what others appended after the mark is read.
+        let mark = self.store.load_changelog_mark(p)?.filter(|m| {
+            m.checkpoint == local
+                && m.ends
+                    .is_some_and(|e| e.iter().zip(ends.iter()).all(|(mine, now)| mine <= now))
+        });
+        let (next_round, writer_ends, unburied) = match mark {
+            Some(m) if m.ends == Some(ends) => (m.round + 1, m.ends, Vec::new()),
+            mark => {
+                // The shard must hold nothing of the partition while its
+                // stored state is rewritten under it.
+                futures::executor::block_on(self.router.control(p, PartitionControl::Release))?;
+                let restored = self.reader.restore(&self.store, p, ends, mark.as_ref())?;
+                (restored.next_round(), restored.mark.ends, restored.unburied)
             }
         };
-        futures::executor::block_on(
-            self.router
-                .control(p, PartitionControl::Adopt { epoch, restore }),
-        )?;
-        self.writer.adopt(p, next_round, writer_ends);
+        futures::executor::block_on(self.router.control(p, PartitionControl::Adopt { epoch }))?;
+        self.writer.adopt(p, next_round, writer_ends, unburied);
         let offset = self.resume_offset(p)?;
         self.expect(p, offset);
         Ok(offset)

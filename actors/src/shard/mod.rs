@@ -523,16 +523,10 @@ impl Handler<PartitionControl> for Shard {
                 self.released = true;
                 Ok(())
             }
-            PartitionControl::Adopt { epoch, restore } => {
+            PartitionControl::Adopt { epoch } => {
                 if !self.released && self.failed().is_none() {
-                    // Answer what was applied before replacing it.
+                    // Answer what was applied before reloading.
                     self.flush(ctx)?;
-                }
-                if let Some(restore) = restore {
-                    let (rebuilt, mark) = *restore;
-                    self.store
-                        .restore_partition(self.partition, &rebuilt, &mark)
-                        .map_err(|e| Error::Storage(e.to_string()))?;
                 }
                 // A restored (or re-read) state may cure a failed shard.
                 self.status.clear_fatal();

@@ -65,6 +65,26 @@ pub struct RequestEvent {
 }
 
 impl RequestEvent {
+    /// An event with only the required fields set: no bytes, no latency,
+    /// no optional fields (for synthetic traffic: benches, replays, tests).
+    pub fn new(client_id: &str, endpoint: &str, status: u16, timestamp_ms: i64) -> Self {
+        Self {
+            event_id: None,
+            client_id: client_id.into(),
+            api_key_id: None,
+            endpoint: endpoint.into(),
+            method: None,
+            status,
+            request_bytes: 0,
+            response_bytes: 0,
+            latency_ms: 0.0,
+            compute_units: None,
+            timestamp_ms,
+            metadata: None,
+            source: None,
+        }
+    }
+
     pub fn is_failure(&self) -> bool {
         self.status >= 400
     }

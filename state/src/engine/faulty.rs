@@ -122,6 +122,25 @@ impl EngineSnapshot for FaultySnapshot<'_> {
         let value = self.inner.get(cf, key)?;
         self.faults.read(cf, key, value)
     }
+
+    fn scan(&self, cf: &'static str, scan: Scan) -> Result<ScanIter<'_>> {
+        faulty_scan(self.inner.scan(cf, scan)?, cf, self.faults)
+    }
+}
+
+/// A scan whose values pass through the injected read faults.
+fn faulty_scan<'a>(
+    inner: ScanIter<'a>,
+    cf: &'static str,
+    faults: &'a Faults,
+) -> Result<ScanIter<'a>> {
+    Ok(Box::new(inner.map(move |item| {
+        let (key, value) = item?;
+        match faults.read(cf, &key, Some(value.into_vec()))? {
+            Some(v) => Ok((key, v.into_boxed_slice())),
+            None => Err(Error::Storage("injected fault lost a scanned value".into())),
+        }
+    })))
 }
 
 impl KvEngine for FaultyEngine {
@@ -146,15 +165,7 @@ impl KvEngine for FaultyEngine {
     }
 
     fn scan(&self, cf: &'static str, scan: Scan) -> Result<ScanIter<'_>> {
-        let inner = self.inner.scan(cf, scan)?;
-        let faults = &self.faults;
-        Ok(Box::new(inner.map(move |item| {
-            let (key, value) = item?;
-            match faults.read(cf, &key, Some(value.into_vec()))? {
-                Some(v) => Ok((key, v.into_boxed_slice())),
-                None => Err(Error::Storage("injected fault lost a scanned value".into())),
-            }
-        })))
+        faulty_scan(self.inner.scan(cf, scan)?, cf, &self.faults)
     }
 
     fn snapshot(&self) -> Box<dyn EngineSnapshot + '_> {

@@ -210,6 +210,8 @@ pub type ScanIter<'a> = Box<dyn Iterator<Item = Result<KeyValue>> + 'a>;
 /// A consistent, read-only view.
 pub trait EngineSnapshot {
     fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    fn scan(&self, cf: &'static str, scan: Scan) -> Result<ScanIter<'_>>;
 }
 
 /// What the state logic needs of a key-value engine.

@@ -134,6 +134,33 @@ impl EngineSnapshot for RocksSnapshot<'_> {
             .get_cf(self.engine.cf(cf)?, key)
             .map_err(rocks)
     }
+
+    fn scan(&self, cf: &'static str, scan: Scan) -> Result<ScanIter<'_>> {
+        let (read, mode) = read_options(&scan);
+        let iter = self
+            .snapshot
+            .iterator_cf_opt(self.engine.cf(cf)?, read, mode(&scan.from));
+        Ok(Box::new(iter.map(|item| item.map_err(rocks))))
+    }
+}
+
+type ModeOf = for<'k> fn(&'k [u8]) -> IteratorMode<'k>;
+
+/// Bounds and direction of a scan.
+fn read_options(scan: &Scan) -> (ReadOptions, ModeOf) {
+    let mut read = ReadOptions::default();
+    if let Some(to) = &scan.to {
+        read.set_iterate_upper_bound(to.clone());
+    }
+    if let Some(lower) = &scan.lower {
+        read.set_iterate_lower_bound(lower.clone());
+    }
+    let mode: ModeOf = if scan.reverse {
+        |from| IteratorMode::From(from, Direction::Reverse)
+    } else {
+        |from| IteratorMode::From(from, Direction::Forward)
+    };
+    (read, mode)
 }
 
 impl KvEngine for RocksEngine {
@@ -167,23 +194,10 @@ impl KvEngine for RocksEngine {
     }
 
     fn scan(&self, cf: &'static str, scan: Scan) -> Result<ScanIter<'_>> {
-        let mut read = ReadOptions::default();
-        if let Some(to) = scan.to {
-            read.set_iterate_upper_bound(to);
-        }
-        if let Some(lower) = scan.lower {
-            read.set_iterate_lower_bound(lower);
-        }
-        let direction = if scan.reverse {
-            Direction::Reverse
-        } else {
-            Direction::Forward
-        };
-        let iter = self.db.iterator_cf_opt(
-            self.cf(cf)?,
-            read,
-            IteratorMode::From(&scan.from, direction),
-        );
+        let (read, mode) = read_options(&scan);
+        let iter = self
+            .db
+            .iterator_cf_opt(self.cf(cf)?, read, mode(&scan.from));
         Ok(Box::new(iter.map(|item| item.map_err(rocks))))
     }
 

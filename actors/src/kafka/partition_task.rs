@@ -1,0 +1,335 @@
+//! One partition's consume loop: gathers its messages into rounds,
+//! dispatches them to its shard, commits what the shard's flushes
+//! acknowledged, pauses while the shard is behind, and reads again from
+//! the stored position whenever what was read may not be what was applied
+//! (a shard restart, a broker answering past the offset asked for).
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use metrics::counter;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{Offset, TopicPartitionList};
+use tally_pipelines::event::ValidationContext;
+use tokio::sync::{oneshot, watch};
+
+use crate::kafka::decode::{decode_round, take, Received};
+use crate::kafka::health::KafkaHealth;
+use crate::kafka::rebalance::GroupContext;
+use crate::kafka::source::{KafkaConfig, PendingAck};
+use crate::messages::PartitionControl;
+use crate::router::ShardRouter;
+use crate::telemetry::{KAFKA_PARTITION_PAUSES, KAFKA_PARTITION_RESUMES, KAFKA_REREADS};
+use crate::Error;
+
+/// How soon a partition held at a record reads it again.
+const HOLD_RETRY: Duration = Duration::from_secs(1);
+
+pub(crate) type Validation = Arc<dyn Fn() -> ValidationContext + Send + Sync>;
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn consume_partition(
+    partition: u16,
+    queue: rdkafka::consumer::stream_consumer::StreamPartitionQueue<GroupContext>,
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    config: Arc<KafkaConfig>,
+    producer: FutureProducer,
+    router: ShardRouter,
+    validation: Validation,
+    mut stopped: watch::Receiver<bool>,
+    health: Arc<KafkaHealth>,
+) {
+    let source = config.source();
+    let partitions = router.partitions();
+    let mut stream = queue.stream();
+    let mut pending: VecDeque<PendingAck> = VecDeque::new();
+    let mut step_back = STEP_BACK;
+    loop {
+        let first = tokio::select! {
+            _ = stopped.changed() => break,
+            m = stream.next() => m,
+            // Wake up to commit acknowledged offsets while idle.
+            _ = tokio::time::sleep(Duration::from_millis(200)) => None,
+        };
+        let mut round: Vec<Received> = Vec::new();
+        let epoch = consumer.context().epoch(partition);
+        if let Some(m) = first {
+            if m.is_ok() {
+                health.connected();
+            }
+            take(&mut round, m);
+            let deadline = tokio::time::Instant::now() + config.batch_linger;
+            while round.len() < config.batch_max {
+                match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(Some(m)) => take(&mut round, m),
+                    _ => break,
+                }
+            }
+        }
+        if let Some(&(_, first, _, _)) = round.first() {
+            if consumer.context().epoch(partition) == epoch
+                && !check_expected(&consumer, &config.topic, partition, first, &mut step_back)
+            {
+                continue;
+            }
+        }
+        let round_end = round.last().map(|&(_, offset, _, _)| offset);
+        let mut hold_from = None;
+        if !round.is_empty() {
+            let sent = async {
+                let decoded = decode_round(
+                    &config,
+                    &source,
+                    partitions,
+                    health.partitioning(),
+                    &producer,
+                    validation.as_ref(),
+                    round,
+                )
+                .await?;
+                hold_from = decoded.hold_from;
+                let (events, offsets) = (decoded.events, decoded.offsets);
+                let Some(&last) = offsets.last() else {
+                    return Ok::<(), Error>(());
+                };
+                if consumer.context().epoch(partition) != epoch {
+                    // The partition moved while this round was read: drop
+                    // it and read again from what the store now holds
+                    // (not from a hold inside the dropped round, which
+                    // would skip what came before it).
+                    hold_from = None;
+                    reposition(&consumer, &config.topic, partition);
+                    return Ok(());
+                }
+                if !router.has_room(partition) {
+                    // The shard is behind: stop fetching this partition only.
+                    set_paused(&consumer, &config.topic, partition, true);
+                    counter!(KAFKA_PARTITION_PAUSES).increment(1);
+                    router.wait_for_room(partition).await;
+                    set_paused(&consumer, &config.topic, partition, false);
+                    // Resumed, the fetch starts after this round: it must
+                    // not skip past that (see `check_expected`).
+                    if let Some(end) = round_end {
+                        consumer
+                            .context()
+                            .expect(partition, Offset::Offset(end + 1));
+                    }
+                }
+                let rx = router
+                    .send_positioned(partition, source.clone(), events, offsets, Some(epoch))
+                    .await?;
+                pending.push_back(PendingAck {
+                    partition: i32::from(partition),
+                    last_offset: i64::try_from(last).unwrap_or(i64::MAX),
+                    epoch,
+                    rx,
+                });
+                Ok(())
+            };
+            if let Err(e) = sent.await {
+                tracing::error!(error = %e, partition, "kafka dispatch failed; reading again from the stored position");
+                // Nothing of the round was applied: read it again (the
+                // shard drops what it already has), and a hold inside it
+                // must not move reading past the rest.
+                hold_from = None;
+                reposition(&consumer, &config.topic, partition);
+                tokio::select! {
+                    _ = stopped.changed() => break,
+                    _ = tokio::time::sleep(HOLD_RETRY) => {}
+                }
+            }
+        }
+        let current = consumer.context().epoch(partition);
+        if commit_acknowledged(&consumer, &config.topic, &mut pending, current) {
+            // The shard lost applied-but-unflushed batches (a failed flush
+            // restarted it) and refuses what follows them: read again from
+            // what it stored, instead of fetching and dropping forever.
+            resume_from_store(&consumer, &router, &config.topic, partition, current).await;
+            continue;
+        }
+        if let Some(offset) = hold_from {
+            // Read the held record again after a pause: nothing past it
+            // is applied or committed meanwhile.
+            match consumer.seek(
+                &config.topic,
+                i32::from(partition),
+                Offset::Offset(offset),
+                Duration::from_secs(5),
+            ) {
+                Ok(()) => consumer.context().expect(partition, Offset::Offset(offset)),
+                Err(e) => tracing::debug!(partition, error = %e, "seek back to a held record"),
+            }
+            tokio::select! {
+                _ = stopped.changed() => break,
+                _ = tokio::time::sleep(HOLD_RETRY) => {}
+            }
+        }
+    }
+    let current = consumer.context().epoch(partition);
+    commit_acknowledged(&consumer, &config.topic, &mut pending, current);
+}
+
+async fn resume_from_store(
+    consumer: &StreamConsumer<GroupContext>,
+    router: &ShardRouter,
+    topic: &str,
+    partition: u16,
+    from_epoch: u64,
+) {
+    // A rebalance in between reloads the shard and repositions by itself.
+    let Some(epoch) = consumer.context().advance_epoch(partition, from_epoch) else {
+        return;
+    };
+    match router
+        .control(partition, PartitionControl::Resume { from_epoch, epoch })
+        .await
+    {
+        Ok(()) => {
+            tracing::warn!(
+                partition,
+                "shard restarted; resuming from its stored position"
+            );
+            counter!(KAFKA_PARTITION_RESUMES).increment(1);
+            reposition(consumer, topic, partition);
+        }
+        Err(e) => tracing::warn!(partition, error = %e, "cannot resume the partition's shard"),
+    }
+}
+
+fn reposition(consumer: &StreamConsumer<GroupContext>, topic: &str, p: u16) {
+    let offset = match consumer.context().resume_offset(p) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(partition = p, error = %e, "cannot read the stored position");
+            return;
+        }
+    };
+    match consumer.seek(topic, i32::from(p), offset, Duration::from_secs(5)) {
+        Ok(()) => {
+            consumer.context().expect(p, offset);
+            tracing::debug!(
+                partition = p,
+                ?offset,
+                "reading again from the stored position"
+            )
+        }
+        // Not assigned any more: nothing to read again.
+        Err(e) => {
+            tracing::warn!(partition = p, ?offset, error = %e, "cannot seek to the stored position")
+        }
+    }
+}
+
+/// How far back a first re-read step goes (doubled each time).
+const STEP_BACK: i64 = 1024;
+
+/// Whether a round whose first record is at `first` may be dispatched.
+///
+/// After an assignment, a seek or a pause to offset X the next record read
+/// must be at or before X. Some brokers (tansu 0.6's object-store engine) answer a
+/// fetch from the middle of a record batch with the batches after it, which
+/// would skip the rest of that batch silently. Then this seeks further back
+/// (1,024 records, doubling) until the record at X is read again; what comes
+/// before it is dropped by the shard, which keeps its position. A gap that
+/// remains from offset 0 is real (deleted records) and is let through.
+fn check_expected(
+    consumer: &StreamConsumer<GroupContext>,
+    topic: &str,
+    partition: u16,
+    first: i64,
+    step_back: &mut i64,
+) -> bool {
+    let Some(expected) = consumer.context().expected.get(usize::from(partition)) else {
+        return true;
+    };
+    let want = expected.load(Ordering::SeqCst);
+    if want < 0 || first <= want {
+        expected.store(-1, Ordering::SeqCst);
+        *step_back = STEP_BACK;
+        return true;
+    }
+    // The last step went back to offset 0 already.
+    let tried_zero = *step_back != STEP_BACK && want.saturating_sub(*step_back / 2) <= 0;
+    let from = want.saturating_sub(*step_back).max(0);
+    if tried_zero {
+        tracing::warn!(
+            partition,
+            want,
+            first,
+            "records before {first} cannot be read; going on from there"
+        );
+        expected.store(-1, Ordering::SeqCst);
+        *step_back = STEP_BACK;
+        return true;
+    }
+    tracing::warn!(
+        partition,
+        want,
+        first,
+        from,
+        "the broker answered past the offset asked for; reading again from further back"
+    );
+    counter!(KAFKA_REREADS).increment(1);
+    *step_back = step_back.saturating_mul(2);
+    if let Err(e) = consumer.seek(
+        topic,
+        i32::from(partition),
+        Offset::Offset(from),
+        Duration::from_secs(5),
+    ) {
+        tracing::debug!(partition, error = %e, "seek further back");
+    }
+    false
+}
+
+fn set_paused(consumer: &StreamConsumer<GroupContext>, topic: &str, p: u16, paused: bool) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, i32::from(p));
+    let result = if paused {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, partition = p, paused, "cannot pause/resume partition");
+    }
+}
+
+/// Commits, for monitoring, the offsets whose shards have flushed; true
+/// if a batch of the current `epoch` was not applied (the partition must
+/// then be read again from the stored position).
+fn commit_acknowledged(
+    consumer: &StreamConsumer<GroupContext>,
+    topic: &str,
+    pending: &mut VecDeque<PendingAck>,
+    epoch: u64,
+) -> bool {
+    let mut tpl = TopicPartitionList::new();
+    let mut lost = false;
+    pending.retain_mut(|ack| match ack.rx.try_recv() {
+        Ok(Ok(_)) => {
+            let _ = tpl.add_partition_offset(topic, ack.partition, Offset::Offset(ack.last_offset + 1));
+            false
+        }
+        Ok(Err(Error::StaleEpoch { .. })) => false,
+        // Sent before the last resume or move: already read again.
+        Ok(Err(_)) if ack.epoch != epoch => false,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, partition = ack.partition, "batch not applied; reading again from the stored position");
+            lost = true;
+            false
+        }
+        Err(oneshot::error::TryRecvError::Empty) => true,
+        Err(oneshot::error::TryRecvError::Closed) => false,
+    });
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::warn!(error = %e, "offset commit failed (monitoring only)");
+        }
+    }
+    lost
+}

@@ -1,0 +1,647 @@
+//! Restoring a partition from its changelog, streamed into the store.
+//!
+//! Records are fed in log order ([`Restore::apply`]) and the rule of
+//! [`crate::changelog`] decides each key: the last record of a key counts,
+//! with its `after` if its round is at or before the last marker, else its
+//! `before` (a round cut short by a crash), and a tombstone removes the key.
+//!
+//! What is not yet decided is held in memory, up to a budget. A restore
+//! that fits is applied in one atomic, durable batch, so readers of the
+//! partition see the old state or the new one, never a mix. Past the
+//! budget the restore *spills*: it first removes the partition's
+//! checkpoint and changelog mark (readers then refuse stale answers, and a
+//! crash leaves a partition known to need a full restore), then writes
+//! every key whose round is committed by a marker already read. Only the
+//! records after the newest marker stay in memory: one round.
+//!
+//! A restore either replaces the partition ([`Restore::replacing`]) or
+//! continues a local state that equals the changelog at a mark this
+//! instance recorded ([`Restore::continuing`], as Kafka Streams restores
+//! from its local checkpoint), reading only what was appended since.
+
+use std::collections::HashMap;
+
+use crate::changelog::{ChangelogMark, ChangelogValue, StateStore, STATE_STORES};
+use crate::codec::{decode, encode};
+use crate::engine::WriteBatch;
+use crate::keys::{self, CF_META};
+use crate::snapshot::ChangedKey;
+use crate::store::{Checkpoint, Store};
+use crate::Result;
+
+/// The last record of a key not yet written to the store.
+enum Pending {
+    Change {
+        round: u64,
+        before: Option<Vec<u8>>,
+        after: Option<Vec<u8>>,
+    },
+    Tombstone,
+}
+
+impl Pending {
+    fn bytes(&self) -> usize {
+        match self {
+            Pending::Change { before, after, .. } => {
+                before.as_ref().map_or(0, Vec::len) + after.as_ref().map_or(0, Vec::len) + 32
+            }
+            Pending::Tombstone => 8,
+        }
+    }
+}
+
+/// At most this many keys left absent without a tombstone are handed to
+/// the next owner's first round (more only means more changelog records
+/// until those keys change again).
+const MAX_UNBURIED: usize = 100_000;
+/// Spilled writes go in batches of about this size.
+const SPILL_BATCH_BYTES: usize = 8 << 20;
+
+/// One partition's restore in progress.
+pub struct Restore<'s> {
+    store: &'s Store,
+    partition: u16,
+    /// A full restore: the partition's local state is replaced.
+    replace: bool,
+    marker: Option<(u64, Checkpoint)>,
+    pending: HashMap<ChangedKey, Pending>,
+    pending_bytes: usize,
+    budget: usize,
+    spilled: bool,
+    /// The committed round at the last spill: until a newer marker, a
+    /// spill could write nothing more.
+    spilled_at: Option<u64>,
+    unburied: Vec<ChangedKey>,
+    /// The local checkpoint's dead-letter sequence: local dead letters
+    /// keep their numbers.
+    dead_letter_seq: u64,
+    records: u64,
+    undecodable: u64,
+}
+
+/// What a finished restore did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Restored {
+    /// The last marker's round; `None` if no round was ever completed.
+    pub round: Option<u64>,
+    pub mark: ChangelogMark,
+    /// Keys of a round cut short; the next round republishes them.
+    pub uncommitted: usize,
+    /// Keys absent at the marker whose last record is not a tombstone:
+    /// the next round publishes a tombstone for each.
+    pub unburied: Vec<ChangedKey>,
+    pub records: u64,
+    pub undecodable: u64,
+    /// Whether the restore outgrew its memory budget and streamed.
+    pub spilled: bool,
+}
+
+impl Restored {
+    /// The number of the next round to publish.
+    pub fn next_round(&self) -> u64 {
+        self.round.map_or(1, |r| r + 1)
+    }
+}
+
+impl<'s> Restore<'s> {
+    /// A restore that replaces everything of `partition` (statistics,
+    /// dedupe claims, limits, checkpoint) with the changelog's state.
+    /// Dead letters stay: they are local diagnostics.
+    pub fn replacing(store: &'s Store, partition: u16, budget: usize) -> Self {
+        Self::new(store, partition, true, None, budget)
+    }
+
+    /// A restore on top of the local state, which equals the changelog's
+    /// at `mark` (the caller checked the local checkpoint is the mark's);
+    /// fed the records appended after `mark.ends`.
+    pub fn continuing(
+        store: &'s Store,
+        partition: u16,
+        mark: &ChangelogMark,
+        budget: usize,
+    ) -> Self {
+        let marker = Some((mark.round, mark.checkpoint.clone()));
+        Self::new(store, partition, false, marker, budget)
+    }
+
+    fn new(
+        store: &'s Store,
+        partition: u16,
+        replace: bool,
+        marker: Option<(u64, Checkpoint)>,
+        budget: usize,
+    ) -> Self {
+        Self {
+            store,
+            partition,
+            replace,
+            marker,
+            pending: HashMap::new(),
+            pending_bytes: 0,
+            budget,
+            spilled: false,
+            spilled_at: None,
+            unburied: Vec::new(),
+            dead_letter_seq: store
+                .load_checkpoint(partition)
+                .map_or(0, |c| c.dead_letter_seq),
+            records: 0,
+            undecodable: 0,
+        }
+    }
+
+    /// Feeds one record of `store`'s changelog; `value: None` is a
+    /// tombstone. Fails only if a spill cannot be written.
+    pub fn apply(&mut self, store: StateStore, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+        self.records += 1;
+        let entry = match value {
+            None => Pending::Tombstone,
+            Some(value) => match decode::<ChangelogValue>(value) {
+                Ok(ChangelogValue::Change {
+                    round,
+                    before,
+                    after,
+                    ..
+                }) => Pending::Change {
+                    round,
+                    before,
+                    after,
+                },
+                Ok(ChangelogValue::Marker { round, checkpoint }) => {
+                    // Markers only move forward; an older one arriving
+                    // later (it cannot, with one writer at a time) is
+                    // ignored.
+                    if self.marker.as_ref().is_none_or(|(r, _)| round >= *r) {
+                        self.marker = Some((round, checkpoint));
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, key = ?key, "undecodable changelog record skipped");
+                    self.undecodable += 1;
+                    return Ok(());
+                }
+            },
+        };
+        self.pending_bytes += entry.bytes() + key.len();
+        if let Some(old) = self.pending.insert((store, key.to_vec()), entry) {
+            self.pending_bytes = self.pending_bytes.saturating_sub(old.bytes() + key.len());
+        }
+        if self.pending_bytes > self.budget
+            && (!self.spilled || self.committed_round() != self.spilled_at)
+        {
+            self.spill()?;
+        }
+        Ok(())
+    }
+
+    fn committed_round(&self) -> Option<u64> {
+        self.marker.as_ref().map(|(r, _)| *r)
+    }
+
+    /// Writes every pending key a marker already decided.
+    fn spill(&mut self) -> Result<()> {
+        let p = self.partition;
+        if !self.spilled {
+            let mut batch = WriteBatch::default();
+            // From here on the partition is neither its old state nor a
+            // restored one: nothing may read it as either.
+            batch.delete(CF_META, &keys::checkpoint_key(p));
+            batch.delete(CF_META, &keys::changelog_mark_key(p));
+            if self.replace {
+                let (start, end) = (keys::partition_start(p), keys::partition_end(p));
+                for store in StateStore::ALL {
+                    batch.delete_range(store.column_family(), &start, &end);
+                }
+            }
+            self.store.engine.write(batch, false)?;
+            self.spilled = true;
+            tracing::info!(
+                partition = p,
+                budget = self.budget,
+                "changelog restore outgrew its memory budget; streaming it into the store"
+            );
+        }
+        let committed = self.committed_round();
+        let decided: Vec<ChangedKey> = self
+            .pending
+            .iter()
+            .filter(|(_, e)| match e {
+                Pending::Tombstone => true,
+                Pending::Change { round, .. } => committed.is_some_and(|m| *round <= m),
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut batch = WriteBatch::default();
+        for key in decided {
+            if let Some(entry) = self.pending.remove(&key) {
+                self.pending_bytes = self
+                    .pending_bytes
+                    .saturating_sub(entry.bytes() + key.1.len());
+                let value = match entry {
+                    Pending::Tombstone => None,
+                    Pending::Change { after, .. } => {
+                        if after.is_none() {
+                            self.bury_later(&key);
+                        }
+                        after
+                    }
+                };
+                self.write_value(&mut batch, &key, value.as_deref());
+                if batch.size_in_bytes() >= SPILL_BATCH_BYTES {
+                    self.store.engine.write(std::mem::take(&mut batch), false)?;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            self.store.engine.write(batch, false)?;
+        }
+        self.spilled_at = committed;
+        Ok(())
+    }
+
+    fn bury_later(&mut self, key: &ChangedKey) {
+        if self.unburied.len() < MAX_UNBURIED {
+            self.unburied.push(key.clone());
+        }
+    }
+
+    fn write_value(&self, batch: &mut WriteBatch, (store, key): &ChangedKey, value: Option<&[u8]>) {
+        match value {
+            Some(v) => batch.put(store.column_family(), key, v),
+            // A replaced, unspilled partition was range-deleted in the
+            // same batch; anything else may hold the key.
+            None if self.replace && !self.spilled => {}
+            None => batch.delete(store.column_family(), key),
+        }
+    }
+
+    /// Decides the keys still pending, writes them with the checkpoint of
+    /// the last marker and the mark of what was read (`ends`: where each
+    /// changelog partition ended), durably, and resets the changed-key set
+    /// to the keys of a cut-short round.
+    pub fn finish(mut self, ends: [i64; STATE_STORES]) -> Result<Restored> {
+        let p = self.partition;
+        let committed = self.committed_round();
+        let mut uncommitted: Vec<ChangedKey> = Vec::new();
+        let mut batch = WriteBatch::default();
+        if self.replace && !self.spilled {
+            let (start, end) = (keys::partition_start(p), keys::partition_end(p));
+            for store in StateStore::ALL {
+                batch.delete_range(store.column_family(), &start, &end);
+            }
+        }
+        let mut pending: Vec<(ChangedKey, Pending)> =
+            std::mem::take(&mut self.pending).into_iter().collect();
+        pending.sort_by(|a, b| a.0.cmp(&b.0));
+        for (key, entry) in pending {
+            let value = match entry {
+                Pending::Tombstone => None,
+                Pending::Change {
+                    round,
+                    before,
+                    after,
+                } => {
+                    let value = if committed.is_some_and(|m| round <= m) {
+                        after
+                    } else {
+                        uncommitted.push(key.clone());
+                        before
+                    };
+                    if value.is_none() {
+                        self.bury_later(&key);
+                    }
+                    value
+                }
+            };
+            self.write_value(&mut batch, &key, value.as_deref());
+            if self.spilled && batch.size_in_bytes() >= SPILL_BATCH_BYTES {
+                self.store.engine.write(std::mem::take(&mut batch), false)?;
+            }
+        }
+        let (round, mut checkpoint) = match self.marker.take() {
+            Some((r, c)) => (Some(r), c),
+            None => (None, Checkpoint::default()),
+        };
+        checkpoint.dead_letter_seq = checkpoint.dead_letter_seq.max(self.dead_letter_seq);
+        let mark = ChangelogMark {
+            round: round.unwrap_or(0),
+            checkpoint: checkpoint.clone(),
+            // Strays of a cut-short round must be republished before the
+            // local state may count as current.
+            ends: uncommitted.is_empty().then_some(ends),
+        };
+        batch.put(CF_META, &keys::checkpoint_key(p), &encode(&checkpoint)?);
+        batch.put(CF_META, &keys::changelog_mark_key(p), &encode(&mark)?);
+        let guard = self.store.changes.get().and_then(|t| t.lock(p));
+        self.store.engine.write(batch, true)?;
+        let uncommitted_count = uncommitted.len();
+        if let Some(mut set) = guard {
+            set.clear();
+            set.extend(uncommitted);
+        }
+        if let Some(ms) = checkpoint.event_clock_ms {
+            self.store.clocks.advance(p, ms);
+        }
+        self.store.clocks.forget_published_expiry(p);
+        Ok(Restored {
+            round,
+            mark,
+            uncommitted: uncommitted_count,
+            unburied: self.unburied,
+            records: self.records,
+            undecodable: self.undecodable,
+            spilled: self.spilled,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::CF_LIMITS;
+    use crate::StoreOptions;
+    use std::collections::BTreeMap;
+
+    const P: u16 = 2;
+
+    fn key(name: &str) -> Vec<u8> {
+        let mut k = P.to_be_bytes().to_vec();
+        k.extend_from_slice(name.as_bytes());
+        k
+    }
+
+    fn change(round: u64, before: Option<&str>, after: Option<&str>) -> Vec<u8> {
+        encode(&ChangelogValue::Change {
+            round,
+            source_offset: None,
+            before: before.map(|s| s.as_bytes().to_vec()),
+            after: after.map(|s| s.as_bytes().to_vec()),
+        })
+        .unwrap()
+    }
+
+    fn marker(round: u64, position: u64) -> Vec<u8> {
+        let mut checkpoint = Checkpoint::default();
+        checkpoint.positions.insert("kafka:t".into(), position);
+        encode(&ChangelogValue::Marker { round, checkpoint }).unwrap()
+    }
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        store.track_changes();
+        (dir, store)
+    }
+
+    /// The partition's `limits` keys as names and values.
+    fn state(store: &Store) -> BTreeMap<String, String> {
+        let scan = crate::engine::Scan::range(keys::partition_start(P), keys::partition_end(P));
+        store
+            .engine
+            .scan(CF_LIMITS, scan)
+            .unwrap()
+            .map(|item| {
+                let (k, v) = item.unwrap();
+                (
+                    String::from_utf8(k[2..].to_vec()).unwrap(),
+                    String::from_utf8(v.to_vec()).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    type Log = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+    fn restore(store: &Store, log: &[(Vec<u8>, Option<Vec<u8>>)], budget: usize) -> Restored {
+        let mut r = Restore::replacing(store, P, budget);
+        for (k, v) in log {
+            // Markers live in the stats changelog, the rest in limits'.
+            let s = if k == &keys::changelog_marker_key(P) {
+                StateStore::Stats
+            } else {
+                StateStore::Limits
+            };
+            r.apply(s, k, v.as_deref()).unwrap();
+        }
+        r.finish([0; STATE_STORES]).unwrap()
+    }
+
+    fn expected(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// A log of three writers: A completes rounds 1 and 2 and dies inside
+    /// round 3; B restores (state at round 2), republishes A's stray key
+    /// and its own change in round 3, commits it and tombstones the key
+    /// it deleted; C dies inside round 4. At every cut of the log, and
+    /// whether the restore fits in memory or streams (budget 0: it spills
+    /// after every record), the restored state must equal the state at the
+    /// last marker, computed by hand next to each step.
+    fn three_writers() -> (Log, Vec<(usize, BTreeMap<String, String>, Option<u64>)>) {
+        let m = keys::changelog_marker_key(P);
+        let some = |v: Vec<u8>| Some(v);
+        let log: Log = vec![
+            (key("a"), some(change(1, None, Some("a1")))),
+            (key("b"), some(change(1, None, Some("b1")))),
+            (key("d"), some(change(1, None, Some("d1")))),
+            (m.clone(), some(marker(1, 10))), // {a1, b1, d1} @10
+            (key("a"), some(change(2, Some("a1"), Some("a2")))),
+            (m.clone(), some(marker(2, 20))), // {a2, b1, d1} @20
+            (key("b"), some(change(3, Some("b1"), Some("b3-stray")))), // A dies
+            // B restored {a2, b1, d1} @20, republishes the stray key b,
+            // adds c and deletes d.
+            (key("b"), some(change(3, Some("b1"), Some("b1")))),
+            (key("c"), some(change(3, None, Some("c3")))),
+            (key("d"), some(change(3, Some("d1"), None))),
+            (m.clone(), some(marker(3, 30))), // {a2, b1, c3} @30
+            (key("d"), None),                 // d's tombstone
+            (key("a"), some(change(4, Some("a2"), Some("a4-stray")))), // C dies
+        ];
+        let at_1 = expected(&[("a", "a1"), ("b", "b1"), ("d", "d1")]);
+        let at_2 = expected(&[("a", "a2"), ("b", "b1"), ("d", "d1")]);
+        let at_3 = expected(&[("a", "a2"), ("b", "b1"), ("c", "c3")]);
+        let cuts = vec![
+            (3, BTreeMap::new(), None),
+            (4, at_1, Some(10)),
+            (6, at_2.clone(), Some(20)),
+            (7, at_2.clone(), Some(20)),
+            (10, at_2, Some(20)),
+            (11, at_3.clone(), Some(30)),
+            (12, at_3.clone(), Some(30)),
+            (13, at_3, Some(30)),
+        ];
+        (log, cuts)
+    }
+
+    #[test]
+    fn a_restore_equals_the_state_at_the_last_marker_at_every_cut_in_memory_or_streamed() {
+        let (log, cuts) = three_writers();
+        for budget in [usize::MAX, 0] {
+            for (cut, want, position) in &cuts {
+                let (_dir, store) = open();
+                // Stale local state of the partition, replaced by the restore.
+                store.put_raw(CF_LIMITS, &key("stale"), b"x").unwrap();
+                let restored = restore(&store, &log[..*cut], budget);
+                assert_eq!(
+                    &state(&store),
+                    want,
+                    "cut after {cut} records, budget {budget}"
+                );
+                let checkpoint = store.load_checkpoint(P).unwrap();
+                assert_eq!(
+                    checkpoint.positions.get("kafka:t").copied(),
+                    *position,
+                    "cut {cut}, budget {budget}"
+                );
+                assert_eq!(restored.spilled, budget == 0 && *cut > 0);
+                assert_eq!(
+                    store.load_changelog_mark(P).unwrap(),
+                    Some(restored.mark.clone())
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_cut_short_round_is_republished_and_a_deletion_without_tombstone_is_handed_on() {
+        let (log, _) = three_writers();
+        for budget in [usize::MAX, 0] {
+            // Cut inside B's round 3: b's stray record is uncommitted, and
+            // the mark must not count the state as the changelog's.
+            let (_dir, store) = open();
+            let restored = restore(&store, &log[..8], budget);
+            assert_eq!(restored.round, Some(2));
+            assert_eq!(restored.next_round(), 3);
+            assert_eq!(restored.uncommitted, 1);
+            assert_eq!(restored.mark.ends, None);
+            let (_, changed) = store.begin_round(P);
+            assert_eq!(changed, vec![(StateStore::Limits, key("b"))]);
+            // Cut after round 3's marker but before d's tombstone: d must
+            // be tombstoned by the next owner.
+            let (_dir, store) = open();
+            let restored = restore(&store, &log[..11], budget);
+            assert_eq!(restored.unburied, vec![(StateStore::Limits, key("d"))]);
+            assert_eq!(restored.mark.ends, Some([0; STATE_STORES]));
+            // After the tombstone nothing is left to bury.
+            let (_dir, store) = open();
+            assert!(restore(&store, &log[..12], budget).unburied.is_empty());
+        }
+    }
+
+    #[test]
+    fn compaction_of_the_log_keeps_the_outcome() {
+        // Compaction keeps the last record of each key and, once old
+        // enough, drops tombstones and the records they end.
+        let (log, _) = three_writers();
+        let mut last: BTreeMap<Vec<u8>, usize> = BTreeMap::new();
+        for (i, (k, _)) in log.iter().enumerate() {
+            last.insert(k.clone(), i);
+        }
+        let compacted: Log = log
+            .iter()
+            .enumerate()
+            .filter(|(i, (k, v))| last[k] == *i && v.is_some())
+            .map(|(_, r)| r.clone())
+            .collect();
+        assert!(compacted.len() < log.len());
+        let (_d1, full) = open();
+        let (_d2, small) = open();
+        restore(&full, &log, usize::MAX);
+        restore(&small, &compacted, 0);
+        assert_eq!(state(&full), state(&small));
+        assert_eq!(
+            state(&full),
+            expected(&[("a", "a2"), ("b", "b1"), ("c", "c3")])
+        );
+    }
+
+    #[test]
+    fn a_continued_restore_reads_only_the_tail_and_equals_a_full_one() {
+        let (log, _) = three_writers();
+        // The instance published (or restored) up to round 2's marker and
+        // kept that state; then B and C wrote on.
+        let (_d1, local) = open();
+        let first = restore(&local, &log[..6], usize::MAX);
+        let mark = local.load_changelog_mark(P).unwrap().unwrap();
+        assert_eq!(mark, first.mark);
+        for budget in [usize::MAX, 0] {
+            let (_d2, fresh) = open();
+            restore(&fresh, &log, usize::MAX);
+            let (_d3, cont) = open();
+            restore(&cont, &log[..6], usize::MAX);
+            let mut r = Restore::continuing(&cont, P, &mark, budget);
+            for (k, v) in &log[6..] {
+                let s = if k == &keys::changelog_marker_key(P) {
+                    StateStore::Stats
+                } else {
+                    StateStore::Limits
+                };
+                r.apply(s, k, v.as_deref()).unwrap();
+            }
+            let restored = r.finish([0; STATE_STORES]).unwrap();
+            assert_eq!(restored.records, 7);
+            assert_eq!(state(&cont), state(&fresh), "budget {budget}");
+            assert_eq!(restored.round, Some(3));
+            assert_eq!(
+                cont.load_checkpoint(P).unwrap(),
+                fresh.load_checkpoint(P).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn without_a_marker_the_state_is_empty_and_garbage_is_counted() {
+        let (_dir, store) = open();
+        let mut r = Restore::replacing(&store, P, usize::MAX);
+        r.apply(
+            StateStore::Limits,
+            &key("x"),
+            Some(&change(1, None, Some("x1"))),
+        )
+        .unwrap();
+        r.apply(StateStore::Limits, &key("y"), Some(b"\x01garbage"))
+            .unwrap();
+        let restored = r.finish([0; STATE_STORES]).unwrap();
+        assert!(state(&store).is_empty());
+        assert_eq!(restored.round, None);
+        assert_eq!(restored.next_round(), 1);
+        assert_eq!(restored.undecodable, 1);
+        assert_eq!(restored.uncommitted, 1);
+    }
+
+    #[test]
+    fn a_streamed_restore_holds_one_round_in_memory() {
+        // 50 rounds of 100 keys each, budget of about 20 keys: every
+        // committed round is written out, so what is held never grows
+        // past the open round.
+        let (_dir, store) = open();
+        let mut r = Restore::replacing(&store, P, 2_000);
+        let mut peak = 0;
+        for round in 1..=50u64 {
+            for i in 0..100 {
+                let v = format!("v{round}");
+                r.apply(
+                    StateStore::Limits,
+                    &key(&format!("k{i:03}-{round}")),
+                    Some(&change(round, None, Some(&v))),
+                )
+                .unwrap();
+                peak = peak.max(r.pending.len());
+            }
+            r.apply(
+                StateStore::Stats,
+                &keys::changelog_marker_key(P),
+                Some(&marker(round, round)),
+            )
+            .unwrap();
+        }
+        let restored = r.finish([0; STATE_STORES]).unwrap();
+        assert!(restored.spilled);
+        assert!(peak <= 200, "held {peak} keys");
+        assert_eq!(state(&store).len(), 5_000);
+    }
+}
