@@ -42,8 +42,7 @@ fn want_of(lines: &[Line], client: &str) -> u64 {
         .count() as u64
 }
 
-/// A store on disk (behind `faults` if given) and an engine over it that
-/// flushes every 50 ms.
+/// A store on disk (behind `faults` if given) and an engine over it.
 fn open_engine(dir: &std::path::Path, faults: Option<Arc<Faults>>) -> (Arc<Store>, Engine) {
     let store = Arc::new(
         Store::open(
@@ -56,7 +55,13 @@ fn open_engine(dir: &std::path::Path, faults: Option<Arc<Faults>>) -> (Arc<Store
         )
         .unwrap(),
     );
-    let engine = Engine::start(
+    let engine = start_engine(&store);
+    (store, engine)
+}
+
+/// An engine over `store` whose shards flush every 50 ms.
+fn start_engine(store: &Arc<Store>) -> Engine {
+    Engine::start(
         store.clone(),
         ShardConfig {
             flush_interval: Duration::from_millis(50),
@@ -64,8 +69,7 @@ fn open_engine(dir: &std::path::Path, faults: Option<Arc<Faults>>) -> (Arc<Store
         },
         2,
     )
-    .unwrap();
-    (store, engine)
+    .unwrap()
 }
 
 fn kafka_config(broker: &Broker, group: &str, dead_letter_topic: &str) -> KafkaConfig {
@@ -233,15 +237,7 @@ async fn a_failed_dead_letter_write_holds_its_partition() {
     // Started again as a process would be: a new engine over the same
     // store (the shards' ownership epochs belong to one source).
     engine.shutdown().await.unwrap();
-    let engine = Engine::start(
-        store.clone(),
-        ShardConfig {
-            flush_interval: Duration::from_millis(50),
-            ..ShardConfig::default()
-        },
-        2,
-    )
-    .unwrap();
+    let engine = start_engine(&store);
     let source = start(config(&dlq), &engine);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
