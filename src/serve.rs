@@ -93,6 +93,11 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             Some(k) => Some(tally_actors::kafka::alert_topic::start(k, store.clone(), alerts.clone())?),
             None => None,
         };
+        let cluster_alerts = match &config.kafka {
+            Some(k) => Some(tally_actors::kafka::alert_mirror::ClusterAlerts::start(k, config.partitions, store.clone())?),
+            None => None,
+        };
+        let mirror = cluster_alerts.clone();
         let state = AppState::new(Shared {
             shards: engine.router(),
             store: store.clone(),
@@ -107,6 +112,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             membership: kafka.as_ref().map(|k| k.membership()),
             http_client: reqwest::Client::new(),
             alerts: alerts.clone(),
+            cluster_alerts,
             webhooks: webhooks.clone(),
             control,
             ingest_gate: crate::http::ingest::IngestGate::new(config.max_ingest_requests, config.max_ingest_bytes),
@@ -159,6 +165,9 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
         webhooks.stop();
         if let Some(task) = alert_topic {
             task.abort();
+        }
+        if let Some(mirror) = mirror {
+            mirror.stop();
         }
         if let Some(kafka) = kafka {
             // Stop consuming and hand the partitions over (flush, last

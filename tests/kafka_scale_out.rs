@@ -9,51 +9,11 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::kafka::{produce_all, records, Broker};
+use support::kafka::{owned, produce_all, records, wait_for_split, Broker};
 use support::*;
 
 const TOPIC: &str = "tally.requests";
 const PARTITIONS: u16 = 12;
-
-async fn owned(c: &reqwest::Client, server: &Server) -> BTreeSet<u16> {
-    let Ok(r) = c.get(server.url("/health/detailed")).send().await else {
-        return BTreeSet::new();
-    };
-    let body: Value = r.json().await.unwrap_or(Value::Null);
-    body["cluster"]["owned_partitions"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p.as_u64())
-                .map(|p| p as u16)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Waits until the instances' owned partitions are disjoint and cover all.
-async fn wait_for_split(c: &reqwest::Client, servers: &[&Server]) -> Vec<BTreeSet<u16>> {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let mut sets = Vec::new();
-        for s in servers {
-            sets.push(owned(c, s).await);
-        }
-        let all: BTreeSet<u16> = sets.iter().flatten().copied().collect();
-        let total: usize = sets.iter().map(BTreeSet::len).sum();
-        if all.len() == usize::from(PARTITIONS)
-            && total == all.len()
-            && sets.iter().all(|s| !s.is_empty())
-        {
-            return sets;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "partitions never split: {sets:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
 
 async fn total_requests(c: &reqwest::Client, server: &Server, lines: &[Line]) -> u64 {
     let mut got = 0;
@@ -105,7 +65,7 @@ async fn two_instances_split_partitions_forward_queries_and_survive_a_kill() {
     let a = Server::start(&dir.join("a"), &args);
     let b = Server::start(&dir.join("b"), &args);
     let c = client();
-    let split = wait_for_split(&c, &[&a, &b]).await;
+    let split = wait_for_split(&c, &[&a, &b], PARTITIONS).await;
 
     // Any client, asked at either instance, is answered by its owner.
     let want_first = count_kind(first, Kind::Good);

@@ -72,6 +72,9 @@ pub struct Shared {
     pub http_client: reqwest::Client,
     /// The event channel (alerts).
     pub alerts: Arc<tally_actors::alerts::AlertLog>,
+    /// In Kafka mode, the whole cluster's event channel (the streams read
+    /// it instead of the local log).
+    pub cluster_alerts: Option<Arc<tally_actors::kafka::alert_mirror::ClusterAlerts>>,
     /// Webhook configurations and their delivery tasks.
     pub webhooks: Arc<crate::webhooks::Webhooks>,
     /// In Kafka mode, configuration shared by every instance.

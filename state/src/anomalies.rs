@@ -3,6 +3,7 @@
 
 use tally_pipelines::detect::Anomaly;
 
+use crate::changelog::StateStore;
 use crate::codec::{decode, encode};
 use crate::engine::{Scan, WriteBatch};
 use crate::keys::{self, CF_ANOMALIES};
@@ -13,14 +14,19 @@ impl Store {
     /// Stores anomalies (idempotent: ids are deterministic).
     pub fn put_anomalies(&self, partition: u16, anomalies: &[Anomaly]) -> Result<()> {
         let mut batch = WriteBatch::default();
+        let mut written = Vec::with_capacity(anomalies.len());
         for a in anomalies {
-            batch.put(
-                CF_ANOMALIES,
-                &keys::anomaly_key(partition, a.detected_at_ms, &a.anomaly_id),
-                &encode(a)?,
-            );
+            let key = keys::anomaly_key(partition, a.detected_at_ms, &a.anomaly_id);
+            batch.put(CF_ANOMALIES, &key, &encode(a)?);
+            written.push(key);
         }
-        self.engine.write(batch, false)
+        // Published by the partition's next changelog round.
+        let guard = self.changes.get().and_then(|t| t.lock(partition));
+        self.engine.write(batch, false)?;
+        if let Some(mut set) = guard {
+            set.extend(written.into_iter().map(|k| (StateStore::Anomalies, k)));
+        }
+        Ok(())
     }
 
     /// Anomalies of a partition detected at or after `from_ms`, oldest

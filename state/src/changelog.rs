@@ -22,7 +22,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::keys::{CF_DEDUPE, CF_LIMITS, CF_STATS};
+use crate::keys::{CF_ANOMALIES, CF_DEDUPE, CF_LIMITS, CF_STATS};
 use crate::store::Checkpoint;
 
 /// A state store with its own changelog topic.
@@ -34,14 +34,21 @@ pub enum StateStore {
     Dedupe,
     /// Rate-limit and quota configuration and state.
     Limits,
+    /// What the detectors found (they move with their partition, so the
+    /// new owner answers for them).
+    Anomalies,
 }
 
 /// How many state stores (and changelog topics) there are.
-pub const STATE_STORES: usize = 3;
+pub const STATE_STORES: usize = 4;
 
 impl StateStore {
-    pub const ALL: [StateStore; STATE_STORES] =
-        [StateStore::Stats, StateStore::Dedupe, StateStore::Limits];
+    pub const ALL: [StateStore; STATE_STORES] = [
+        StateStore::Stats,
+        StateStore::Dedupe,
+        StateStore::Limits,
+        StateStore::Anomalies,
+    ];
 
     /// Position in [`StateStore::ALL`].
     pub fn index(self) -> usize {
@@ -49,6 +56,7 @@ impl StateStore {
             StateStore::Stats => 0,
             StateStore::Dedupe => 1,
             StateStore::Limits => 2,
+            StateStore::Anomalies => 3,
         }
     }
 
@@ -58,6 +66,7 @@ impl StateStore {
             StateStore::Stats => "stats",
             StateStore::Dedupe => "dedupe",
             StateStore::Limits => "limits",
+            StateStore::Anomalies => "anomalies",
         }
     }
 
@@ -66,6 +75,7 @@ impl StateStore {
             StateStore::Stats => CF_STATS,
             StateStore::Dedupe => CF_DEDUPE,
             StateStore::Limits => CF_LIMITS,
+            StateStore::Anomalies => CF_ANOMALIES,
         }
     }
 }

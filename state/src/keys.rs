@@ -12,6 +12,7 @@
 //! | `dead_letter` | partition, sequence (u64)                                | dead-letter record |
 //! | `limits`      | partition, kind (u8), client len (u16), client           | limit config, limiter state, quota config, quota marks, detector state |
 //! | `anomalies`   | partition, detected at (u64 ms), anomaly id              | anomaly record     |
+//! | `cluster_alerts` | alert topic partition, offset (u64)                    | event JSON (mirror) |
 //! | `meta`        | partition, `0x01`                                        | checkpoint         |
 //! | `meta`        | partition, `0x02`                                        | changelog mark     |
 //! | `meta`        | `0xFFFF`, name                                           | store settings     |
@@ -28,8 +29,12 @@ pub const CF_LIMITS: &str = "limits";
 pub const CF_ANOMALIES: &str = "anomalies";
 /// The alert event log: sequence (u64) -> event JSON. Not per partition.
 pub const CF_ALERTS: &str = "alerts";
-pub const ALL_CFS: [&str; 7] = [
+/// The cluster's alert topic mirrored: topic partition (u16), offset (u64)
+/// -> event JSON. Keyed by the alert topic's partitions, not state ones.
+pub const CF_CLUSTER_ALERTS: &str = "cluster_alerts";
+pub const ALL_CFS: [&str; 8] = [
     CF_ALERTS,
+    CF_CLUSTER_ALERTS,
     CF_STATS,
     CF_DEDUPE,
     CF_DEAD_LETTER,

@@ -16,6 +16,7 @@
 //!   changelog.
 //! - [`sinks`]: webhook configurations and alert-sink cursors.
 //! - [`alerts`]: the persisted alert log.
+//! - [`cluster_alerts`]: the cluster's alert topic, mirrored.
 //! - [`anomalies`]: stored anomalies.
 //! - [`top`]: per-period client totals for the top-consumer ranking.
 //! - [`changelog`]: changelog records and the rule that rebuilds a
@@ -28,6 +29,7 @@ pub mod alerts;
 pub mod anomalies;
 pub mod changelog;
 pub mod clock;
+pub mod cluster_alerts;
 pub mod codec;
 pub mod commit;
 pub mod engine;

@@ -97,10 +97,21 @@ impl Store {
     }
 
     pub fn load_changelog_mark(&self, partition: u16) -> Result<Option<ChangelogMark>> {
-        self.engine
+        let Some(v) = self
+            .engine
             .get(CF_META, &keys::changelog_mark_key(partition))?
-            .map(|v| decode(&v))
-            .transpose()
+        else {
+            return Ok(None);
+        };
+        match decode(&v) {
+            Ok(mark) => Ok(Some(mark)),
+            // A mark of a version with fewer state stores: unknown, so the
+            // partition is restored from its changelog (always safe).
+            Err(e) => {
+                tracing::warn!(partition, error = %e, "changelog mark of another version; restoring the partition");
+                Ok(None)
+            }
+        }
     }
 
     pub fn save_changelog_mark(&self, partition: u16, mark: &ChangelogMark) -> Result<()> {

@@ -18,7 +18,8 @@ use crate::engine::faulty::{Faults, FaultyEngine};
 use crate::engine::rocks::{RocksEngine, RocksOptions};
 use crate::engine::{ColumnFamily, KvEngine, Scan, WriteBatch};
 use crate::keys::{
-    self, CF_ALERTS, CF_ANOMALIES, CF_DEAD_LETTER, CF_DEDUPE, CF_LIMITS, CF_META, CF_STATS,
+    self, CF_ALERTS, CF_ANOMALIES, CF_CLUSTER_ALERTS, CF_DEAD_LETTER, CF_DEDUPE, CF_LIMITS,
+    CF_META, CF_STATS,
 };
 use crate::retention::{PartitionClocks, Retention};
 use crate::snapshot::ChangeTracker;
@@ -150,17 +151,25 @@ fn column_families(
         )),
         ..ColumnFamily::plain(CF_DEAD_LETTER)
     };
-    let alerts = ColumnFamily {
-        drop_on_compaction: Some((
-            "tally.alert_retention",
-            Box::new(move |_key: &[u8], value: &[u8]| {
-                decode::<(i64, String)>(value).is_ok_and(|(logged_at, _)| {
-                    logged_at < clock.now_ms().saturating_sub(retention.alerts_ms)
-                })
-            }),
-        )),
-        ..ColumnFamily::plain(CF_ALERTS)
-    };
+    // The local log and the cluster's mirror keep events alike.
+    let logged_retention =
+        |name: &'static str, cf: &'static str, clock: SharedClock| ColumnFamily {
+            drop_on_compaction: Some((
+                name,
+                Box::new(move |_key: &[u8], value: &[u8]| {
+                    decode::<(i64, String)>(value).is_ok_and(|(logged_at, _)| {
+                        logged_at < clock.now_ms().saturating_sub(retention.alerts_ms)
+                    })
+                }),
+            )),
+            ..ColumnFamily::plain(cf)
+        };
+    let cluster_alerts = logged_retention(
+        "tally.cluster_alert_retention",
+        CF_CLUSTER_ALERTS,
+        clock.clone(),
+    );
+    let alerts = logged_retention("tally.alert_retention", CF_ALERTS, clock);
     vec![
         stats,
         ColumnFamily::plain(CF_DEDUPE),
@@ -172,6 +181,7 @@ fn column_families(
         },
         ColumnFamily::plain(CF_ANOMALIES),
         alerts,
+        cluster_alerts,
     ]
 }
 

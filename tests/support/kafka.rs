@@ -1,9 +1,14 @@
 //! A real Kafka-protocol broker (tansu) for the tests, and a producer.
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::Server;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -255,4 +260,49 @@ pub async fn produce_all_partitioning(
         todo = failed;
     }
     panic!("{} records could not be produced", todo.len());
+}
+
+/// The partitions an instance says it owns (none while it cannot answer).
+pub async fn owned(c: &reqwest::Client, server: &Server) -> BTreeSet<u16> {
+    let Ok(r) = c.get(server.url("/health/detailed")).send().await else {
+        return BTreeSet::new();
+    };
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    body["cluster"]["owned_partitions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.as_u64())
+                .map(|p| p as u16)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the instances' owned partitions are disjoint and cover all.
+pub async fn wait_for_split(
+    c: &reqwest::Client,
+    servers: &[&Server],
+    partitions: u16,
+) -> Vec<BTreeSet<u16>> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let mut sets = Vec::new();
+        for s in servers {
+            sets.push(owned(c, s).await);
+        }
+        let all: BTreeSet<u16> = sets.iter().flatten().copied().collect();
+        let total: usize = sets.iter().map(BTreeSet::len).sum();
+        if all.len() == usize::from(partitions)
+            && total == all.len()
+            && sets.iter().all(|s| !s.is_empty())
+        {
+            return sets;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partitions never split: {sets:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

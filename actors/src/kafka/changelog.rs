@@ -2,7 +2,7 @@
 //! rebuilding a partition from them when this instance takes it over.
 //!
 //! One compacted topic per state store (`<topic>.changelog.stats`,
-//! `<topic>.changelog.dedupe`), partitioned like the request topic; the
+//! `.dedupe`, `.limits`, `.anomalies`), partitioned like the request topic; the
 //! rules that make a rebuild exact wherever a writer died are in
 //! [`tally_state::changelog`]. The writer is a plain thread: a round holds
 //! RocksDB snapshots from one round to the next, and the rebalance callback

@@ -17,10 +17,13 @@
 //! - [`membership`]: who owns which partition, for query forwarding.
 //! - [`control`]: configuration every instance shares (webhooks).
 //! - [`alert_topic`]: the event channel produced to `<topic>.alerts`.
+//! - [`alert_mirror`]: that topic read back into every instance, so the
+//!   streams carry the whole cluster's events.
 //! - [`health`]: broker connection, consumer lag and partitioning, for
 //!   readiness.
 //! - [`ingest`]: HTTP ingest through the topic.
 
+pub mod alert_mirror;
 pub mod alert_topic;
 pub mod changelog;
 pub mod control;

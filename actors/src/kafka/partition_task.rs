@@ -78,6 +78,16 @@ pub(crate) async fn consume_partition(
             }
         }
         let round_end = round.last().map(|&(_, offset, _, _)| offset);
+        if let (Some(&(_, from, _, _)), Some(to)) = (round.first(), round_end) {
+            tracing::trace!(
+                partition,
+                from,
+                to,
+                records = round.len(),
+                epoch,
+                "round read"
+            );
+        }
         let mut hold_from = None;
         if !round.is_empty() {
             let sent = async {
