@@ -104,28 +104,40 @@ impl SseReader {
 
 /// Gives each client a limit of one request an hour and spends it twice
 /// at `at`: one RATE_LIMITED event per client, raised by its owner.
+/// Sends `request` until it is answered other than 503 (a partition
+/// moving answers 503 with Retry-After, which a client retries).
+async fn retried(request: reqwest::RequestBuilder) -> reqwest::Response {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = request.try_clone().unwrap().send().await.unwrap();
+        if r.status() != 503 || Instant::now() > deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn rate_limit(c: &reqwest::Client, at: &Server, clients: &[String]) -> BTreeSet<String> {
     let one = json!({"algorithm": "FIXED_WINDOW", "global_limit": {"requests": 1, "window_seconds": 3600}});
     let mut owners = BTreeSet::new();
     for client in clients {
-        let r = c
-            .put(at.url(&format!("/v1/clients/{client}/limits")))
-            .json(&one)
-            .send()
-            .await
-            .unwrap();
+        let r = retried(
+            c.put(at.url(&format!("/v1/clients/{client}/limits")))
+                .json(&one),
+        )
+        .await;
         assert_eq!(r.status(), 200, "limits of {client}");
         for want in [200, 429] {
-            let r = c
-                .post(at.url("/v1/check"))
-                .json(&json!({"client_id": client, "endpoint": "/x"}))
-                .send()
-                .await
-                .unwrap();
+            let r = retried(
+                c.post(at.url("/v1/check"))
+                    .json(&json!({"client_id": client, "endpoint": "/x"})),
+            )
+            .await;
             assert_eq!(r.status(), want, "check of {client}");
-            if let Some(v) = r.headers().get("x-tally-served-by") {
-                owners.insert(v.to_str().unwrap().to_string());
-            }
+        }
+        let r = retried(c.get(at.url(&format!("/v1/clients/{client}/limits")))).await;
+        if let Some(v) = r.headers().get("x-tally-served-by") {
+            owners.insert(v.to_str().unwrap().to_string());
         }
     }
     owners
@@ -333,7 +345,7 @@ async fn anomalies_are_answered_for_the_whole_cluster_and_move_with_their_partit
     broker.create_topic(&format!("{TOPIC}.dlq"), 1);
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    // 40 minutes of 12 steady clients (60 a minute: warm baselines after
+    // 40 minutes of 24 steady clients (60 a minute: warm baselines after
     // 30), with 30x spikes on six of them at minute 34, an hour back.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -341,12 +353,24 @@ async fn anomalies_are_answered_for_the_whole_cluster_and_move_with_their_partit
         .as_millis() as i64;
     let start = (now - 2 * 60 * MINUTE) / MINUTE * MINUTE;
     let file = dir.join("stream.ndjson");
-    let spiked: Vec<String> = (1..=6).map(|i| format!("steady-{i:04}")).collect();
+    // Three spiked clients in each half of the partitions: the range
+    // assignor gives each instance one half.
+    let partitioner = tally_pipelines::partitioner::Partitioner::Murmur2;
+    let steady: Vec<String> = (1..=24).map(|i| format!("steady-{i:04}")).collect();
+    let half = |low: bool| {
+        steady
+            .iter()
+            .filter(move |c| (partitioner.partition(c, PARTITIONS) < PARTITIONS / 2) == low)
+            .take(3)
+            .cloned()
+    };
+    let spiked: Vec<String> = half(true).chain(half(false)).collect();
+    assert_eq!(spiked.len(), 6);
     let mut gen = std::process::Command::new(tally_bin());
     gen.arg("gen")
         .args(["--start", &start.to_string(), "--duration", "40m"])
         .args(["--rate", "1", "--clients", "50", "--endpoints", "4"])
-        .args(["--steady-clients", "12", "--steady-rate", "60"])
+        .args(["--steady-clients", "24", "--steady-rate", "60"])
         .arg("--out")
         .arg(&file);
     for client in &spiked {
@@ -406,7 +430,6 @@ async fn anomalies_are_answered_for_the_whole_cluster_and_move_with_their_partit
         assert!(Instant::now() < deadline, "no cluster anomaly answer");
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let partitioner = tally_pipelines::partitioner::Partitioner::Murmur2;
     let found_by_a = spiked
         .iter()
         .filter(|c| split[0].contains(&partitioner.partition(c, PARTITIONS)))
@@ -417,7 +440,7 @@ async fn anomalies_are_answered_for_the_whole_cluster_and_move_with_their_partit
     );
 
     // A dies; B takes its partitions and answers for what A found.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     a.kill();
     let deadline = Instant::now() + Duration::from_secs(240);
     while support::kafka::owned(&c, &b).await.len() != usize::from(PARTITIONS) {
