@@ -28,6 +28,7 @@ use tally_state::round::Round;
 use tally_state::snapshot::{ChangedKey, StoreSnapshot};
 use tally_state::Store;
 
+use crate::kafka::log_end::log_bounds;
 use crate::telemetry::{ChangelogRestored, ChangelogRoundPublished};
 use crate::Error;
 
@@ -406,7 +407,8 @@ impl ChangelogReader {
                 format!("tally-changelog-reader-{}", std::process::id()),
             )
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
+            // The end of a read is the partition end event (see `log_end`).
+            .set("enable.partition.eof", "true")
             .set("fetch.max.bytes", "67108864")
             .set("max.partition.fetch.bytes", "16777216")
             // A restore reads to a known end: never wait for more data.
@@ -425,9 +427,7 @@ impl ChangelogReader {
     pub fn ends(&self, p: u16) -> Result<[i64; STATE_STORES], Error> {
         let mut ends = [0; STATE_STORES];
         for (i, topic) in self.topics.iter().enumerate() {
-            ends[i] = self
-                .consumer
-                .fetch_watermarks(topic, i32::from(p), self.timeout)
+            ends[i] = log_bounds(&self.consumer, topic, i32::from(p), self.timeout)
                 .map_err(kafka)?
                 .1;
         }
@@ -476,7 +476,10 @@ impl ChangelogReader {
             self.consumer.assign(&tpl).map_err(kafka)?;
             let mut next = low;
             let mut progress = Instant::now();
-            while next < high {
+            // To the partition end event, not just to `high`: records may
+            // follow it (see `log_end`).
+            let mut at_end = false;
+            while next < high || !at_end {
                 if progress.elapsed() > self.timeout {
                     let _ = self.consumer.unassign();
                     return Err(Error::Changelog(format!(
@@ -492,6 +495,7 @@ impl ChangelogReader {
                             restore.apply(store_kind, key, m.payload()).map_err(state)?;
                         }
                     }
+                    Some(Err(KafkaError::PartitionEOF(_))) => at_end = next >= high,
                     Some(Err(e)) => tracing::warn!(error = %e, topic, p, "changelog read error"),
                     None => {}
                 }

@@ -11,6 +11,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
+use crate::kafka::log_end::log_bounds;
 use crate::kafka::source::KafkaConfig;
 use crate::Error;
 
@@ -70,9 +71,7 @@ pub fn read_page(
     // (partition, low watermark, first offset read, end of the range)
     let mut ranges = Vec::new();
     for p in partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, TIMEOUT)
-            .map_err(kafka)?;
+        let (low, high) = log_bounds(&consumer, topic, p, TIMEOUT).map_err(kafka)?;
         let end = match below {
             None => high,
             Some(b) => match b.iter().find(|(bp, _)| *bp == p) {

@@ -22,6 +22,7 @@
 //! - [`health`]: broker connection, consumer lag and partitioning, for
 //!   readiness.
 //! - [`ingest`]: HTTP ingest through the topic.
+//! - `log_end`: where a partition's log really ends (tansu 0.6 says less).
 
 pub mod alert_mirror;
 pub mod alert_topic;
@@ -32,6 +33,7 @@ pub mod decode;
 mod group;
 pub mod health;
 pub mod ingest;
+mod log_end;
 pub mod membership;
 mod partition_task;
 pub mod partitioning;
