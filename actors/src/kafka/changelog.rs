@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -28,7 +28,7 @@ use tally_state::round::Round;
 use tally_state::snapshot::{ChangedKey, StoreSnapshot};
 use tally_state::Store;
 
-use crate::kafka::log_end::log_bounds;
+use crate::kafka::log_end::{log_bounds, EndReader, ReadsToEnd};
 use crate::telemetry::{ChangelogRestored, ChangelogRoundPublished};
 use crate::Error;
 
@@ -384,7 +384,7 @@ fn delivered(
 
 /// Reads changelog partitions (no consumer group: plain assignment).
 pub struct ChangelogReader {
-    consumer: BaseConsumer,
+    consumer: EndReader,
     topics: [String; STATE_STORES],
     /// How long a read may go without progress.
     timeout: Duration,
@@ -400,7 +400,7 @@ impl ChangelogReader {
         timeout: Duration,
         budget: usize,
     ) -> Result<ChangelogReader, Error> {
-        let consumer: BaseConsumer = ClientConfig::new()
+        let consumer: EndReader = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set(
                 "group.id",
@@ -413,7 +413,7 @@ impl ChangelogReader {
             .set("max.partition.fetch.bytes", "16777216")
             // A restore reads to a known end: never wait for more data.
             .set("fetch.wait.max.ms", "10")
-            .create()
+            .create_with_context(ReadsToEnd)
             .map_err(kafka)?;
         Ok(ChangelogReader {
             consumer,

@@ -6,12 +6,12 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::kafka::log_end::log_bounds;
+use crate::kafka::log_end::{log_bounds, EndReader, ReadsToEnd};
 use crate::kafka::source::KafkaConfig;
 use crate::Error;
 
@@ -51,12 +51,12 @@ pub fn read_page(
 ) -> Result<KafkaDeadLetterPage, Error> {
     let kafka = |e: rdkafka::error::KafkaError| Error::Kafka(e.to_string());
     let topic = config.dead_letter_topic.as_str();
-    let consumer: BaseConsumer = ClientConfig::new()
+    let consumer: EndReader = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
         .set("group.id", format!("{}.dead-letter-reader", config.group))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
-        .create()
+        .create_with_context(ReadsToEnd)
         .map_err(kafka)?;
     let metadata = consumer
         .fetch_metadata(Some(topic), TIMEOUT)

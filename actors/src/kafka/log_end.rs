@@ -12,15 +12,34 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+
+/// The client context of a consumer that reads to partition ends: the end
+/// event is how a read finishes, not an error worth a log line (librdkafka
+/// also reports it as a client error, which the default context logs at
+/// error level on every read).
+pub(crate) struct ReadsToEnd;
+
+impl ClientContext for ReadsToEnd {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(error = %error, reason, "kafka reader error");
+        }
+    }
+}
+
+impl ConsumerContext for ReadsToEnd {}
+
+/// A consumer that reads to partition ends.
+pub(crate) type EndReader = BaseConsumer<ReadsToEnd>;
 
 /// `(low, end)` of `topic[partition]`: its first offset and one past its
 /// last record. `consumer` must have `enable.partition.eof` on; its
 /// assignment is replaced.
 pub(crate) fn log_bounds(
-    consumer: &BaseConsumer,
+    consumer: &EndReader,
     topic: &str,
     partition: i32,
     timeout: Duration,
