@@ -83,7 +83,10 @@ fn expected(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 /// whether the restore fits in memory or streams (budget 0: it spills
 /// after every record), the restored state must equal the state at the
 /// last marker, computed by hand next to each step.
-fn three_writers() -> (Log, Vec<(usize, BTreeMap<String, String>, Option<u64>)>) {
+/// Per cut: where the log was cut, the state at its last marker, its round.
+type Cuts = Vec<(usize, BTreeMap<String, String>, Option<u64>)>;
+
+fn three_writers() -> (Log, Cuts) {
     let m = keys::changelog_marker_key(P);
     let some = |v: Vec<u8>| Some(v);
     let log: Log = vec![
