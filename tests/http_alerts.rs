@@ -220,22 +220,35 @@ async fn websocket_subscribers_replay_then_follow_live() {
             assert_eq!(check(&c, &server, "w2").await, 429);
             triggered = true;
         }
-        let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
-            .await
-            .expect("no event within 20 s")
-            .expect("socket closed")
-            .unwrap();
-        if let Message::Text(text) = msg {
-            let v: Value = serde_json::from_str(&text).unwrap();
-            received.push((
-                v["event_id"].as_u64().unwrap(),
-                v["client_id"].as_str().unwrap().to_string(),
-            ));
-        }
+        let v = next_ws_json(&mut ws).await;
+        received.push((
+            v["event_id"].as_u64().unwrap(),
+            v["client_id"].as_str().unwrap().to_string(),
+            v["stream_id"].as_str().unwrap().to_string(),
+        ));
     }
     let clients: Vec<&str> = received.iter().map(|r| r.1.as_str()).collect();
     assert_eq!(clients, ["w0", "w1", "w2"]);
     assert!(received.windows(2).all(|w| w[0].0 < w[1].0));
+    ws.send(Message::Close(None)).await.unwrap();
+    // Each message carries its resume position: reconnected with the
+    // first one's, the socket gets exactly the two after it.
+    let url = server
+        .url(&format!(
+            "/v1/alerts/ws?types=RATE_LIMITED&last_event_id={}",
+            received[0].2
+        ))
+        .replacen("http://", "ws://", 1);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut resumed = Vec::new();
+    while resumed.len() < 2 {
+        let v = next_ws_json(&mut ws).await;
+        resumed.push(v["client_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(resumed, ["w1", "w2"]);
+    // Nothing more: no third event replayed.
+    let more = tokio::time::timeout(Duration::from_millis(500), ws.next()).await;
+    assert!(!matches!(more, Ok(Some(Ok(Message::Text(_))))), "{more:?}");
     ws.send(Message::Close(None)).await.unwrap();
 }
 

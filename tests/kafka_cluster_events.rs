@@ -102,6 +102,33 @@ impl SseReader {
     }
 }
 
+/// Opens `/v1/alerts/ws` at `at` from position `after` and reads `n`
+/// events, in order: (client id, the `stream_id` its message carried).
+/// `not` is a client that must not come again.
+async fn websocket_positions(
+    at: &Server,
+    after: &str,
+    n: usize,
+    not: Option<&str>,
+) -> Vec<(String, String)> {
+    let url = at
+        .url(&format!(
+            "/v1/alerts/ws?types=RATE_LIMITED&last_event_id={after}"
+        ))
+        .replacen("http://", "ws://", 1);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut out: Vec<(String, String)> = Vec::new();
+    while out.len() < n {
+        let v = next_ws_json(&mut ws).await;
+        let client = v["client_id"].as_str().unwrap().to_string();
+        let position = v["stream_id"].as_str().unwrap().to_string();
+        assert!(out.iter().all(|(c, _)| *c != client), "a repeat: {v}");
+        assert_ne!(Some(client.as_str()), not, "an event before the position: {v}");
+        out.push((client, position));
+    }
+    out
+}
+
 /// Gives each client a limit of one request an hour and spends it twice
 /// at `at`: one RATE_LIMITED event per client, raised by its owner.
 /// Sends `request` until it is answered other than 503 (a partition
@@ -261,6 +288,20 @@ async fn every_instance_streams_the_whole_clusters_events_exactly_once_and_resum
     .await;
     let got_third = at_b.take_for(&third).await;
     assert_once_each(&got_third, &third, "resumed at B");
+
+    // A WebSocket at A resumed from the same position gets the same
+    // events. A position is where one instance's merge of the alert
+    // partitions stood (two instances may interleave them differently),
+    // so what is checked is that each message's `stream_id` resumes right
+    // after it: from the first one, exactly the other events follow.
+    let by_ws = websocket_positions(&a, &last, third.len(), None).await;
+    let clients: BTreeSet<&String> = by_ws.iter().map(|(c, _)| c).collect();
+    assert_eq!(clients, third.iter().collect(), "the WebSocket's events");
+    let (first_client, first_position) = by_ws[0].clone();
+    let rest = websocket_positions(&a, &first_position, third.len() - 1, Some(&first_client)).await;
+    let rest: BTreeSet<String> = rest.into_iter().map(|(c, _)| c).collect();
+    let want: BTreeSet<String> = third.iter().filter(|c| **c != first_client).cloned().collect();
+    assert_eq!(rest, want, "resumed from a WebSocket stream_id");
 
     // A position that is not one of the cluster stream's is refused.
     let r = c

@@ -24,6 +24,7 @@ pub const KAFKA_CONSUMER_LAG: &str = "tally_kafka_consumer_lag";
 pub const KAFKA_PARTITION_PAUSES: &str = "tally_kafka_partition_pauses_total";
 pub const KAFKA_PARTITION_RESUMES: &str = "tally_kafka_partition_resumes_total";
 pub const KAFKA_REREADS: &str = "tally_kafka_rereads_total";
+pub const KAFKA_PARTITIONS_HELD: &str = "tally_kafka_partitions_held";
 pub const HTTP_DURATION: &str = "tally_http_request_duration_seconds";
 pub const CHANGELOG_RECORDS: &str = "tally_changelog_records_total";
 pub const CHANGELOG_ROUNDS: &str = "tally_changelog_rounds_total";

@@ -1,6 +1,7 @@
 //! The event channel for people and systems: `GET /v1/alerts/stream`
 //! (Server-Sent Events) and `GET /v1/alerts/ws` (WebSocket, one JSON text
-//! message per event), with the same filters.
+//! message per event, whose `stream_id` is the event's SSE id), with the
+//! same filters.
 //!
 //! With `Last-Event-ID` (header, or `last_event_id` in the query) the
 //! stream first replays the persisted log after that id, then continues
@@ -137,6 +138,18 @@ fn sse(n: &Next) -> Event {
         .id(n.id.clone())
         .event(n.event.event_type.clone())
         .data(&*n.event.to_json())
+}
+
+/// A WebSocket message: the event's JSON with `stream_id` first, the id
+/// an SSE stream would give it (resume with `?last_event_id=`), since a
+/// WebSocket has no id of its own to carry it.
+fn ws_text(n: &Next) -> String {
+    let json = n.event.to_json();
+    let id = serde_json::Value::String(n.id.clone());
+    match json.strip_prefix('{') {
+        Some(rest) if rest.trim_start() != "}" => format!("{{\"stream_id\":{id},{rest}"),
+        _ => format!("{{\"stream_id\":{id}}}"),
+    }
 }
 
 impl Subscription {
@@ -393,7 +406,7 @@ async fn websocket(
             tokio::select! {
                 event = subscription.next() => {
                     let Some(n) = event else { break };
-                    let text = n.event.to_json().to_string();
+                    let text = ws_text(&n);
                     // A slow reader holds this send (TCP back-pressure); the
                     // subscription meanwhile falls behind the live buffer
                     // and later catches up from the log: bounded memory.

@@ -11,6 +11,7 @@ use metrics::gauge;
 use serde_json::json;
 use tally_actors::telemetry::{MailboxDepth, ROCKSDB_SIZE};
 use tally_pipelines::time::format_rfc3339_ms;
+use tally_state::retention::wall_clock_ms;
 
 use super::AppState;
 use crate::error::ApiError;
@@ -42,6 +43,10 @@ fn not_ready_reason(state: &AppState) -> Option<String> {
         }
         let grace_ms =
             i64::try_from(state.config.kafka_outage_grace.as_millis()).unwrap_or(i64::MAX);
+        // Holds are timed by the wall clock, as the source stamps them.
+        if let Some(reason) = view.held_reason(wall_clock_ms(), grace_ms) {
+            return Some(reason);
+        }
         if let Some(since) = view.down_since_ms {
             let down_for = state.config.clock.now_ms().saturating_sub(since);
             if down_for > grace_ms {
@@ -117,6 +122,12 @@ async fn detailed(State(state): State<AppState>) -> impl IntoResponse {
                     "last_error": v.last_error,
                     "consumer_lag": v.lag,
                     "partitioning": v.partitioning,
+                    "held_partitions": v.held.iter().map(|(p, h)| json!({
+                        "partition": p,
+                        "offset": h.offset,
+                        "since": format_rfc3339_ms(h.since_ms),
+                        "reason": h.reason,
+                    })).collect::<Vec<_>>(),
                 })
             }),
             "cluster": state.membership.as_ref().map(|m| json!({

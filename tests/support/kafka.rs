@@ -306,3 +306,30 @@ pub async fn wait_for_split(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// `/v1/dead-letters/kafka` in one page: how many are listed, and their
+/// distinct (source partition, source offset) origins.
+pub async fn kafka_dead_letter_origins(
+    c: &reqwest::Client,
+    server: &Server,
+) -> (usize, std::collections::HashSet<(String, String)>) {
+    let dead: Value = match c
+        .get(server.url("/v1/dead-letters/kafka?limit=10000"))
+        .send()
+        .await
+    {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    };
+    let listed = dead["dead_letters"].as_array().cloned().unwrap_or_default();
+    let origins = listed
+        .iter()
+        .map(|d| {
+            (
+                d["source_partition"].as_str().unwrap_or("").to_string(),
+                d["source_offset"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    (listed.len(), origins)
+}

@@ -485,3 +485,43 @@ pub async fn all_dead_letters(c: &reqwest::Client, server: &Server) -> Vec<serde
         }
     }
 }
+
+/// A client's `total_requests` for the month of `START_MS` (0 when not
+/// answered).
+pub async fn month_total(c: &reqwest::Client, server: &Server, client: &str) -> u64 {
+    let url = server.url(&format!(
+        "/v1/clients/{}/usage?period=month&at={START_MS}",
+        encode_path(client)
+    ));
+    match c.get(url).send().await {
+        Ok(r) => r
+            .json::<serde_json::Value>()
+            .await
+            .map(|v| v["total_requests"].as_u64().unwrap_or(0))
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// The next text message of a WebSocket, as JSON, within 30 s.
+pub async fn next_ws_json<S>(ws: &mut S) -> serde_json::Value
+where
+    S: futures::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    use futures::StreamExt;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("no WebSocket message within 30 s")
+            .expect("socket closed")
+            .expect("WebSocket error");
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = msg {
+            return serde_json::from_str(&text).expect("a JSON message");
+        }
+    }
+}

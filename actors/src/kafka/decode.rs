@@ -82,6 +82,9 @@ pub(crate) struct Decoded {
     pub events: Vec<RequestEvent>,
     pub offsets: Vec<u64>,
     pub hold_from: Option<i64>,
+    /// Why the dead-letter topic did not take the record at `hold_from`
+    /// (None when the partitioner check holds it).
+    pub dead_letter_failure: Option<String>,
 }
 
 /// Decodes one partition's round of messages, in offset order, in parallel
@@ -115,6 +118,7 @@ pub(crate) async fn decode_round(
         events: Vec::with_capacity(decoded.len()),
         offsets: Vec::with_capacity(decoded.len()),
         hold_from: None,
+        dead_letter_failure: None,
     };
     let mut rejected = 0;
     for ((partition, offset, key, payload), outcome) in decoded {
@@ -156,9 +160,10 @@ pub(crate) async fn decode_round(
             &reason,
         )
         .await;
-        if written.is_err() {
+        if let Err(e) = written {
             // Not set aside: read it again rather than step over it.
             out.hold_from = Some(offset);
+            out.dead_letter_failure = Some(e.to_string());
             break;
         }
         rejected += 1;

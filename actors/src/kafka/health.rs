@@ -12,7 +12,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::kafka::partitioning::{PartitionCheck, PartitioningView};
-use crate::telemetry::KAFKA_CONSUMER_LAG;
+use crate::telemetry::{KAFKA_CONSUMER_LAG, KAFKA_PARTITIONS_HELD};
 
 const CONNECTED: i64 = i64::MIN;
 
@@ -27,6 +27,19 @@ pub struct KafkaHealth {
     lag: Mutex<BTreeMap<i32, i64>>,
     /// Whether the records fit the configured partitioner.
     partitioning: PartitionCheck,
+    /// partition -> the record it is held at because the dead-letter topic
+    /// did not take it.
+    held: Mutex<BTreeMap<i32, HeldPartition>>,
+}
+
+/// A partition that stopped at a record it could not set aside: nothing
+/// after it is applied or committed until the dead-letter topic takes it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HeldPartition {
+    pub offset: i64,
+    /// Wall-clock ms of the first failed attempt at this record.
+    pub since_ms: i64,
+    pub reason: String,
 }
 
 /// A point-in-time view.
@@ -37,6 +50,29 @@ pub struct KafkaHealthView {
     pub last_error: Option<String>,
     pub lag: BTreeMap<i32, i64>,
     pub partitioning: PartitioningView,
+    pub held: BTreeMap<i32, HeldPartition>,
+}
+
+impl KafkaHealthView {
+    /// Why the instance is not ready because of held partitions: one held
+    /// longer than `grace_ms` (a dead-letter topic that stays unwritable
+    /// stalls its partition, and an operator must see it).
+    pub fn held_reason(&self, now_ms: i64, grace_ms: i64) -> Option<String> {
+        let stalled: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, h)| now_ms.saturating_sub(h.since_ms) > grace_ms)
+            .map(|(p, h)| {
+                format!(
+                    "partition {p} held at offset {} for {} s: the dead-letter topic does not take its record ({}); nothing after it is counted until it does",
+                    h.offset,
+                    now_ms.saturating_sub(h.since_ms) / 1000,
+                    h.reason
+                )
+            })
+            .collect();
+        (!stalled.is_empty()).then(|| stalled.join("; "))
+    }
 }
 
 impl KafkaHealth {
@@ -48,6 +84,39 @@ impl KafkaHealth {
             ever_connected: AtomicBool::new(false),
             last_error: Mutex::new(None),
             lag: Mutex::new(BTreeMap::new()),
+            held: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// `partition` stopped at `offset`: the dead-letter topic refused it.
+    /// Held again at the same record, it keeps the time of the first try.
+    pub fn hold(&self, partition: i32, offset: i64, reason: &str, now_ms: i64) {
+        let Ok(mut held) = self.held.lock() else {
+            return;
+        };
+        let since_ms = match held.get(&partition) {
+            Some(h) if h.offset == offset => h.since_ms,
+            _ => now_ms,
+        };
+        held.insert(
+            partition,
+            HeldPartition {
+                offset,
+                since_ms,
+                reason: reason.to_string(),
+            },
+        );
+        gauge!(KAFKA_PARTITIONS_HELD).set(held.len() as f64);
+    }
+
+    /// `partition` went past its held record, or is no longer this
+    /// instance's.
+    pub fn release_hold(&self, partition: i32) {
+        let Ok(mut held) = self.held.lock() else {
+            return;
+        };
+        if held.remove(&partition).is_some() {
+            gauge!(KAFKA_PARTITIONS_HELD).set(held.len() as f64);
         }
     }
 
@@ -120,6 +189,7 @@ impl KafkaHealth {
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
             lag: self.lag.lock().map(|l| l.clone()).unwrap_or_default(),
             partitioning: self.partitioning.view(),
+            held: self.held.lock().map(|h| h.clone()).unwrap_or_default(),
         }
     }
 
@@ -145,5 +215,27 @@ mod tests {
         assert_eq!(v.last_error.as_deref(), Some("still down"));
         h.connected();
         assert_eq!(h.view().down_since_ms, None);
+    }
+
+    #[test]
+    fn a_hold_is_timed_from_its_first_attempt_and_stalls_readiness_past_the_grace() {
+        let h = KafkaHealth::new(0, PartitionCheck::new(Default::default(), 4));
+        h.hold(2, 100, "unknown topic", 1_000);
+        h.hold(2, 100, "timed out", 20_000);
+        let v = h.view();
+        assert_eq!(v.held[&2].since_ms, 1_000);
+        assert_eq!(v.held[&2].reason, "timed out");
+        assert_eq!(v.held_reason(31_000, 30_000), None);
+        let reason = v.held_reason(31_001, 30_000).unwrap();
+        assert!(
+            reason.contains("partition 2 held at offset 100 for 30 s"),
+            "{reason}"
+        );
+        // A later record held starts its own clock.
+        h.hold(2, 250, "timed out", 40_000);
+        assert_eq!(h.view().held[&2].since_ms, 40_000);
+        h.release_hold(2);
+        assert!(h.view().held.is_empty());
+        assert_eq!(h.view().held_reason(i64::MAX, 0), None);
     }
 }

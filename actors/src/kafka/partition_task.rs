@@ -15,6 +15,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_pipelines::event::ValidationContext;
+use tally_state::retention::wall_clock_ms;
 use tokio::sync::{oneshot, watch};
 
 use crate::kafka::decode::{decode_round, take, Received};
@@ -48,6 +49,10 @@ pub(crate) async fn consume_partition(
     let mut stream = queue.stream();
     let mut pending: VecDeque<PendingAck> = VecDeque::new();
     let mut step_back = STEP_BACK;
+    // The epoch in which the partition was last held at a dead letter.
+    let mut held_epoch: Option<u64> = None;
+    // Since when nothing has been read (None: something was).
+    let mut quiet_since: Option<tokio::time::Instant> = None;
     loop {
         let first = tokio::select! {
             _ = stopped.changed() => break,
@@ -55,8 +60,23 @@ pub(crate) async fn consume_partition(
             // Wake up to commit acknowledged offsets while idle.
             _ = tokio::time::sleep(Duration::from_millis(200)) => None,
         };
+        if first.is_some() {
+            quiet_since = None;
+        } else {
+            let since = *quiet_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() >= EXPECT_PATIENCE
+                && nudge_back(&consumer, &config.topic, partition, &mut step_back)
+            {
+                quiet_since = None;
+            }
+        }
         let mut round: Vec<Received> = Vec::new();
         let epoch = consumer.context().epoch(partition);
+        if held_epoch.is_some_and(|e| e != epoch) {
+            // Moved or resumed since: the hold is the new owner's to report.
+            health.release_hold(i32::from(partition));
+            held_epoch = None;
+        }
         if let Some(m) = first {
             if m.is_ok() {
                 health.connected();
@@ -75,6 +95,14 @@ pub(crate) async fn consume_partition(
                 && !check_expected(&consumer, &config.topic, partition, first, &mut step_back)
             {
                 continue;
+            }
+        }
+        // A re-read from further back (see `check_expected`, `nudge_back`)
+        // brings records the shard has applied or set aside already: they
+        // are not dispatched or dead-lettered again.
+        if !round.is_empty() {
+            if let Ok(Offset::Offset(floor)) = consumer.context().resume_offset(partition) {
+                round.retain(|&(_, offset, _, _)| offset >= floor);
             }
         }
         let round_end = round.last().map(|&(_, offset, _, _)| offset);
@@ -102,6 +130,19 @@ pub(crate) async fn consume_partition(
                 )
                 .await?;
                 hold_from = decoded.hold_from;
+                match (&decoded.dead_letter_failure, hold_from) {
+                    (Some(reason), Some(offset)) => {
+                        health.hold(i32::from(partition), offset, reason, wall_clock_ms());
+                        held_epoch = Some(epoch);
+                    }
+                    // Every record read was applied or set aside (or is
+                    // held by the partitioner check, reported apart).
+                    _ => {
+                        if held_epoch.take().is_some() {
+                            health.release_hold(i32::from(partition));
+                        }
+                    }
+                }
                 let (events, offsets) = (decoded.events, decoded.offsets);
                 let Some(&last) = offsets.last() else {
                     return Ok::<(), Error>(());
@@ -140,7 +181,14 @@ pub(crate) async fn consume_partition(
                 });
                 Ok(())
             };
-            if let Err(e) = sent.await {
+            // A stop does not wait for a dead-letter write that hangs:
+            // nothing of an unfinished round is committed, and it is read
+            // again from the stored position after the restart.
+            let sent = tokio::select! {
+                r = sent => r,
+                _ = stopped.changed() => break,
+            };
+            if let Err(e) = sent {
                 tracing::error!(error = %e, partition, "kafka dispatch failed; reading again from the stored position");
                 // Nothing of the round was applied: read it again (the
                 // shard drops what it already has), and a hold inside it
@@ -179,6 +227,7 @@ pub(crate) async fn consume_partition(
             }
         }
     }
+    health.release_hold(i32::from(partition));
     let current = consumer.context().epoch(partition);
     commit_acknowledged(&consumer, &config.topic, &mut pending, current);
 }
@@ -294,6 +343,57 @@ fn check_expected(
         tracing::debug!(partition, error = %e, "seek further back");
     }
     false
+}
+
+/// How long a partition waits for the record it was positioned at before
+/// reading from further back.
+const EXPECT_PATIENCE: Duration = Duration::from_secs(2);
+
+/// A partition positioned at X (an assignment, a seek) that reads nothing
+/// at all: tansu 0.6 answers a fetch from the middle of the log's last
+/// record batch with nothing (the batches after it, of which there are
+/// none), so a restart at a held record with no new records behind it
+/// would wait forever. Reads again from further back, as
+/// [`check_expected`] does; the shard drops what it already applied. With
+/// Kafka, which answers from X, nothing is waiting here (or X is the log
+/// end, and one short re-read of what precedes it is the cost). Answers
+/// whether it sought.
+fn nudge_back(
+    consumer: &StreamConsumer<GroupContext>,
+    topic: &str,
+    partition: u16,
+    step_back: &mut i64,
+) -> bool {
+    let Some(expected) = consumer.context().expected.get(usize::from(partition)) else {
+        return false;
+    };
+    let want = expected.load(Ordering::SeqCst);
+    if want <= 0 {
+        return false;
+    }
+    let from = want.saturating_sub(*step_back).max(0);
+    tracing::debug!(
+        partition,
+        want,
+        from,
+        "nothing read at the offset asked for; reading again from further back"
+    );
+    counter!(KAFKA_REREADS).increment(1);
+    *step_back = step_back.saturating_mul(2);
+    if let Err(e) = consumer.seek(
+        topic,
+        i32::from(partition),
+        Offset::Offset(from),
+        Duration::from_secs(5),
+    ) {
+        tracing::debug!(partition, error = %e, "seek further back");
+        return false;
+    }
+    if from == 0 {
+        // Everything there is will be read; nothing further to try.
+        expected.store(-1, Ordering::SeqCst);
+    }
+    true
 }
 
 fn set_paused(consumer: &StreamConsumer<GroupContext>, topic: &str, p: u16, paused: bool) {

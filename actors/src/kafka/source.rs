@@ -259,10 +259,14 @@ impl KafkaSource {
             .create_with_context(context)
             .map_err(kafka)?;
         consumer.subscribe(&[&config.topic]).map_err(kafka)?;
+        // Dead letters: a write that fails holds its partition and is tried
+        // again, so it must fail within a bounded time (librdkafka's default
+        // is five minutes).
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
+            .set("message.timeout.ms", "30000")
             .create()
             .map_err(kafka)?;
         let (stop, stopped) = watch::channel(false);
