@@ -149,31 +149,45 @@ fn free_port() -> u16 {
         .unwrap_or(16379)
 }
 
-async fn tally(connections: usize, seconds: u64, clients: u64) {
+/// `key`: run with access control on, every check carrying this key
+/// (verification on the path), to compare with the run without.
+async fn tally(connections: usize, seconds: u64, clients: u64, key: Option<String>) {
     let dir = tempfile::tempdir().expect("tempdir");
+    let bootstrap = key
+        .as_ref()
+        .map(|k| format!("bootstrap_key = \"{k}\"\n"))
+        .unwrap_or_default();
     let (mut child, base) = common::start_tally(
         dir.path(),
-        "[limits.default]\nalgorithm = \"SLIDING_WINDOW\"\nglobal_limit = { requests = 1000, window_seconds = 60 }\n",
+        &format!("{bootstrap}[limits.default]\nalgorithm = \"SLIDING_WINDOW\"\nglobal_limit = {{ requests = 1000, window_seconds = 60 }}\n"),
     );
+    let name = if key.is_some() {
+        "tally /v1/check with an API key"
+    } else {
+        "tally /v1/check (sliding window)"
+    };
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let auth_header = auth.clone();
     let url = format!("{base}/v1/check");
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(connections)
         .build()
         .expect("client");
     let mut report = drive(connections, seconds, move |_, r| {
-        let (http, url) = (http.clone(), url.clone());
+        let (http, url, auth) = (http.clone(), url.clone(), auth.clone());
         async move {
             let body = format!(
                 r#"{{"client_id":"client-{}","endpoint":"/v1/items"}}"#,
                 r % clients
             );
-            match http
+            let mut request = http
                 .post(&url)
                 .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-            {
+                .body(body);
+            if let Some(auth) = &auth {
+                request = request.header("authorization", auth);
+            }
+            match request.send().await {
                 Ok(resp) => {
                     let ok = resp.status() == 200;
                     let _ = resp.bytes().await;
@@ -184,14 +198,20 @@ async fn tally(connections: usize, seconds: u64, clients: u64) {
         }
     })
     .await;
-    report.print(
-        "tally /v1/check (sliding window), reqwest generator",
-        connections,
-    );
+    report.print(&format!("{name}, reqwest generator"), connections);
     let script = dir.path().join("check.lua");
-    if std::fs::write(&script, WRK_LUA.replace("CLIENTS", &clients.to_string())).is_ok() {
+    let lua = WRK_LUA.replace("CLIENTS", &clients.to_string()).replace(
+        "{[\"Content-Type\"]=\"application/json\"}",
+        &match &auth_header {
+            Some(a) => {
+                format!("{{[\"Content-Type\"]=\"application/json\", [\"Authorization\"]=\"{a}\"}}")
+            }
+            None => "{[\"Content-Type\"]=\"application/json\"}".to_string(),
+        },
+    );
+    if std::fs::write(&script, lua).is_ok() {
         external(
-            "tally /v1/check, wrk generator",
+            &format!("{name}, wrk generator"),
             "wrk",
             &[
                 "-t2".into(),
@@ -328,7 +348,17 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        tally(connections, seconds, clients).await;
+        tally(connections, seconds, clients, None).await;
+        // The same load with access control on: the key is verified on
+        // every check (same run, same machine, for the comparison).
+        let key = tally_pipelines::access::KeyToken::generate(&mut rand::rng(), None);
+        tally(
+            connections,
+            seconds,
+            clients,
+            Some(key.reveal().to_string()),
+        )
+        .await;
         redis(connections, seconds, clients).await;
     });
 }

@@ -42,6 +42,21 @@ pub enum ApiError {
     NoSuchResource(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// No key presented where one is required.
+    #[error("an API key is required: send `Authorization: Bearer <key>` or `X-Api-Key`")]
+    Unauthenticated,
+    /// A key was presented and is not good for this request. Deliberately
+    /// one text for every cause (unknown, wrong, expired, revoked, out of
+    /// scope or of its clients, outside its allowlist): the cause is in
+    /// the log and the audit, never told to the caller.
+    #[error("the API key is not valid for this request")]
+    Forbidden,
+    /// A key's own request budget (shared with its parents) is spent.
+    #[error("the API key's request rate limit is reached")]
+    KeyRateLimited { retry_after_secs: u64 },
+    /// `If-Match` names a version that is no longer current.
+    #[error("{0}")]
+    PreconditionFailed(String),
     /// A configured bound (webhooks, subscriptions) is reached.
     #[error("{0}")]
     LimitReached(String),
@@ -54,7 +69,8 @@ pub enum ApiError {
     Unavailable(String),
     #[error("partition {partition} is moving between instances; retry shortly")]
     PartitionMoving { partition: u16 },
-    #[error("the instance owning partition {partition} ({owner}) did not answer: {detail}")]
+    /// The owner's address and the error are logged, never answered.
+    #[error("the instance owning partition {partition} did not answer; retry shortly")]
     OwnerUnreachable {
         partition: u16,
         owner: String,
@@ -127,6 +143,22 @@ impl ApiError {
                 "method-not-allowed",
                 "Method not allowed",
             ),
+            ApiError::Unauthenticated => (
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "Authentication required",
+            ),
+            ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
+            ApiError::KeyRateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "key-rate-limited",
+                "Key rate limit reached",
+            ),
+            ApiError::PreconditionFailed(_) => (
+                StatusCode::PRECONDITION_FAILED,
+                "precondition-failed",
+                "Precondition failed",
+            ),
             ApiError::LimitReached(_) => (StatusCode::CONFLICT, "limit-reached", "Limit reached"),
             ApiError::Overloaded { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -171,6 +203,14 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, slug, title) = self.status_and_slug();
+        if let ApiError::OwnerUnreachable {
+            partition,
+            owner,
+            detail,
+        } = &self
+        {
+            tracing::error!(partition, owner = %owner, error = %detail, "forwarding to the partition owner failed");
+        }
         let detail = match &self {
             ApiError::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error");
@@ -214,8 +254,15 @@ impl IntoResponse for ApiError {
             } => Some(retry_after_secs),
             ApiError::PartitionMoving { .. } | ApiError::NotApplied { .. } => Some(1),
             ApiError::Unavailable(_) => Some(1),
+            ApiError::KeyRateLimited { retry_after_secs } => Some(retry_after_secs),
             _ => None,
         };
+        if matches!(self, ApiError::Unauthenticated) {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tally\""),
+            );
+        }
         if let Some(secs) = retry_after {
             response
                 .headers_mut()

@@ -8,10 +8,14 @@
 //! The engine itself lives in the workspace crates: `tally-pipelines`
 //! (pure logic), `tally-state` (RocksDB), `tally-actors` (shards).
 
+mod access;
+mod audit;
 mod config;
 mod error;
 mod gen;
 mod http;
+mod jwt;
+mod keys;
 mod observability;
 mod replay;
 mod serve;
@@ -46,6 +50,8 @@ enum Command {
     Replay(replay::ReplayArgs),
     /// Write deterministic synthetic request events as NDJSON.
     Gen(gen::GenArgs),
+    /// Manage API keys offline (the service not running on the data dir).
+    Keys(keys::KeysArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +69,7 @@ fn main() -> ExitCode {
             }
         }),
         Command::Gen(args) => gen::run(args),
+        Command::Keys(args) => keys::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,7 +3,9 @@
 use std::io::IsTerminal;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tally_actors::telemetry::{BATCH_DURATION, FLUSH_DURATION, HTTP_DURATION, LATENCY_BUCKETS};
+use tally_actors::telemetry::{
+    BATCH_DURATION, CONTROL_PROPAGATION, FLUSH_DURATION, HTTP_DURATION, LATENCY_BUCKETS,
+};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -29,7 +31,12 @@ pub fn init_logging(format: Option<LogFormat>) {
 
 pub fn install_prometheus() -> anyhow::Result<PrometheusHandle> {
     let mut builder = PrometheusBuilder::new();
-    for name in [BATCH_DURATION, FLUSH_DURATION, HTTP_DURATION] {
+    for name in [
+        BATCH_DURATION,
+        FLUSH_DURATION,
+        HTTP_DURATION,
+        CONTROL_PROPAGATION,
+    ] {
         builder =
             builder.set_buckets_for_metric(Matcher::Full(name.to_string()), &LATENCY_BUCKETS)?;
     }

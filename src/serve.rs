@@ -44,6 +44,25 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
     let mut shard_config = config.shard_config();
     shard_config.limits.alerts = Some(alerts.clone());
     shard_config.detect.alerts = Some(alerts.clone());
+    // In Kafka mode the bootstrap key is published once the control
+    // topic is read (`attach`), so every instance has it.
+    let audit = crate::audit::Audit::start(store.clone(), config.audit_retention)?;
+    let access = crate::access::Access::open(
+        store.clone(),
+        Some(audit.clone()),
+        config
+            .bootstrap_key
+            .as_ref()
+            .filter(|_| config.kafka.is_none())
+            .map(|k| k.expose()),
+        tally_state::retention::wall_clock_ms(),
+    )?;
+    if let Some(verifier) = crate::jwt::JwtVerifier::from_settings(&config.jwt)? {
+        access.accept_jwts(verifier);
+    }
+    if config.kafka.is_none() {
+        refuse_open_public(&config, &access)?;
+    }
     let engine = Engine::start(store.clone(), shard_config, config.shard_threads)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -55,11 +74,46 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let local = listener.local_addr()?;
         let ready = Arc::new(AtomicBool::new(true));
+        let webhooks = crate::webhooks::Webhooks::start(
+            store.clone(),
+            alerts.clone(),
+            config.kafka.is_none(),
+        )?;
+        if let Some(k) = &config.kafka {
+            KafkaSource::ensure_topics(k, config.partitions).await?;
+        }
+        let control = match &config.kafka {
+            Some(k) => {
+                let hooks = webhooks.clone();
+                let keys = access.clone();
+                let control = tally_actors::kafka::control::ControlTopic::start(
+                    k,
+                    Box::new(move |offset, key, value| {
+                        if key.starts_with(crate::access::CONTROL_PREFIX) {
+                            keys.apply_published(offset, value);
+                        } else {
+                            hooks.apply_control(key, value);
+                        }
+                    }),
+                )?;
+                // Nothing is served before this instance has every key
+                // the cluster made (else it would answer as if open).
+                control
+                    .sync(&store.instance_id()?, Duration::from_secs(30))
+                    .await
+                    .context("reading the control topic to its end")?;
+                access
+                    .attach(control.clone(), config.bootstrap_key.as_ref().map(|k| k.expose()))
+                    .await?;
+                refuse_open_public(&config, &access)?;
+                Some(control)
+            }
+            None => None,
+        };
         let kafka = match config.kafka.clone() {
             Some(kafka_config) => {
                 let validation_config = config.clone();
                 tracing::info!(brokers = %kafka_config.brokers, topic = %kafka_config.topic, group = %kafka_config.group, "consuming from Kafka");
-                KafkaSource::ensure_topics(&kafka_config, config.partitions).await?;
                 let address = config
                     .advertise
                     .clone()
@@ -70,21 +124,6 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
                     store.clone(),
                     address,
                     move || validation_config.validation(validation_config.clock.now_ms()),
-                )?)
-            }
-            None => None,
-        };
-        let webhooks = crate::webhooks::Webhooks::start(
-            store.clone(),
-            alerts.clone(),
-            config.kafka.is_none(),
-        )?;
-        let control = match &config.kafka {
-            Some(k) => {
-                let hooks = webhooks.clone();
-                Some(tally_actors::kafka::control::ControlTopic::start(
-                    k,
-                    Box::new(move |key, value| hooks.apply_control(key, value)),
                 )?)
             }
             None => None,
@@ -117,6 +156,8 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             control,
             ingest_gate: crate::http::ingest::IngestGate::new(config.max_ingest_requests, config.max_ingest_bytes),
             subscribers: Arc::new(tokio::sync::Semaphore::new(config.max_subscribers)),
+            access,
+            audit,
         });
         let state_alerts = alerts;
         let upkeep = tokio::spawn(async move {
@@ -148,7 +189,12 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             tracing::info!("shutdown requested: draining requests");
             let _ = signalled_tx.send(());
         };
-        let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown);
+        // The peer address is what key allowlists judge.
+        let server = axum::serve(
+            listener,
+            app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown);
         let served = tokio::spawn(async move { server.await });
         // Drain within the budget; after the signal, a stuck connection must
         // not keep the state from being flushed.
@@ -198,6 +244,19 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
         std::mem::forget(last_store);
     }
     served
+}
+
+/// An API with no key is open to whoever reaches it: fine on loopback
+/// (the embedded default), refused elsewhere unless `--insecure`.
+fn refuse_open_public(config: &Config, access: &crate::access::Access) -> anyhow::Result<()> {
+    if !access.enforced() && !config.listen.ip().is_loopback() && !config.insecure {
+        anyhow::bail!(
+            "no API key exists, so the API would be open to anyone who reaches {}: set TALLY_BOOTSTRAP_KEY (make one with `tally keys create --data-dir {} --name admin --scopes all`), listen on 127.0.0.1, or pass --insecure to serve it open anyway",
+            config.listen,
+            config.data_dir.display()
+        );
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

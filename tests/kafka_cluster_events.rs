@@ -123,7 +123,11 @@ async fn websocket_positions(
         let client = v["client_id"].as_str().unwrap().to_string();
         let position = v["stream_id"].as_str().unwrap().to_string();
         assert!(out.iter().all(|(c, _)| *c != client), "a repeat: {v}");
-        assert_ne!(Some(client.as_str()), not, "an event before the position: {v}");
+        assert_ne!(
+            Some(client.as_str()),
+            not,
+            "an event before the position: {v}"
+        );
         out.push((client, position));
     }
     out
@@ -300,7 +304,11 @@ async fn every_instance_streams_the_whole_clusters_events_exactly_once_and_resum
     let (first_client, first_position) = by_ws[0].clone();
     let rest = websocket_positions(&a, &first_position, third.len() - 1, Some(&first_client)).await;
     let rest: BTreeSet<String> = rest.into_iter().map(|(c, _)| c).collect();
-    let want: BTreeSet<String> = third.iter().filter(|c| **c != first_client).cloned().collect();
+    let want: BTreeSet<String> = third
+        .iter()
+        .filter(|c| **c != first_client)
+        .cloned()
+        .collect();
     assert_eq!(rest, want, "resumed from a WebSocket stream_id");
 
     // A position that is not one of the cluster stream's is refused.

@@ -48,6 +48,12 @@ pub const WEBHOOK_OVERFLOW: &str = "tally_webhook_overflow_total";
 pub const ALERT_TOPIC_PUBLISHED: &str = "tally_alert_topic_published_total";
 pub const ALERTS_DROPPED: &str = "tally_alerts_dropped_total";
 pub const INGEST_SHED: &str = "tally_ingest_shed_total";
+/// Requests refused by access control, by cause (a fixed set).
+pub const AUTH_REFUSALS: &str = "tally_auth_refusals_total";
+/// From a control change being made to its being applied here (seconds).
+pub const CONTROL_PROPAGATION: &str = "tally_control_propagation_seconds";
+/// Audit records dropped (the writer behind, or the store failing).
+pub const AUDIT_DROPPED: &str = "tally_audit_dropped_total";
 
 /// Histogram buckets (seconds) shared by the latency histograms.
 pub const LATENCY_BUCKETS: [f64; 14] = [

@@ -23,6 +23,7 @@
 //!
 //! Time is always passed in, so every behaviour is testable and replayable.
 
+pub mod access;
 pub mod aggregate;
 pub mod circuit;
 pub mod decode;

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use settings::Settings;
+pub use settings::{SecretString, Settings};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -44,6 +44,8 @@ pub struct Config {
     pub max_subscribers: usize,
     pub max_webhooks: usize,
     pub request_timeout: Duration,
+    /// How long the audit trail keeps records.
+    pub audit_retention: Duration,
     pub max_errors_reported: usize,
     pub retention_minute: Duration,
     pub retention_hour: Duration,
@@ -73,6 +75,14 @@ pub struct Config {
     pub adaptive: Arc<tally_actors::adaptive::AdaptiveLimits>,
     /// The one wall clock every component reads.
     pub clock: tally_state::clock::SharedClock,
+    /// The key that exists from start-up (never shown by `Debug`).
+    pub bootstrap_key: Option<settings::SecretString>,
+    /// An open API may listen beyond loopback.
+    pub insecure: bool,
+    /// Readiness and metrics want a key.
+    pub keyed_ops: bool,
+    /// How JWTs are checked (none configured: no JWT is accepted).
+    pub jwt: crate::jwt::JwtSettings,
 }
 
 fn ms(d: Duration) -> i64 {
@@ -127,6 +137,7 @@ impl Config {
         let dedupe_window = duration("dedupe_window", &s.dedupe_window, "1h");
         let max_future = duration("max_future", &s.max_future, "15m");
         let request_timeout = duration("request_timeout", &s.request_timeout, "60s");
+        let audit_retention = duration("audit_retention", &s.audit_retention, "30d");
         let anomaly_idle_close = duration("anomaly_idle_close", &s.anomaly_idle_close, "2m");
         let kafka_outage_grace = duration("kafka.outage_grace", &s.kafka.outage_grace, "30s");
         let changelog_interval = duration(
@@ -288,6 +299,16 @@ impl Config {
             flush_max_events,
             mailbox_capacity,
             sync_writes: s.sync_writes.unwrap_or(true),
+            bootstrap_key: s.bootstrap_key.clone(),
+            insecure: s.insecure.unwrap_or(false),
+            keyed_ops: s.keyed_ops.unwrap_or(false),
+            jwt: crate::jwt::JwtSettings {
+                hs256_secret: s.jwt_hs256_secret.clone(),
+                rs256_public_key: s.jwt_rs256_public_key.clone(),
+                jwks: s.jwt_jwks.clone(),
+                issuer: s.jwt_issuer.clone(),
+                audience: s.jwt_audience.clone(),
+            },
             allowed_lateness,
             dedupe_window,
             dedupe_max_ids,
@@ -298,6 +319,7 @@ impl Config {
             max_subscribers,
             max_webhooks,
             request_timeout,
+            audit_retention,
             max_errors_reported,
             retention_minute,
             retention_hour,

@@ -19,6 +19,31 @@ macro_rules! layer {
     };
 }
 
+/// A setting that is a secret: `Debug` never shows it.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretString(String);
+
+impl SecretString {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretString(redacted)")
+    }
+}
+
+impl std::str::FromStr for SecretString {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(SecretString(s.to_string()))
+    }
+}
+
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
@@ -101,6 +126,34 @@ pub struct Settings {
     /// Judge a quiet partition's open minutes after this long [default: 2m].
     #[arg(long, env = "TALLY_ANOMALY_IDLE_CLOSE")]
     pub anomaly_idle_close: Option<String>,
+    /// An admin key (`tly_...`, as `tally keys create` prints) that exists
+    /// from start-up; turns access control on.
+    #[arg(long, env = "TALLY_BOOTSTRAP_KEY", hide_env_values = true)]
+    pub bootstrap_key: Option<SecretString>,
+    /// Serve an open API (no key exists) on a non-loopback address.
+    #[arg(long, env = "TALLY_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure: Option<bool>,
+    /// HS256 key of accepted JWTs (at least 32 bytes).
+    #[arg(long, env = "TALLY_JWT_HS256_SECRET", hide_env_values = true)]
+    pub jwt_hs256_secret: Option<SecretString>,
+    /// RSA public key (PEM file) of accepted RS256 JWTs.
+    #[arg(long, env = "TALLY_JWT_RS256_PUBLIC_KEY")]
+    pub jwt_rs256_public_key: Option<PathBuf>,
+    /// JWKS file of accepted RS256 JWTs (keys chosen by `kid`).
+    #[arg(long, env = "TALLY_JWT_JWKS")]
+    pub jwt_jwks: Option<PathBuf>,
+    /// Required `iss` of JWTs.
+    #[arg(long, env = "TALLY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` of JWTs.
+    #[arg(long, env = "TALLY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// How long the audit trail keeps records, e.g. 30d [default: 30d].
+    #[arg(long, env = "TALLY_AUDIT_RETENTION")]
+    pub audit_retention: Option<String>,
+    /// `/health/ready` and `/metrics` want a key with `read` too [default: false].
+    #[arg(long, env = "TALLY_KEYED_OPS", num_args = 0..=1, default_missing_value = "true")]
+    pub keyed_ops: Option<bool>,
     #[command(flatten)]
     pub kafka: KafkaSettings,
     #[arg(skip)]
@@ -128,7 +181,8 @@ impl Settings {
             flush_interval, flush_max_events, mailbox_capacity, sync_writes, allowed_lateness,
             dedupe_window, dedupe_max_ids, max_future, max_body_bytes, max_ingest_requests,
             max_ingest_bytes, max_subscribers, max_webhooks, log_format, request_timeout,
-            max_errors_reported, anomaly_idle_close, detect);
+            max_errors_reported, anomaly_idle_close, detect, bootstrap_key, insecure, keyed_ops, audit_retention, jwt_hs256_secret,
+            jwt_rs256_public_key, jwt_jwks, jwt_issuer, jwt_audience);
         layer!(self.kafka, over.kafka; brokers, group, topic, dead_letter_topic, outage_grace,
             changelog_interval, session_timeout);
         layer!(self.memory, over.memory; detectors, ranked_clients, memtable_bytes, block_cache_bytes, restore_bytes);

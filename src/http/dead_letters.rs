@@ -95,8 +95,10 @@ async fn list_kafka(
     };
     let topic = kafka.dead_letter_topic.clone();
     let page = blocking(move || {
-        tally_actors::kafka::dead_letters::read_page(&kafka, below.as_deref(), limit)
-            .map_err(|e| ApiError::Unavailable(format!("reading the dead-letter topic: {e}")))
+        tally_actors::kafka::dead_letters::read_page(&kafka, below.as_deref(), limit).map_err(|e| {
+            tracing::error!(error = %e, "reading the dead-letter topic failed");
+            ApiError::Unavailable("the dead-letter topic cannot be read; retry shortly".into())
+        })
     })
     .await?;
     let parts: Vec<String> = page.next.iter().map(|(p, o)| format!("{p}.{o}")).collect();

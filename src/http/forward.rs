@@ -145,7 +145,8 @@ pub async fn send(
         .request(method, format!("{owner}{path}"))
         .timeout(FORWARD_TIMEOUT)
         .header(FORWARDED_BY.as_str(), me);
-    for name in ["x-request-id", "content-type"] {
+    // The owner judges the key again (it has the same key ring).
+    for name in ["x-request-id", "content-type", "authorization", "x-api-key"] {
         if let Some(v) = headers.get(name) {
             outgoing = outgoing.header(name, v.as_bytes());
         }

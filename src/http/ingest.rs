@@ -150,6 +150,8 @@ fn derive_event_ids(key: &str, decoded: &mut DecodedBody) {
 
 async fn ingest(
     State(state): State<AppState>,
+    principal: Option<axum::Extension<tally_pipelines::access::Principal>>,
+    origin: Option<axum::Extension<crate::access::Origin>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<IngestResponse>), ApiError> {
@@ -188,6 +190,18 @@ async fn ingest(
             .await
             .map_err(|e| ApiError::Internal(format!("decoder task failed: {e}")))?
             .map_err(|e| ApiError::bad_request(e.to_string(), vec![]))?;
+    // A key limited to some clients posts for those only; one event for
+    // another refuses the whole body, before anything is applied.
+    if let Some(p) = principal
+        .as_ref()
+        .map(|p| &p.0)
+        .filter(|p| !p.all_clients())
+    {
+        let origin = origin.as_ref().map(|o| &o.0);
+        for event in &decoded.events {
+            super::auth::permit_client(&state, Some(p), origin, "/v1/events", &event.client_id)?;
+        }
+    }
     if let Some(key) = &key {
         derive_event_ids(key, &mut decoded);
     }
@@ -207,7 +221,11 @@ async fn ingest(
             return Err(not_applied(
                 &indices,
                 |i| produced.delivered[i],
-                format!("cannot produce to Kafka: {error}"),
+                {
+                    // The broker's error is the operator's (the log).
+                    tracing::error!(error = %error, "producing ingested events to Kafka failed");
+                    "the Kafka broker did not take them".to_string()
+                },
                 key.is_some(),
             ));
         }

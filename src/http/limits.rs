@@ -17,12 +17,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tally_actors::limits::CheckAnswer;
 use tally_actors::messages::{LimitReply, LimitRequest};
+use tally_pipelines::access::{ControlEvent, Principal};
 use tally_pipelines::event::MAX_CLIENT_ID_BYTES;
 use tally_pipelines::limit::policy::LimitConfig;
 use tally_pipelines::quota::QuotaConfig;
 use tally_pipelines::time::format_rfc3339_ms;
 
-use super::AppState;
+use super::{history, AppState};
+use crate::access::Origin;
 use crate::error::{ApiError, FieldProblem};
 
 pub fn router() -> Router<AppState> {
@@ -185,11 +187,20 @@ fn answer(client_id: String, a: CheckAnswer, now_ms: i64) -> Response {
 
 async fn check(
     State(state): State<AppState>,
+    principal: Option<axum::Extension<Principal>>,
+    origin: Option<axum::Extension<Origin>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let req: CheckRequest = json_body(&body)?;
     valid_client(&req.client_id)?;
+    super::auth::permit_client(
+        &state,
+        principal.as_ref().map(|p| &p.0),
+        origin.as_ref().map(|o| &o.0),
+        "/v1/check",
+        &req.client_id,
+    )?;
     // In Kafka mode the client's limiter lives on its partition's owner.
     if let Some(owner) = super::forward::owner_of(&state, &req.client_id, &headers)? {
         let me = state
@@ -263,6 +274,8 @@ async fn limit_status(
 
 async fn put_limits(
     State(state): State<AppState>,
+    principal: Option<axum::Extension<Principal>>,
+    origin: Option<axum::Extension<Origin>>,
     Path(client): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -278,14 +291,42 @@ async fn put_limits(
         },
     )
     .await?;
+    let event = ControlEvent::LimitsSet {
+        client_id: client.clone(),
+        config: serde_json::to_value(&config).unwrap_or_default(),
+    };
+    history::remember(&state, principal, origin, event).await;
     Ok(Json(json!({"client_id": client, "limits": config})).into_response())
 }
 
 async fn get_limits(
     State(state): State<AppState>,
     Path(client): Path<String>,
+    q: Result<Query<history::AsOfParam>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     valid_client(&client)?;
+    if let Some(at) = history::as_of(q)? {
+        let shown = match history::configured_at(&state, at, history::limits_of, &client).await? {
+            Some((config, set_at, set_by)) => {
+                json!({"client_id": client, "as_of": format_rfc3339_ms(at),
+                "source": "client", "limits": config, "set_at": format_rfc3339_ms(set_at), "set_by": set_by})
+            }
+            None => match &state.config.limit_default {
+                // Nothing of the client's own then: the default applied
+                // (as configured now; the file's history is not logged).
+                Some(d) => {
+                    json!({"client_id": client, "as_of": format_rfc3339_ms(at), "source": "default", "limits": d})
+                }
+                None => {
+                    return Err(ApiError::NoSuchResource(format!(
+                        "no rate limit was configured for client {client:?} at {}",
+                        format_rfc3339_ms(at)
+                    )))
+                }
+            },
+        };
+        return Ok(Json(shown).into_response());
+    }
     let p = state.shards.partition_of(&client);
     let (store, name) = (state.store.clone(), client.clone());
     let own = super::blocking(move || Ok(store.limit_config(p, &name)?)).await?;
@@ -324,6 +365,8 @@ async fn reset_counters(
 
 async fn put_quota(
     State(state): State<AppState>,
+    principal: Option<axum::Extension<Principal>>,
+    origin: Option<axum::Extension<Origin>>,
     Path(client): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -339,6 +382,11 @@ async fn put_quota(
         },
     )
     .await?;
+    let event = ControlEvent::QuotaSet {
+        client_id: client.clone(),
+        config: serde_json::to_value(&config).unwrap_or_default(),
+    };
+    history::remember(&state, principal, origin, event).await;
     Ok(Json(json!({"client_id": client, "quota": config})).into_response())
 }
 
@@ -353,8 +401,22 @@ async fn stored_quota(state: &AppState, client: &str) -> Result<QuotaConfig, Api
 async fn get_quota(
     State(state): State<AppState>,
     Path(client): Path<String>,
+    q: Result<Query<history::AsOfParam>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     valid_client(&client)?;
+    if let Some(at) = history::as_of(q)? {
+        return match history::configured_at(&state, at, history::quota_of, &client).await? {
+            Some((config, set_at, set_by)) => Ok(Json(
+                json!({"client_id": client, "as_of": format_rfc3339_ms(at),
+                "quota": config, "set_at": format_rfc3339_ms(set_at), "set_by": set_by}),
+            )
+            .into_response()),
+            None => Err(ApiError::NoSuchResource(format!(
+                "no quota was configured for client {client:?} at {}",
+                format_rfc3339_ms(at)
+            ))),
+        };
+    }
     let config = stored_quota(&state, &client).await?;
     Ok(Json(json!({"client_id": client, "quota": config})).into_response())
 }

@@ -4,10 +4,14 @@
 
 pub mod alerts;
 pub mod anomalies;
+pub mod audit;
+pub mod auth;
 pub mod dead_letters;
 pub mod forward;
 pub mod health;
+pub mod history;
 pub mod ingest;
+pub mod keys;
 pub mod limits;
 pub mod page;
 pub mod top;
@@ -83,6 +87,10 @@ pub struct Shared {
     pub ingest_gate: ingest::IngestGate,
     /// Open SSE and WebSocket subscriptions (bounded by configuration).
     pub subscribers: Arc<tokio::sync::Semaphore>,
+    /// API keys and who may call what.
+    pub access: Arc<crate::access::Access>,
+    /// Control changes and refused requests.
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 /// Runs store I/O (or other blocking work) on the blocking pool, keeping
@@ -141,6 +149,13 @@ pub fn app(state: AppState) -> Router {
         .merge(alerts::router())
         .merge(health::router())
         .merge(dead_letters::router())
+        .merge(keys::router())
+        .merge(audit::router())
+        // After routing (the rule is the route's), before any handler.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
         .route_layer(middleware::from_fn(record_http_metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -18,6 +18,10 @@
 //! | `meta`        | `0xFFFF`, name                                           | store settings     |
 //! | `meta`        | `0xFFFF`, `webhook/` id                                  | webhook config     |
 //! | `meta`        | `0xFFFF`, `sink/` sink name                              | sink cursor        |
+//! | `meta`        | `0xFFFF`, `control/e/`, sequence (u64)                   | control event (JSON envelope) |
+//! | `meta`        | `0xFFFF`, `control/snapshot`                             | projection snapshot |
+//! | `meta`        | `0xFFFF`, `control/topic-offset`                         | control topic offset applied (i64) |
+//! | `meta`        | `0xFFFF`, `audit/`, time (u64 ms), sequence (u64)        | audit record (JSON) |
 
 use tally_pipelines::time::{Granularity, Period};
 
@@ -326,6 +330,39 @@ pub fn setting_key(name: &str) -> Vec<u8> {
     key
 }
 
+/// The prefix of the control log's events; [`control_event_key`] appends
+/// the sequence, big-endian, so the log scans in order.
+pub fn control_event_prefix() -> Vec<u8> {
+    setting_key("control/e/")
+}
+
+pub fn control_event_key(seq: u64) -> Vec<u8> {
+    let mut key = control_event_prefix();
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+pub fn control_snapshot_key() -> Vec<u8> {
+    setting_key("control/snapshot")
+}
+
+/// The prefix of the audit log; [`audit_key`] appends time and sequence,
+/// big-endian, so the log scans in time order and retention is one range.
+pub fn audit_prefix() -> Vec<u8> {
+    setting_key("audit/")
+}
+
+pub fn audit_key(at_ms: i64, seq: u64) -> Vec<u8> {
+    let mut key = audit_prefix();
+    key.extend_from_slice(&(at_ms.max(0) as u64).to_be_bytes());
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+pub fn control_topic_offset_key() -> Vec<u8> {
+    setting_key("control/topic-offset")
+}
+
 /// The partition every state key starts with.
 pub fn partition_of(key: &[u8]) -> Option<u16> {
     Some(u16::from_be_bytes(key.get(0..2)?.try_into().ok()?))
@@ -449,6 +486,16 @@ mod tests {
         assert_eq!(decode_stats_key(&changelog_marker_key(7)), None);
         assert_eq!(partition_of(&changelog_marker_key(7)), Some(7));
         assert_ne!(changelog_mark_key(7), checkpoint_key(7));
+    }
+
+    #[test]
+    fn control_event_keys_sort_by_sequence_and_stay_under_their_prefix() {
+        let prefix = control_event_prefix();
+        let end = prefix_end(&prefix);
+        let (a, b) = (control_event_key(255), control_event_key(256));
+        assert!(a < b, "byte order is sequence order");
+        assert!(a.starts_with(&prefix) && b < end);
+        assert!(control_snapshot_key() >= end || control_snapshot_key() < prefix);
     }
 
     #[test]

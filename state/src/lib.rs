@@ -27,11 +27,13 @@
 
 pub mod alerts;
 pub mod anomalies;
+pub mod audit;
 pub mod changelog;
 pub mod clock;
 pub mod cluster_alerts;
 pub mod codec;
 pub mod commit;
+pub mod control_log;
 pub mod engine;
 pub mod keys;
 pub mod limits;

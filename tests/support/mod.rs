@@ -525,3 +525,22 @@ where
         }
     }
 }
+
+/// `tally keys create` on a data dir, as an operator would run it: the
+/// key it prints (an admin key with every scope unless `extra` says).
+pub fn offline_key(data_dir: &Path, extra: &[&str]) -> String {
+    let out = Command::new(tally_bin())
+        .args(["keys", "create", "--name", "admin", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tally keys create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(key.starts_with("tly_") && key.len() == 54, "{key}");
+    key
+}

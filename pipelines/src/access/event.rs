@@ -1,0 +1,224 @@
+//! Control-plane events: every change to keys is one immutable event in
+//! an append-only log, and the key ring is their projection. An event is
+//! stored in an envelope with its format version; older versions are
+//! upcast on read, so the stored log never has to be rewritten when the
+//! format grows.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use super::scope::Scope;
+use super::token::TokenHash;
+use crate::limit::{Algorithm, Limit};
+
+/// The envelope version this build writes.
+pub const EVENT_VERSION: u16 = 1;
+
+/// A request budget of a key, shared by the key and all its descendants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRateLimit {
+    pub requests: u64,
+    pub window_seconds: u64,
+    #[serde(default)]
+    pub burst_allowance: u64,
+    #[serde(default = "token_bucket")]
+    pub algorithm: Algorithm,
+}
+
+fn token_bucket() -> Algorithm {
+    Algorithm::TokenBucket
+}
+
+impl KeyRateLimit {
+    pub fn limit(&self) -> Limit {
+        Limit::new(self.requests, self.window_seconds, self.burst_allowance)
+    }
+}
+
+/// What a key is allowed, as its creator asked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeySpec {
+    pub name: String,
+    pub scopes: BTreeSet<Scope>,
+    /// Only these clients (all when absent; a child without a list
+    /// inherits its parent's).
+    pub client_ids: Option<BTreeSet<String>>,
+    pub parent_key_id: Option<String>,
+    pub expires_at_ms: Option<i64>,
+    /// Requests only from these networks (any when empty).
+    pub ip_allowlist: Vec<IpNet>,
+    pub rate_limit: Option<KeyRateLimit>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControlEvent {
+    KeyCreated {
+        key_id: String,
+        spec: KeySpec,
+        #[serde(with = "hex_hash")]
+        hash: TokenHash,
+    },
+    /// A new secret; the ones before it stay valid until `old_valid_until_ms`.
+    KeyRotated {
+        key_id: String,
+        #[serde(with = "hex_hash")]
+        hash: TokenHash,
+        old_valid_until_ms: i64,
+    },
+    KeyRevoked {
+        key_id: String,
+    },
+    /// A client's rate-limit configuration, as the API took it (history
+    /// only: the live configuration is the partition's state).
+    LimitsSet {
+        client_id: String,
+        config: serde_json::Value,
+    },
+    /// A client's quota configuration (history, as `LimitsSet`).
+    QuotaSet {
+        client_id: String,
+        config: serde_json::Value,
+    },
+}
+
+impl ControlEvent {
+    pub fn action(&self) -> &'static str {
+        match self {
+            ControlEvent::KeyCreated { .. } => "key.create",
+            ControlEvent::KeyRotated { .. } => "key.rotate",
+            ControlEvent::KeyRevoked { .. } => "key.revoke",
+            ControlEvent::LimitsSet { .. } => "limits.set",
+            ControlEvent::QuotaSet { .. } => "quota.set",
+        }
+    }
+
+    /// What the event changes: a key id or a client id.
+    pub fn target(&self) -> &str {
+        match self {
+            ControlEvent::KeyCreated { key_id, .. }
+            | ControlEvent::KeyRotated { key_id, .. }
+            | ControlEvent::KeyRevoked { key_id } => key_id,
+            ControlEvent::LimitsSet { client_id, .. }
+            | ControlEvent::QuotaSet { client_id, .. } => client_id,
+        }
+    }
+}
+
+/// One stored event: its place in the log, when, by whom (a key id, or
+/// `bootstrap` / `cli`), and the event itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub v: u16,
+    pub seq: u64,
+    pub at_ms: i64,
+    pub actor: String,
+    pub event: ControlEvent,
+    /// Applies only if the event's key is at this version (`If-Match`):
+    /// judged when applied, so every instance, applying the same log in
+    /// the same order, judges it alike.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_version: Option<u64>,
+    /// The request that made the change, and its client address (audit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+}
+
+impl Envelope {
+    pub fn new(seq: u64, at_ms: i64, actor: &str, event: ControlEvent) -> Self {
+        Envelope {
+            v: EVENT_VERSION,
+            seq,
+            at_ms,
+            actor: actor.to_string(),
+            event,
+            expect_version: None,
+            request_id: None,
+            ip: None,
+        }
+    }
+
+    pub fn from_request(mut self, request_id: Option<String>, ip: Option<String>) -> Self {
+        self.request_id = request_id;
+        self.ip = ip;
+        self
+    }
+
+    pub fn expecting(mut self, version: Option<u64>) -> Self {
+        self.expect_version = version;
+        self
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising plain data with string keys cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads an envelope of any version this build knows, upcast to the
+    /// current one.
+    pub fn decode(bytes: &[u8]) -> Result<Envelope, String> {
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+        let v = value.get("v").and_then(|v| v.as_u64()).unwrap_or(0);
+        match v {
+            1 => serde_json::from_value(value).map_err(|e| format!("version 1 event: {e}")),
+            other => Err(format!(
+                "event version {other} is newer than this build ({EVENT_VERSION}); upgrade Tally"
+            )),
+        }
+    }
+}
+
+pub(crate) mod hex_hash {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::access::token::TokenHash;
+
+    pub fn serialize<S: Serializer>(hash: &TokenHash, s: S) -> Result<S::Ok, S::Error> {
+        let text: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TokenHash, D::Error> {
+        let text = String::deserialize(d)?;
+        let bad = || serde::de::Error::custom("a token hash is 64 hex digits");
+        if text.len() != 64 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+                .map_err(|_| bad())?;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_envelope_round_trips_and_a_future_version_is_refused_by_name() {
+        let event = ControlEvent::KeyRotated {
+            key_id: "abcdefghijkl".into(),
+            hash: [0xab; 32],
+            old_valid_until_ms: 5,
+        };
+        let envelope = Envelope::new(3, 1000, "cli", event);
+        let bytes = envelope.encode();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(text.contains(&"ab".repeat(32)), "{text}");
+        assert!(text.contains("\"type\":\"key_rotated\""), "{text}");
+        assert_eq!(Envelope::decode(&bytes).unwrap(), envelope);
+        let future = text.replace("\"v\":1", "\"v\":9");
+        let err = Envelope::decode(future.as_bytes()).unwrap_err();
+        assert!(err.contains("version 9"), "{err}");
+    }
+}

@@ -1,0 +1,89 @@
+//! Configuration history: every change of a client's limits and quota is
+//! also an event in the control log, so `GET ...?as_of=T` answers what
+//! applied at time T (a billing dispute is one request). The live
+//! configuration stays in the partition's state, which moves with it.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::Query;
+use serde::Deserialize;
+use tally_pipelines::access::{ControlEvent, Principal};
+use tally_pipelines::time::parse_instant;
+
+use super::AppState;
+use crate::access::Origin;
+use crate::error::{ApiError, FieldProblem};
+
+/// Appends a configuration change to the control log (its history, for
+/// `as_of` queries and the audit). The change itself is applied by then;
+/// a history that cannot be written is logged, not turned into a failed
+/// answer for a change that holds.
+pub async fn remember(
+    state: &AppState,
+    principal: Option<axum::Extension<Principal>>,
+    origin: Option<axum::Extension<Origin>>,
+    event: ControlEvent,
+) {
+    let actor = principal.map_or_else(|| "anonymous".to_string(), |p| p.0.key_id);
+    let origin = origin.map(|o| o.0).unwrap_or_default();
+    let action = event.action();
+    if let Err(e) = state
+        .access
+        .change(&actor, state.config.clock.now_ms(), event, None, origin)
+        .await
+    {
+        tracing::error!(action, error = ?e, "a configuration change is not in the control log's history");
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AsOfParam {
+    /// RFC 3339 or epoch ms: what applied then, from the control log.
+    as_of: Option<String>,
+}
+
+pub fn as_of(q: Result<Query<AsOfParam>, QueryRejection>) -> Result<Option<i64>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text(), vec![]))?;
+    q.as_of
+        .map(|t| {
+            parse_instant(&t).map_err(|e| {
+                ApiError::bad_request(
+                    "invalid query parameters",
+                    vec![FieldProblem::field("as_of", e)],
+                )
+            })
+        })
+        .transpose()
+}
+
+/// The last configuration of `client` set at or before `at` (of the kind
+/// `pick` recognises): `(config, set_at, set_by)`.
+pub async fn configured_at(
+    state: &AppState,
+    at: i64,
+    pick: fn(&ControlEvent, &str) -> Option<serde_json::Value>,
+    client: &str,
+) -> Result<Option<(serde_json::Value, i64, String)>, ApiError> {
+    let access = state.access.clone();
+    let events = super::blocking(move || Ok(access.events_until(at)?)).await?;
+    Ok(events
+        .iter()
+        .rev()
+        .find_map(|e| pick(&e.event, client).map(|c| (c, e.at_ms, e.actor.clone()))))
+}
+
+pub fn limits_of(e: &ControlEvent, client: &str) -> Option<serde_json::Value> {
+    match e {
+        ControlEvent::LimitsSet { client_id, config } if client_id == client => {
+            Some(config.clone())
+        }
+        _ => None,
+    }
+}
+
+pub fn quota_of(e: &ControlEvent, client: &str) -> Option<serde_json::Value> {
+    match e {
+        ControlEvent::QuotaSet { client_id, config } if client_id == client => Some(config.clone()),
+        _ => None,
+    }
+}
