@@ -78,6 +78,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             store.clone(),
             alerts.clone(),
             config.kafka.is_none(),
+            config.webhook_allow.clone(),
         )?;
         let control = match &config.kafka {
             Some(k) => {

@@ -70,7 +70,7 @@ async fn put(
             vec![],
         )
     })?;
-    let problems = validate(&id, &config);
+    let problems = validate(&id, &config, state.webhooks.egress());
     if !problems.is_empty() {
         return Err(ApiError::bad_request(
             "invalid webhook configuration",
