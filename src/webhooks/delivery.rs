@@ -25,7 +25,7 @@ use tally_pipelines::circuit::{backoff_ms, Circuit, CircuitState, Outcome, Trans
 use tally_pipelines::time::format_rfc3339_ms;
 use tally_state::Store;
 
-use super::egress::{EgressPolicy, ResolveFailure};
+use super::egress::{EgressPolicy, PublicOnlyResolver, ResolveFailure};
 use super::{sink_name, SinkCursor, WebhookConfig, WebhookStatus};
 
 /// The status's reason for a delivery the egress policy refused.
@@ -76,6 +76,23 @@ pub fn signature(secret: &str, timestamp: &str, body: &[u8]) -> String {
         hex.push_str(&format!("{b:02x}"));
     }
     hex
+}
+
+/// The client every webhook delivers with: it connects only where
+/// `egress` permits.
+pub fn client(egress: &Arc<EgressPolicy>) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .user_agent(concat!("tally-webhooks/", env!("CARGO_PKG_VERSION")))
+        // A redirect's target is a destination nobody checked: a 3xx is a
+        // failed attempt.
+        .redirect(reqwest::redirect::Policy::none())
+        // Through a proxy the proxy would resolve and connect, and the
+        // resolver would judge only the proxy's address.
+        .no_proxy()
+        .dns_resolver(Arc::new(PublicOnlyResolver {
+            policy: egress.clone(),
+        }))
+        .build()
 }
 
 /// The status's reason for an answer that is not a success.
@@ -445,6 +462,55 @@ pub async fn run(d: Delivery) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reason `client(allow)` gives for a `POST` to `url`.
+    async fn reason_for(allow: &str, url: &str) -> &'static str {
+        let egress = Arc::new(EgressPolicy::parse(allow).unwrap());
+        let err = client(&egress)
+            .unwrap()
+            .post(url)
+            .timeout(Duration::from_millis(300))
+            .send()
+            .await
+            .expect_err("the request must fail");
+        failure_reason(&err)
+    }
+
+    #[tokio::test]
+    async fn failures_are_shown_as_a_short_class_without_addresses() {
+        // A port nothing listens on (bound, then let go).
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_port = closed.local_addr().unwrap().port();
+        drop(closed);
+        assert_eq!(
+            reason_for("127.0.0.1/32", &format!("http://127.0.0.1:{closed_port}/")).await,
+            "connection refused"
+        );
+        // A name that resolves only to loopback, not allowed.
+        assert_eq!(
+            reason_for("", &format!("http://localhost:{closed_port}/")).await,
+            REFUSED_NOT_PUBLIC
+        );
+        // A listener that never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_url = format!("http://{}/", silent.local_addr().unwrap());
+        assert_eq!(reason_for("127.0.0.1/32", &silent_url).await, "timed out");
+        // HTTPS to a server that speaks plain HTTP: the handshake fails.
+        let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let plain_url = format!("https://{}/", plain.local_addr().unwrap());
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut conn, _)) = plain.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        assert_eq!(reason_for("127.0.0.1/32", &plain_url).await, "TLS error");
+        drop(silent);
+    }
 
     #[test]
     fn signature_matches_an_independently_computed_hmac() {

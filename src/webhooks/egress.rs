@@ -412,7 +412,7 @@ mod tests {
         assert!(p.permits_address(ip("::1")));
         // Host bits in a CIDR are dropped: 10.1.2.3/8 is 10.0.0.0/8.
         assert!(p.permits_address(ip("10.200.0.1")));
-        assert!(!p.permits_address(ip("11.0.0.1")));
+        assert!(!p.permits_address(ip("172.16.0.1")));
         assert!(p.permits_address(ip("fd00::5")));
         assert!(!p.permits_address(ip("fd00::6")));
         // The mapped form of an allowed IPv4 address reaches it: allowed.

@@ -27,7 +27,7 @@ use tally_pipelines::circuit::{CircuitConfig, CircuitState, StatusTimeoutLatency
 use tally_state::Store;
 
 use crate::error::FieldProblem;
-use egress::{EgressPolicy, PublicOnlyResolver};
+use egress::EgressPolicy;
 
 /// How a webhook is delivered to (the stored and shown configuration,
 /// except that the secret is never shown).
@@ -232,18 +232,7 @@ impl Webhooks {
         egress: EgressPolicy,
     ) -> anyhow::Result<Arc<Webhooks>> {
         let egress = Arc::new(egress);
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("tally-webhooks/", env!("CARGO_PKG_VERSION")))
-            // A redirect's target is a destination nobody checked: a 3xx
-            // is a failed attempt.
-            .redirect(reqwest::redirect::Policy::none())
-            // Through a proxy the proxy would resolve and connect, and the
-            // resolver would judge only the proxy's address.
-            .no_proxy()
-            .dns_resolver(Arc::new(PublicOnlyResolver {
-                policy: egress.clone(),
-            }))
-            .build()?;
+        let client = delivery::client(&egress)?;
         let hooks = Arc::new(Webhooks {
             store,
             alerts,
