@@ -78,6 +78,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             store.clone(),
             alerts.clone(),
             config.kafka.is_none(),
+            config.webhook_allow.clone(),
         )?;
         if let Some(k) = &config.kafka {
             KafkaSource::ensure_topics(k, config.partitions).await?;

@@ -218,7 +218,10 @@ async fn dead_letters_page_through_every_partition_without_gaps_or_repeats() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_are_capped_and_listed_page_by_page() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("data"), &["--max-webhooks", "3"]);
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--max-webhooks", "3", "--webhook-allow", "127.0.0.1/32"],
+    );
     let c = client();
     let config = json!({
         "url": "http://127.0.0.1:9/hook",

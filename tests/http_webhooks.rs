@@ -22,6 +22,8 @@ use sha2::Sha256;
 use support::*;
 
 const SECRET: &str = "whsec-test-0123456789";
+/// The receivers are on loopback, which webhooks reach only when allowed.
+const ALLOW_LOCAL_RECEIVERS: &[&str] = &["--webhook-allow", "127.0.0.1/32"];
 
 #[derive(Default)]
 struct Receiver {
@@ -137,7 +139,7 @@ async fn webhooks_survive_failures_and_restarts_and_deliver_everything_once() {
     let (receiver, base) = start_receiver().await;
     let dir = tempfile::tempdir().unwrap();
     let c = client();
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start(dir.path(), ALLOW_LOCAL_RECEIVERS);
 
     let config = json!({
         "url": format!("{base}/hook"),
@@ -202,7 +204,7 @@ async fn webhooks_survive_failures_and_restarts_and_deliver_everything_once() {
 
     // Restart while the circuit is open: the queue is persisted.
     assert!(server.stop().success());
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start(dir.path(), ALLOW_LOCAL_RECEIVERS);
     wait_for_state(&c, &server, "billing-hook", "OPEN").await;
     receiver.failing.store(false, Ordering::SeqCst);
     wait_for_state(&c, &server, "billing-hook", "CLOSED").await;

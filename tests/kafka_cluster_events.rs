@@ -214,7 +214,11 @@ async fn every_instance_streams_the_whole_clusters_events_exactly_once_and_resum
     broker.create_topic(&format!("{TOPIC}.dlq"), 1);
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let args = cluster_args(&broker, "tally-alerts", &[]);
+    let args = cluster_args(
+        &broker,
+        "tally-alerts",
+        &["--webhook-allow", "127.0.0.1/32"],
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let a = Server::start(&dir.join("a"), &args);
     let b = Server::start(&dir.join("b"), &args);

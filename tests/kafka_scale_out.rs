@@ -43,6 +43,9 @@ fn instance_args(broker: &Broker) -> Vec<String> {
         "tally-pair",
         "--kafka-changelog-interval",
         "300ms",
+        // The test's webhook receiver is on loopback.
+        "--webhook-allow",
+        "127.0.0.1/32",
     ]
     .iter()
     .map(|s| s.to_string())

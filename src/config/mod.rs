@@ -43,6 +43,8 @@ pub struct Config {
     /// SSE and WebSocket subscriptions open at once.
     pub max_subscribers: usize,
     pub max_webhooks: usize,
+    /// Non-public webhook destinations the operator allows.
+    pub webhook_allow: crate::webhooks::egress::EgressPolicy,
     pub request_timeout: Duration,
     /// How long the audit trail keeps records.
     pub audit_retention: Duration,
@@ -227,6 +229,15 @@ impl Config {
                 "max_ingest_bytes: {max_ingest_bytes} is below max_body_bytes ({max_body_bytes}); no body of the largest size could be taken"
             ));
         }
+        let webhook_allow = match crate::webhooks::egress::EgressPolicy::parse(
+            s.webhook_allow.as_deref().unwrap_or(""),
+        ) {
+            Ok(policy) => policy,
+            Err(bad) => {
+                problems.extend(bad.into_iter().map(|p| format!("webhook_allow: {p}")));
+                Default::default()
+            }
+        };
         let log_format = match s.log_format.as_deref() {
             None => None,
             Some("text") => Some(LogFormat::Text),
@@ -318,6 +329,7 @@ impl Config {
             max_ingest_bytes,
             max_subscribers,
             max_webhooks,
+            webhook_allow,
             request_timeout,
             audit_retention,
             max_errors_reported,
@@ -454,6 +466,30 @@ mod tests {
         assert_eq!(c.request_sample_rate, 0.0);
         assert_eq!(c.anomaly_idle_close, Duration::from_secs(120));
         assert_eq!(c.max_detectors, 200_000);
+    }
+
+    #[test]
+    fn every_bad_webhook_allow_entry_is_a_problem_named_after_the_setting() {
+        let flags = Settings {
+            webhook_allow: Some("127.0.0.1/32,10.0.0.0/40,hooks.internal,a b".into()),
+            ..Default::default()
+        };
+        let problems = Config::resolve(&flags).unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems.iter().all(|p| p.starts_with("webhook_allow: ")),
+            "{problems:?}"
+        );
+        let flags = Settings {
+            webhook_allow: Some("127.0.0.1/32,hooks.internal".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(&flags).unwrap();
+        assert!(c
+            .webhook_allow
+            .permits_address("127.0.0.1".parse().unwrap()));
+        assert!(!c.webhook_allow.permits_address("10.0.0.1".parse().unwrap()));
+        assert!(c.webhook_allow.permits_host("hooks.internal"));
     }
 
     #[test]

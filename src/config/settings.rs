@@ -114,6 +114,11 @@ pub struct Settings {
     /// Configured webhooks [default: 100].
     #[arg(long, env = "TALLY_MAX_WEBHOOKS")]
     pub max_webhooks: Option<usize>,
+    /// Webhook destinations allowed although not public: comma-separated
+    /// CIDRs (10.0.0.0/8, ::1/128) and exact host names [default: none,
+    /// only public addresses].
+    #[arg(long, env = "TALLY_WEBHOOK_ALLOW")]
+    pub webhook_allow: Option<String>,
     /// Log format: text or json [default: text on a terminal, json otherwise].
     #[arg(long, env = "TALLY_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -180,7 +185,7 @@ impl Settings {
         layer!(self, over; config, data_dir, listen, advertise, partitions, partitioner, shard_threads,
             flush_interval, flush_max_events, mailbox_capacity, sync_writes, allowed_lateness,
             dedupe_window, dedupe_max_ids, max_future, max_body_bytes, max_ingest_requests,
-            max_ingest_bytes, max_subscribers, max_webhooks, log_format, request_timeout,
+            max_ingest_bytes, max_subscribers, max_webhooks, webhook_allow, log_format, request_timeout,
             max_errors_reported, anomaly_idle_close, detect, bootstrap_key, insecure, keyed_ops, audit_retention, jwt_hs256_secret,
             jwt_rs256_public_key, jwt_jwks, jwt_issuer, jwt_audience);
         layer!(self.kafka, over.kafka; brokers, group, topic, dead_letter_topic, outage_grace,

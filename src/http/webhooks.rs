@@ -70,7 +70,7 @@ async fn put(
             vec![],
         )
     })?;
-    let problems = validate(&id, &config);
+    let problems = validate(&id, &config, state.webhooks.egress());
     if !problems.is_empty() {
         return Err(ApiError::bad_request(
             "invalid webhook configuration",
@@ -90,7 +90,10 @@ async fn put(
         control
             .publish(&control_key(&id), Some(&json))
             .await
-            .map_err(|e| ApiError::Unavailable(format!("cannot publish the webhook: {e}")))?;
+            .map_err(|e| {
+                tracing::error!(error = %e, "publishing a webhook to the control topic failed");
+                ApiError::Unavailable("cannot publish the webhook; retry shortly".into())
+            })?;
     }
     let (hooks, hook_id) = (state.webhooks.clone(), id.clone());
     // Writes the store: off the async workers.
@@ -170,7 +173,10 @@ async fn delete(
         control
             .publish(&control_key(&id), None)
             .await
-            .map_err(|e| ApiError::Unavailable(format!("cannot publish the deletion: {e}")))?;
+            .map_err(|e| {
+                tracing::error!(error = %e, "publishing a webhook deletion to the control topic failed");
+                ApiError::Unavailable("cannot publish the deletion; retry shortly".into())
+            })?;
     }
     let (hooks, hook_id) = (state.webhooks.clone(), id.clone());
     if super::blocking(move || hooks.delete(&hook_id).map_err(internal)).await? {

@@ -25,7 +25,11 @@ use tally_pipelines::circuit::{backoff_ms, Circuit, CircuitState, Outcome, Trans
 use tally_pipelines::time::format_rfc3339_ms;
 use tally_state::Store;
 
+use super::egress::{EgressPolicy, PublicOnlyResolver, ResolveFailure};
 use super::{sink_name, SinkCursor, WebhookConfig, WebhookStatus};
+
+/// The status's reason for a delivery the egress policy refused.
+pub const REFUSED_NOT_PUBLIC: &str = "refused: destination address is not public";
 
 /// Log entries read per step.
 const BATCH: usize = 256;
@@ -36,6 +40,8 @@ pub struct Delivery {
     pub store: Arc<Store>,
     pub alerts: Arc<AlertLog>,
     pub client: reqwest::Client,
+    /// Checks IP-literal URLs (the client's resolver checks names).
+    pub egress: Arc<EgressPolicy>,
     pub status: Arc<Mutex<WebhookStatus>>,
 }
 
@@ -70,6 +76,93 @@ pub fn signature(secret: &str, timestamp: &str, body: &[u8]) -> String {
         hex.push_str(&format!("{b:02x}"));
     }
     hex
+}
+
+/// The client every webhook delivers with: it connects only where
+/// `egress` permits.
+pub fn client(egress: &Arc<EgressPolicy>) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .user_agent(concat!("tally-webhooks/", env!("CARGO_PKG_VERSION")))
+        // A redirect's target is a destination nobody checked: a 3xx is a
+        // failed attempt.
+        .redirect(reqwest::redirect::Policy::none())
+        // Through a proxy the proxy would resolve and connect, and the
+        // resolver would judge only the proxy's address.
+        .no_proxy()
+        .dns_resolver(Arc::new(PublicOnlyResolver {
+            policy: egress.clone(),
+        }))
+        .build()
+}
+
+/// The status's reason for an answer that is not a success.
+fn answered(status: reqwest::StatusCode) -> String {
+    if status.is_redirection() {
+        format!("answered {status} (redirects are not followed)")
+    } else {
+        format!("answered {status}")
+    }
+}
+
+/// The cause after `e`: an `io::Error` wrapping another error is followed
+/// into it (its `source` skips the wrapped error itself).
+fn cause<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a (dyn std::error::Error + 'static)> {
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+    {
+        return Some(inner);
+    }
+    e.source()
+}
+
+/// What the webhook's status says about an attempt that got no answer: a
+/// short class, never the error's text, which can carry the addresses a
+/// name resolved to and the OS's messages (the log has those).
+fn failure_reason(err: &reqwest::Error) -> &'static str {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        if let Some(failure) = e.downcast_ref::<ResolveFailure>() {
+            return match failure {
+                ResolveFailure::NotPublic { .. } => REFUSED_NOT_PUBLIC,
+                ResolveFailure::Lookup { .. } => "DNS lookup failed",
+            };
+        }
+        if e.downcast_ref::<rustls::Error>().is_some() {
+            return "TLS error";
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            match io.kind() {
+                K::ConnectionRefused => return "connection refused",
+                K::ConnectionReset | K::ConnectionAborted => return "connection reset",
+                K::TimedOut => return "timed out",
+                _ => {}
+            }
+        }
+        next = cause(e);
+    }
+    if err.is_timeout() {
+        "timed out"
+    } else if err.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    }
+}
+
+/// Every message in an error's chain, for the log.
+fn error_chain(err: &reqwest::Error) -> String {
+    let mut text = err.to_string();
+    let mut next = cause(err);
+    while let Some(e) = next {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        next = cause(e);
+    }
+    text
 }
 
 impl Delivery {
@@ -167,6 +260,19 @@ impl Delivery {
     }
 
     async fn attempt(&self, e: &AlertEvent, attempt: u32) -> (Outcome, Option<String>) {
+        let url = match reqwest::Url::parse(&self.config.url) {
+            Ok(url) => url,
+            Err(_) => return (Outcome::ConnectionFailed, Some("invalid URL".into())),
+        };
+        // Configurations are checked when made, but one stored before the
+        // check, or from another instance's control record, may not be.
+        if self.egress.refuses_literal(&url) {
+            tracing::warn!(webhook = %self.id, "webhook delivery refused: the URL's address is not public and not in webhook_allow");
+            return (
+                Outcome::ConnectionFailed,
+                Some(REFUSED_NOT_PUBLIC.to_string()),
+            );
+        }
         let payload = Payload {
             idempotency_key: format!("{}:{}", self.id, e.event_id),
             webhook_id: &self.id,
@@ -181,7 +287,7 @@ impl Delivery {
         let started = Instant::now();
         let sent = self
             .client
-            .post(&self.config.url)
+            .post(url)
             .timeout(Duration::from_millis(self.config.delivery.timeout_ms))
             .header("content-type", "application/json")
             .header("idempotency-key", &payload.idempotency_key)
@@ -200,10 +306,24 @@ impl Delivery {
                     status: r.status().as_u16(),
                     latency_ms: started.elapsed().as_secs_f64() * 1000.0,
                 },
-                (!r.status().is_success()).then(|| format!("answered {}", r.status())),
+                (!r.status().is_success()).then(|| answered(r.status())),
             ),
-            Err(err) if err.is_timeout() => (Outcome::TimedOut, Some(err.to_string())),
-            Err(err) => (Outcome::ConnectionFailed, Some(err.to_string())),
+            Err(err) => {
+                let reason = failure_reason(&err);
+                // The full error is the operator's (the log), the class the
+                // admin's (the status).
+                if reason == REFUSED_NOT_PUBLIC {
+                    tracing::warn!(webhook = %self.id, error = %error_chain(&err), "webhook delivery refused");
+                } else {
+                    tracing::debug!(webhook = %self.id, error = %error_chain(&err), "webhook delivery failed");
+                }
+                let outcome = if err.is_timeout() {
+                    Outcome::TimedOut
+                } else {
+                    Outcome::ConnectionFailed
+                };
+                (outcome, Some(reason.to_string()))
+            }
         }
     }
 
@@ -342,6 +462,55 @@ pub async fn run(d: Delivery) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reason `client(allow)` gives for a `POST` to `url`.
+    async fn reason_for(allow: &str, url: &str) -> &'static str {
+        let egress = Arc::new(EgressPolicy::parse(allow).unwrap());
+        let err = client(&egress)
+            .unwrap()
+            .post(url)
+            .timeout(Duration::from_millis(300))
+            .send()
+            .await
+            .expect_err("the request must fail");
+        failure_reason(&err)
+    }
+
+    #[tokio::test]
+    async fn failures_are_shown_as_a_short_class_without_addresses() {
+        // A port nothing listens on (bound, then let go).
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_port = closed.local_addr().unwrap().port();
+        drop(closed);
+        assert_eq!(
+            reason_for("127.0.0.1/32", &format!("http://127.0.0.1:{closed_port}/")).await,
+            "connection refused"
+        );
+        // A name that resolves only to loopback, not allowed.
+        assert_eq!(
+            reason_for("", &format!("http://localhost:{closed_port}/")).await,
+            REFUSED_NOT_PUBLIC
+        );
+        // A listener that never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_url = format!("http://{}/", silent.local_addr().unwrap());
+        assert_eq!(reason_for("127.0.0.1/32", &silent_url).await, "timed out");
+        // HTTPS to a server that speaks plain HTTP: the handshake fails.
+        let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let plain_url = format!("https://{}/", plain.local_addr().unwrap());
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut conn, _)) = plain.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        assert_eq!(reason_for("127.0.0.1/32", &plain_url).await, "TLS error");
+        drop(silent);
+    }
 
     #[test]
     fn signature_matches_an_independently_computed_hmac() {

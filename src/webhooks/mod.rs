@@ -11,8 +11,12 @@
 //!
 //! - [`delivery`]: one task per webhook: filters, signing, retries with
 //!   backoff and jitter, and the circuit breaker.
+//! - [`egress`]: which destinations webhooks may reach (public addresses
+//!   and the operator's allow-list), checked when configured and when
+//!   delivering.
 
 pub mod delivery;
+pub mod egress;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,6 +27,7 @@ use tally_pipelines::circuit::{CircuitConfig, CircuitState, StatusTimeoutLatency
 use tally_state::Store;
 
 use crate::error::FieldProblem;
+use egress::EgressPolicy;
 
 /// How a webhook is delivered to (the stored and shown configuration,
 /// except that the secret is never shown).
@@ -78,8 +83,9 @@ impl Default for DeliveryConfig {
     }
 }
 
-/// Every problem of a configuration, at once.
-pub fn validate(id: &str, c: &WebhookConfig) -> Vec<FieldProblem> {
+/// Every problem of a configuration, at once (`egress` judges the URL's
+/// destination).
+pub fn validate(id: &str, c: &WebhookConfig, egress: &EgressPolicy) -> Vec<FieldProblem> {
     let mut problems = Vec::new();
     if id.is_empty()
         || id.len() > 128
@@ -93,7 +99,11 @@ pub fn validate(id: &str, c: &WebhookConfig) -> Vec<FieldProblem> {
         ));
     }
     match reqwest::Url::parse(&c.url) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+            if let Some(refusal) = egress.refusal(&u) {
+                problems.push(FieldProblem::field("url", refusal));
+            }
+        }
         _ => problems.push(FieldProblem::field(
             "url",
             format!("{:?} is not an absolute http:// or https:// URL", c.url),
@@ -194,6 +204,7 @@ pub struct Webhooks {
     store: Arc<Store>,
     alerts: Arc<AlertLog>,
     client: reqwest::Client,
+    egress: Arc<EgressPolicy>,
     running: Mutex<BTreeMap<String, Running>>,
     /// Where delivery tasks run (configuration may arrive on another
     /// thread: the control topic's).
@@ -212,19 +223,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Webhooks {
     /// Starts delivering to the stored webhooks (inside a tokio runtime).
     /// In Kafka mode (`from_store` false) the configurations come from the
-    /// control topic instead, which every instance shares.
+    /// control topic instead, which every instance shares. Deliveries
+    /// reach only what `egress` permits.
     pub fn start(
         store: Arc<Store>,
         alerts: Arc<AlertLog>,
         from_store: bool,
+        egress: EgressPolicy,
     ) -> anyhow::Result<Arc<Webhooks>> {
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("tally-webhooks/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let egress = Arc::new(egress);
+        let client = delivery::client(&egress)?;
         let hooks = Arc::new(Webhooks {
             store,
             alerts,
             client,
+            egress,
             running: Mutex::new(BTreeMap::new()),
             runtime: tokio::runtime::Handle::current(),
         });
@@ -271,6 +284,7 @@ impl Webhooks {
             store: self.store.clone(),
             alerts: self.alerts.clone(),
             client: self.client.clone(),
+            egress: self.egress.clone(),
             status: status.clone(),
         }));
         if let Some(old) = lock(&self.running).insert(
@@ -343,6 +357,11 @@ impl Webhooks {
         let mut status = lock(&r.status).clone();
         status.pending = self.alerts.last_id().saturating_sub(status.cursor.cursor);
         Some((r.config.clone(), status))
+    }
+
+    /// What webhook URLs may point at.
+    pub fn egress(&self) -> &EgressPolicy {
+        &self.egress
     }
 
     pub fn ids(&self) -> Vec<String> {
