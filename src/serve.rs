@@ -79,7 +79,11 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             alerts.clone(),
             config.kafka.is_none(),
             config.webhook_allow.clone(),
+            config.secret_seal.clone(),
         )?;
+        if !config.secret_seal.is_keyed() {
+            tracing::warn!("no secrets_key: webhook secrets are stored and published as given");
+        }
         if let Some(k) = &config.kafka {
             KafkaSource::ensure_topics(k, config.partitions).await?;
         }

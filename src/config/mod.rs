@@ -85,6 +85,8 @@ pub struct Config {
     pub keyed_ops: bool,
     /// How JWTs are checked (none configured: no JWT is accepted).
     pub jwt: crate::jwt::JwtSettings,
+    /// Seals webhook secrets (no key: stored as given).
+    pub secret_seal: crate::webhooks::sealed::SecretSeal,
 }
 
 fn ms(d: Duration) -> i64 {
@@ -238,6 +240,16 @@ impl Config {
                 Default::default()
             }
         };
+        let secret_seal = match &s.secrets_key {
+            Some(k) => match crate::webhooks::sealed::SecretSeal::from_hex(k.expose()) {
+                Ok(seal) => seal,
+                Err(e) => {
+                    problems.push(format!("secrets_key: {e}"));
+                    Default::default()
+                }
+            },
+            None => Default::default(),
+        };
         let log_format = match s.log_format.as_deref() {
             None => None,
             Some("text") => Some(LogFormat::Text),
@@ -313,6 +325,7 @@ impl Config {
             bootstrap_key: s.bootstrap_key.clone(),
             insecure: s.insecure.unwrap_or(false),
             keyed_ops: s.keyed_ops.unwrap_or(false),
+            secret_seal,
             jwt: crate::jwt::JwtSettings {
                 hs256_secret: s.jwt_hs256_secret.clone(),
                 rs256_public_key: s.jwt_rs256_public_key.clone(),

@@ -153,6 +153,10 @@ pub struct Settings {
     /// Required `aud` of JWTs.
     #[arg(long, env = "TALLY_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+    /// Key sealing webhook secrets at rest and on the control topic: 64 hex
+    /// digits (e.g. `openssl rand -hex 32`) [default: none, stored as given].
+    #[arg(long, env = "TALLY_SECRETS_KEY", hide_env_values = true)]
+    pub secrets_key: Option<SecretString>,
     /// How long the audit trail keeps records, e.g. 30d [default: 30d].
     #[arg(long, env = "TALLY_AUDIT_RETENTION")]
     pub audit_retention: Option<String>,
@@ -187,7 +191,7 @@ impl Settings {
             dedupe_window, dedupe_max_ids, max_future, max_body_bytes, max_ingest_requests,
             max_ingest_bytes, max_subscribers, max_webhooks, webhook_allow, log_format, request_timeout,
             max_errors_reported, anomaly_idle_close, detect, bootstrap_key, insecure, keyed_ops, audit_retention, jwt_hs256_secret,
-            jwt_rs256_public_key, jwt_jwks, jwt_issuer, jwt_audience);
+            jwt_rs256_public_key, jwt_jwks, jwt_issuer, jwt_audience, secrets_key);
         layer!(self.kafka, over.kafka; brokers, group, topic, dead_letter_topic, outage_grace,
             changelog_interval, session_timeout);
         layer!(self.memory, over.memory; detectors, ranked_clients, memtable_bytes, block_cache_bytes, restore_bytes);

@@ -86,7 +86,7 @@ async fn put(
     // In Kafka mode every instance delivers its own events: the change
     // goes to all of them through the control topic.
     if let Some(control) = &state.control {
-        let json = serde_json::to_string(&config).map_err(|e| internal(e.into()))?;
+        let json = state.webhooks.encode(&config).map_err(internal)?;
         control
             .publish(&control_key(&id), Some(&json))
             .await

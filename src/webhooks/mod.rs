@@ -17,6 +17,7 @@
 
 pub mod delivery;
 pub mod egress;
+pub mod sealed;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -205,10 +206,20 @@ pub struct Webhooks {
     alerts: Arc<AlertLog>,
     client: reqwest::Client,
     egress: Arc<EgressPolicy>,
+    /// Seals secrets at rest and on the control topic.
+    seal: sealed::SecretSeal,
     running: Mutex<BTreeMap<String, Running>>,
     /// Where delivery tasks run (configuration may arrive on another
     /// thread: the control topic's).
     runtime: tokio::runtime::Handle,
+}
+
+impl Webhooks {
+    /// A configuration as it is published on the control topic (its
+    /// secret sealed when a key is configured).
+    pub fn encode(&self, config: &WebhookConfig) -> anyhow::Result<String> {
+        self.seal.encode(config)
+    }
 }
 
 /// The control-topic key of a webhook's configuration.
@@ -230,6 +241,7 @@ impl Webhooks {
         alerts: Arc<AlertLog>,
         from_store: bool,
         egress: EgressPolicy,
+        seal: sealed::SecretSeal,
     ) -> anyhow::Result<Arc<Webhooks>> {
         let egress = Arc::new(egress);
         let client = delivery::client(&egress)?;
@@ -238,6 +250,7 @@ impl Webhooks {
             alerts,
             client,
             egress,
+            seal,
             running: Mutex::new(BTreeMap::new()),
             runtime: tokio::runtime::Handle::current(),
         });
@@ -247,7 +260,7 @@ impl Webhooks {
             Vec::new()
         };
         for (id, json) in stored {
-            match serde_json::from_str::<WebhookConfig>(&json) {
+            match hooks.seal.decode(&json) {
                 Ok(config) => hooks.spawn(&id, config)?,
                 Err(e) => {
                     tracing::error!(webhook = %id, error = %e, "stored webhook configuration is unreadable; not delivering to it")
@@ -304,8 +317,7 @@ impl Webhooks {
     /// whether it is new. A replaced webhook keeps its cursor.
     pub fn put(&self, id: &str, config: WebhookConfig) -> anyhow::Result<bool> {
         let existed = lock(&self.running).contains_key(id);
-        self.store
-            .put_webhook(id, &serde_json::to_string(&config)?)?;
+        self.store.put_webhook(id, &self.seal.encode(&config)?)?;
         if let Some(old) = lock(&self.running).remove(id) {
             old.task.abort();
         }
@@ -332,7 +344,7 @@ impl Webhooks {
         };
         let result = match value {
             None => self.delete(id).map(|_| ()),
-            Some(json) => match serde_json::from_str::<WebhookConfig>(json) {
+            Some(json) => match self.seal.decode(json) {
                 Ok(config) => {
                     let same = lock(&self.running)
                         .get(id)
@@ -343,7 +355,7 @@ impl Webhooks {
                         self.put(id, config).map(|_| ())
                     }
                 }
-                Err(e) => Err(anyhow::anyhow!("undecodable configuration: {e}")),
+                Err(e) => Err(e),
             },
         };
         if let Err(e) = result {
