@@ -180,6 +180,13 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             }
         });
         tracing::info!(listen = %local, data_dir = %config.data_dir.display(), partitions = config.partitions, "tally serving");
+        // Listening for SIGTERM from before the line below: a supervisor
+        // (or a test) that stops the service as soon as it is up must get
+        // the graceful path, not the default action of the signal.
+        #[cfg(unix)]
+        let terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+        #[cfg(not(unix))]
+        let terminate = ();
         // Tests and scripts read this line to learn the bound port.
         println!("listening on http://{local}");
         // Whatever the drain leaves of the budget goes to the hand-over and
@@ -189,7 +196,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             - if kafka.is_some() { KAFKA_STOP_BUDGET } else { Duration::ZERO };
         let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
         let shutdown = async move {
-            shutdown_signal().await;
+            shutdown_signal(terminate).await;
             ready.store(false, Ordering::Relaxed);
             tracing::info!("shutdown requested: draining requests");
             let _ = signalled_tx.send(());
@@ -264,13 +271,18 @@ fn refuse_open_public(config: &Config, access: &crate::access::Access) -> anyhow
     Ok(())
 }
 
-async fn shutdown_signal() {
+#[cfg(unix)]
+type Terminate = std::io::Result<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Terminate = ();
+
+async fn shutdown_signal(terminate: Terminate) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
     #[cfg(unix)]
     let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        match terminate {
             Ok(mut s) => {
                 s.recv().await;
             }
@@ -281,7 +293,10 @@ async fn shutdown_signal() {
         }
     };
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
+    let terminate = {
+        let () = terminate;
+        std::future::pending::<()>()
+    };
     tokio::select! {
         _ = ctrl_c => {},
         _ = terminate => {},
