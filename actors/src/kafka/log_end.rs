@@ -24,10 +24,20 @@ pub(crate) struct ReadsToEnd;
 
 impl ClientContext for ReadsToEnd {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        if !is_partition_end(&error) {
             tracing::warn!(error = %error, reason, "kafka reader error");
         }
     }
+}
+
+/// A partition end, as a message error or as the client error librdkafka
+/// also raises for it (a global one, not `PartitionEOF`).
+fn is_partition_end(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::PartitionEOF(_)
+            | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+    )
 }
 
 impl ConsumerContext for ReadsToEnd {}
@@ -70,4 +80,24 @@ pub(crate) fn log_bounds(
     };
     let _ = consumer.unassign();
     found.map(|()| (low, end))
+}
+
+#[cfg(test)]
+mod end_tests {
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    use super::is_partition_end;
+
+    #[test]
+    fn a_partition_end_is_no_error_in_either_form_and_others_are() {
+        assert!(is_partition_end(&KafkaError::PartitionEOF(3)));
+        // The form the log showed on every read: "Global error: PartitionEOF".
+        assert!(is_partition_end(&KafkaError::Global(
+            RDKafkaErrorCode::PartitionEOF
+        )));
+        assert!(!is_partition_end(&KafkaError::Global(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
+    }
 }
