@@ -332,17 +332,33 @@ fn check_expected(
         from,
         "the broker answered past the offset asked for; reading again from further back"
     );
+    seek_further_back(consumer, topic, partition, from, step_back);
+    false
+}
+
+/// Seeks `partition` back to `from` and doubles the next step back
+/// (counted as a re-read); answers whether the seek was taken.
+fn seek_further_back(
+    consumer: &StreamConsumer<GroupContext>,
+    topic: &str,
+    partition: u16,
+    from: i64,
+    step_back: &mut i64,
+) -> bool {
     counter!(KAFKA_REREADS).increment(1);
     *step_back = step_back.saturating_mul(2);
-    if let Err(e) = consumer.seek(
+    match consumer.seek(
         topic,
         i32::from(partition),
         Offset::Offset(from),
         Duration::from_secs(5),
     ) {
-        tracing::debug!(partition, error = %e, "seek further back");
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(partition, error = %e, "seek further back");
+            false
+        }
     }
-    false
 }
 
 /// How long a partition waits for the record it was positioned at before
@@ -378,15 +394,7 @@ fn nudge_back(
         from,
         "nothing read at the offset asked for; reading again from further back"
     );
-    counter!(KAFKA_REREADS).increment(1);
-    *step_back = step_back.saturating_mul(2);
-    if let Err(e) = consumer.seek(
-        topic,
-        i32::from(partition),
-        Offset::Offset(from),
-        Duration::from_secs(5),
-    ) {
-        tracing::debug!(partition, error = %e, "seek further back");
+    if !seek_further_back(consumer, topic, partition, from, step_back) {
         return false;
     }
     if from == 0 {
