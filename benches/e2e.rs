@@ -3,7 +3,10 @@
 //! `tally gen`, then measures
 //!   1. `tally replay` events/s and peak RSS, RocksDB on;
 //!   2. `POST /v1/events` NDJSON events/s over loopback and the server's
-//!      peak RSS, with several concurrent connections.
+//!      peak RSS, with several concurrent connections: open (no key
+//!      exists), then keyed (an `ingest` key made with `tally keys
+//!      create`, sent on every request), so the access layer's cost on
+//!      the ingest path is seen beside the same run without it.
 //!
 //! Knobs: TALLY_BENCH_EVENTS, TALLY_BENCH_CLIENTS, TALLY_BENCH_BATCH,
 //! TALLY_BENCH_CONNECTIONS.
@@ -49,14 +52,30 @@ fn main() {
     );
 
     replay(bin, &file, &dir.path().join("replay"), events);
-    http(
-        bin,
-        &file,
-        &dir.path().join("http"),
-        events,
-        batch,
-        connections,
-    );
+    for keyed in [false, true] {
+        let data = dir.path().join(if keyed { "http-keyed" } else { "http" });
+        let key = keyed.then(|| ingest_key(bin, &data));
+        http(bin, &file, &data, events, batch, connections, key);
+    }
+}
+
+/// An `ingest` key, made offline in `data` (`tally keys create`).
+fn ingest_key(bin: &str, data: &Path) -> String {
+    let out = Command::new(bin)
+        .args([
+            "keys",
+            "create",
+            "--name",
+            "bench",
+            "--scopes",
+            "ingest",
+            "--data-dir",
+        ])
+        .arg(data)
+        .output()
+        .expect("run tally keys create");
+    assert!(out.status.success(), "tally keys create failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn replay(bin: &str, file: &Path, data: &Path, events: usize) {
@@ -88,7 +107,16 @@ fn replay(bin: &str, file: &Path, data: &Path, events: usize) {
     );
 }
 
-fn http(bin: &str, file: &Path, data: &Path, events: usize, batch: usize, connections: usize) {
+fn http(
+    bin: &str,
+    file: &Path,
+    data: &Path,
+    events: usize,
+    batch: usize,
+    connections: usize,
+    key: Option<String>,
+) {
+    let keyed = key.is_some();
     let mut child = Command::new(bin)
         .arg("serve")
         .arg("--data-dir")
@@ -121,11 +149,12 @@ fn http(bin: &str, file: &Path, data: &Path, events: usize, batch: usize, connec
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for _ in 0..connections {
-            let (client, next, bodies, url) = (
+            let (client, next, bodies, url, key) = (
                 client.clone(),
                 next.clone(),
                 bodies.clone(),
                 format!("{base}/v1/events"),
+                key.clone(),
             );
             tasks.push(tokio::spawn(async move {
                 let mut accepted = 0u64;
@@ -133,13 +162,13 @@ fn http(bin: &str, file: &Path, data: &Path, events: usize, batch: usize, connec
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(body) = bodies.get(i) else { break };
                     loop {
-                        let resp = client
+                        let mut req = client
                             .post(&url)
-                            .header("content-type", "application/x-ndjson")
-                            .body(body.clone())
-                            .send()
-                            .await
-                            .expect("post");
+                            .header("content-type", "application/x-ndjson");
+                        if let Some(key) = &key {
+                            req = req.bearer_auth(key);
+                        }
+                        let resp = req.body(body.clone()).send().await.expect("post");
                         if resp.status() == 503 {
                             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                             continue;
@@ -164,7 +193,8 @@ fn http(bin: &str, file: &Path, data: &Path, events: usize, batch: usize, connec
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
     println!(
-        "http ingest: {events} events ({accepted} accepted) in {:.2?} over {connections} connections, {batch} events/request = {:.0} events/s; server peak RSS {:.1} MiB",
+        "http ingest ({}): {events} events ({accepted} accepted) in {:.2?} over {connections} connections, {batch} events/request = {:.0} events/s; server peak RSS {:.1} MiB",
+        if keyed { "keyed" } else { "open" },
         wall,
         events as f64 / wall.as_secs_f64(),
         rss as f64 / 1024.0

@@ -78,7 +78,7 @@ pub fn run(args: &KeysArgs) -> anyhow::Result<()> {
                 })?,
             );
             let now = tally_state::retention::wall_clock_ms();
-            let token = crate::access::create_offline(store.clone(), spec, now)?;
+            let token = crate::access::offline::create_offline(store.clone(), spec, now)?;
             store.sync()?;
             eprintln!(
                 "created key {} in {}; it is shown this once:",

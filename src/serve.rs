@@ -77,17 +77,20 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
         let webhooks = crate::webhooks::Webhooks::start(
             store.clone(),
             alerts.clone(),
-            config.kafka.is_none(),
+            crate::webhooks::configured(&store, &access, config.kafka.is_none())?,
             config.webhook_allow.clone(),
             config.secret_seal.clone(),
         )?;
+        crate::webhooks::follow(&access, webhooks.clone());
         if !config.secret_seal.is_keyed() {
             tracing::warn!("no secrets_key: webhook secrets are stored and published as given");
         }
         if let Some(k) = &config.kafka {
             KafkaSource::ensure_topics(k, config.partitions).await?;
         }
-        let control = match &config.kafka {
+        // In Kafka mode, the control topic (held by `access` from here on:
+        // every control change goes through it).
+        let _control = match &config.kafka {
             Some(k) => {
                 let hooks = webhooks.clone();
                 let keys = access.clone();
@@ -96,8 +99,13 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
                     Box::new(move |offset, key, value| {
                         if key.starts_with(crate::access::CONTROL_PREFIX) {
                             keys.apply_published(offset, value);
-                        } else {
-                            hooks.apply_control(key, value);
+                        } else if let Some(id) = key.strip_prefix("webhook/") {
+                            // A record of an older build: taken unless
+                            // the control log has versioned the webhook.
+                            let id = tally_pipelines::access::Stream::Webhook(id);
+                            if keys.version(id) == 0 {
+                                hooks.apply_control(key, value);
+                            }
                         }
                     }),
                 )?;
@@ -158,7 +166,6 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
             alerts: alerts.clone(),
             cluster_alerts,
             webhooks: webhooks.clone(),
-            control,
             ingest_gate: crate::http::ingest::IngestGate::new(config.max_ingest_requests, config.max_ingest_bytes),
             subscribers: Arc::new(tokio::sync::Semaphore::new(config.max_subscribers)),
             access,

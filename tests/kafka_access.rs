@@ -188,3 +188,213 @@ async fn a_key_changed_at_one_instance_is_judged_alike_at_the_other() {
     b.stop();
     a.stop();
 }
+
+/// The webhook view at `server` with its ETag, once it has `want`
+/// event types (applied from the control topic).
+async fn webhook_at(c: &reqwest::Client, server: &Server, admin: &str, want: &Value) -> String {
+    let started = Instant::now();
+    loop {
+        let resp = c
+            .get(server.url("/v1/webhooks/hook"))
+            .bearer_auth(admin)
+            .send()
+            .await
+            .unwrap();
+        let etag = resp
+            .headers()
+            .get("etag")
+            .map(|v| v.to_str().unwrap().to_string());
+        if resp.status() == 200 {
+            let v: Value = resp.json().await.unwrap();
+            if &v["event_types"] == want {
+                return etag.unwrap();
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{} never showed the webhook with {want}",
+            server.base
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_made_offline_and_webhook_changes_reach_every_instance_once() {
+    let broker = Broker::start();
+    broker.create_topic(TOPIC, 4);
+    broker.create_topic(&format!("{TOPIC}.dlq"), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let admin = offline_key(&dir.join("keygen"), &[]);
+    // Made offline in A's own data directory, before A ever ran.
+    let offline = offline_key(&dir.join("a"), &["--scopes", "read"]);
+    let offline_id = offline[4..16].to_string();
+    let args = cluster_args(&broker, &admin);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut a = Server::start(&dir.join("a"), &args);
+    let b = Server::start(&dir.join("b"), &args);
+    let c = client();
+    // A published it when it started: B, which never saw A's directory,
+    // takes it.
+    assert_eq!(status_at(&c, &a, &offline).await, 200);
+    until_status(&c, &b, &offline, 200).await;
+    // A restarted does not publish it again: a key minted at A after the
+    // restart is in B's audit trail, the offline key still once (the
+    // topic is applied, and audited, in order).
+    a.stop();
+    a = Server::start(&dir.join("a"), &args);
+    let (later_id, later) =
+        mint(&c, &a, &admin, json!({"name": "later", "scopes": ["read"]})).await;
+    until_status(&c, &b, &later, 200).await;
+    let started = Instant::now();
+    let created = loop {
+        let created: Value = c
+            .get(b.url("/v1/audit?action=key.create&limit=1000"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let targets: Vec<String> = created["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["target"].as_str().unwrap().to_string())
+            .collect();
+        if targets.contains(&later_id) {
+            break targets;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{created}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let of_offline = created.iter().filter(|t| **t == offline_id).count();
+    assert_eq!(of_offline, 1, "{created:?}");
+
+    // A webhook made at A runs at B, at the same version; a writer at B
+    // holding the version before A's change is refused.
+    let hook = |types: Value| json!({"url": "https://hooks.example.com/in", "secret": "a-secret", "event_types": types});
+    let resp = c
+        .put(a.url("/v1/webhooks/hook"))
+        .bearer_auth(&admin)
+        .header("if-match", "\"0\"")
+        .json(&hook(json!(["RATE_LIMITED"])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    assert_eq!(
+        webhook_at(&c, &b, &admin, &json!(["RATE_LIMITED"])).await,
+        "\"1\""
+    );
+    let resp = c
+        .put(b.url("/v1/webhooks/hook"))
+        .bearer_auth(&admin)
+        .header("if-match", "\"1\"")
+        .json(&hook(json!(["QUOTA_EXCEEDED"])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        webhook_at(&c, &a, &admin, &json!(["QUOTA_EXCEEDED"])).await,
+        "\"2\""
+    );
+    let resp = c
+        .delete(a.url("/v1/webhooks/hook"))
+        .bearer_auth(&admin)
+        .header("if-match", "\"1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 412);
+    // Deleted at B: gone at A too.
+    let resp = c
+        .delete(b.url("/v1/webhooks/hook"))
+        .bearer_auth(&admin)
+        .header("if-match", "\"2\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let started = Instant::now();
+    loop {
+        let status = c
+            .get(a.url("/v1/webhooks/hook"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 404 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A request refused at each instance: the audit at either answers
+    // both, each once, paged one record at a time.
+    for (at, request_id) in [(&a, "refused-at-a"), (&b, "refused-at-b")] {
+        let resp = c
+            .get(at.url("/v1/queue-health"))
+            .bearer_auth("tly_not_a_key")
+            .header("x-request-id", request_id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403);
+    }
+    for at in [&a, &b] {
+        let started = Instant::now();
+        loop {
+            let mut seen = vec![];
+            let mut cursor = String::new();
+            loop {
+                let page: Value = c
+                    .get(at.url(&format!("/v1/audit?action=request.refused&limit=1{cursor}")))
+                    .bearer_auth(&admin)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                // (B refused the offline key until it learned it.)
+                let ours = page["records"].as_array().unwrap().iter().filter(|r| {
+                    r["request_id"]
+                        .as_str()
+                        .is_some_and(|id| id.starts_with("refused-at-"))
+                });
+                for r in ours {
+                    seen.push((
+                        r["request_id"].as_str().unwrap_or("").to_string(),
+                        r["instance"].as_str().unwrap_or("").to_string(),
+                    ));
+                }
+                match page["next_cursor"].as_str() {
+                    Some(next) => cursor = format!("&cursor={next}"),
+                    None => break,
+                }
+            }
+            seen.sort();
+            let want = vec![
+                ("refused-at-a".to_string(), a.base.clone()),
+                ("refused-at-b".to_string(), b.base.clone()),
+            ];
+            if seen == want {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "audit at {}: {seen:?}",
+                at.base
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    a.stop();
+    b.stop();
+}

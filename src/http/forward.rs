@@ -146,7 +146,13 @@ pub async fn send(
         .timeout(FORWARD_TIMEOUT)
         .header(FORWARDED_BY.as_str(), me);
     // The owner judges the key again (it has the same key ring).
-    for name in ["x-request-id", "content-type", "authorization", "x-api-key"] {
+    for name in [
+        "x-request-id",
+        "content-type",
+        "authorization",
+        "x-api-key",
+        "if-match",
+    ] {
         if let Some(v) = headers.get(name) {
             outgoing = outgoing.header(name, v.as_bytes());
         }
@@ -168,6 +174,7 @@ pub async fn send(
         "retry-after",
         "ratelimit",
         "ratelimit-policy",
+        "etag",
         SERVED_BY.as_str(),
     ] {
         if let Some(v) = answer_headers

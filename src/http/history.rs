@@ -1,39 +1,16 @@
 //! Configuration history: every change of a client's limits and quota is
-//! also an event in the control log, so `GET ...?as_of=T` answers what
-//! applied at time T (a billing dispute is one request). The live
-//! configuration stays in the partition's state, which moves with it.
+//! an event in the control log, so `GET ...?as_of=T` answers what applied
+//! at time T (a billing dispute is one request). The value applied now
+//! lives in the partition's state, which moves with it.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::Query;
 use serde::Deserialize;
-use tally_pipelines::access::{ControlEvent, Principal};
+use tally_pipelines::access::ControlEvent;
 use tally_pipelines::time::parse_instant;
 
 use super::AppState;
-use crate::access::Origin;
 use crate::error::{ApiError, FieldProblem};
-
-/// Appends a configuration change to the control log (its history, for
-/// `as_of` queries and the audit). The change itself is applied by then;
-/// a history that cannot be written is logged, not turned into a failed
-/// answer for a change that holds.
-pub async fn remember(
-    state: &AppState,
-    principal: Option<axum::Extension<Principal>>,
-    origin: Option<axum::Extension<Origin>>,
-    event: ControlEvent,
-) {
-    let actor = principal.map_or_else(|| "anonymous".to_string(), |p| p.0.key_id);
-    let origin = origin.map(|o| o.0).unwrap_or_default();
-    let action = event.action();
-    if let Err(e) = state
-        .access
-        .change(&actor, state.config.clock.now_ms(), event, None, origin)
-        .await
-    {
-        tracing::error!(action, error = ?e, "a configuration change is not in the control log's history");
-    }
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -21,8 +21,9 @@ use tally_pipelines::access::{
 use tally_pipelines::time::{format_rfc3339_ms, parse_instant, parse_rfc3339_ms};
 use tally_state::retention::wall_clock_ms;
 
+use super::control::{caller, if_match, record, with_etag};
 use super::{page, AppState};
-use crate::access::{Origin, Stale};
+use crate::access::Origin;
 use crate::error::{ApiError, FieldProblem};
 
 pub fn router() -> Router<AppState> {
@@ -108,12 +109,6 @@ fn view(k: &KeyRecord, now_ms: i64) -> KeyView {
             .count(),
         version: k.version,
     }
-}
-
-/// The caller: its key, or on an instance with no key yet (open, on
-/// loopback or `--insecure`) the operator, who makes the first key.
-fn caller(principal: Option<Extension<Principal>>) -> Principal {
-    principal.map_or_else(|| Principal::operator("anonymous"), |Extension(p)| p)
 }
 
 fn invalid(problems: Vec<(String, String)>) -> ApiError {
@@ -356,63 +351,7 @@ async fn show(
         .access
         .with_ring(|ring| ring.get(&key_id).map(|k| (view(k, now), k.version)))
         .ok_or_else(|| ApiError::NoSuchResource(format!("no key {key_id:?}")))?;
-    let mut response = Json(shown).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
-        response.headers_mut().insert(header::ETAG, v);
-    }
-    Ok(response)
-}
-
-/// `If-Match: "<version>"` (or `*`): the version a change is for.
-fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
-    let Some(v) = headers.get(header::IF_MATCH) else {
-        return Ok(None);
-    };
-    let text = v.to_str().unwrap_or("").trim();
-    if text == "*" {
-        return Ok(None);
-    }
-    let digits = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
-    digits.parse().map(Some).map_err(|_| {
-        ApiError::bad_request(
-            "invalid If-Match",
-            vec![FieldProblem::field(
-                "If-Match",
-                "must be a version as the ETag gave it, e.g. \"3\"",
-            )],
-        )
-    })
-}
-
-/// Records a change at the version `If-Match` named.
-async fn record(
-    state: &AppState,
-    actor: &Principal,
-    origin: Option<Extension<Origin>>,
-    now: i64,
-    event: ControlEvent,
-    expected: Option<u64>,
-) -> Result<(), ApiError> {
-    let key_id = event.target().to_string();
-    let origin = origin.map(|Extension(o)| o).unwrap_or_default();
-    match state
-        .access
-        .change(&actor.key_id, now, event, expected, origin)
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(Stale::Version { current }) => Err(ApiError::PreconditionFailed(format!(
-            "key {key_id} is at version {current}, not {}; read it again",
-            expected.unwrap_or(0)
-        ))),
-        Err(Stale::Store(e)) => Err(e.into()),
-        Err(Stale::Unavailable(detail)) => {
-            tracing::error!(error = %detail, "a key change could not go through the control topic");
-            Err(ApiError::Unavailable(
-                "the change could not be made through the control topic; retry shortly".into(),
-            ))
-        }
-    }
+    Ok(with_etag(Json(shown).into_response(), version))
 }
 
 #[derive(Deserialize)]

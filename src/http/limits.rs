@@ -17,13 +17,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tally_actors::limits::CheckAnswer;
 use tally_actors::messages::{LimitReply, LimitRequest};
-use tally_pipelines::access::{ControlEvent, Principal};
+use tally_pipelines::access::{ControlEvent, Principal, Stream};
 use tally_pipelines::event::MAX_CLIENT_ID_BYTES;
 use tally_pipelines::limit::policy::LimitConfig;
 use tally_pipelines::quota::QuotaConfig;
 use tally_pipelines::time::format_rfc3339_ms;
 
-use super::{history, AppState};
+use super::{control, history, AppState};
 use crate::access::Origin;
 use crate::error::{ApiError, FieldProblem};
 
@@ -272,16 +272,29 @@ async fn limit_status(
     checked(&state, client, endpoint, 0, false).await
 }
 
+/// Sets a client's limits: recorded in the control log first (at the
+/// version `If-Match` names), then applied by the client's partition. A
+/// partition that cannot take it answers an error, and the writer's retry
+/// records the same configuration again.
 async fn put_limits(
     State(state): State<AppState>,
     principal: Option<axum::Extension<Principal>>,
     origin: Option<axum::Extension<Origin>>,
     Path(client): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     valid_client(&client)?;
     let config: LimitConfig = json_body(&body)?;
     problems(config.problems())?;
+    let expected = control::if_match(&headers)?;
+    let event = ControlEvent::LimitsSet {
+        client_id: client.clone(),
+        config: serde_json::to_value(&config).unwrap_or_default(),
+    };
+    let actor = control::caller(principal);
+    let now = state.config.clock.now_ms();
+    let applied = control::record(&state, &actor, origin, now, event, expected).await?;
     ask(
         &state,
         &client,
@@ -291,12 +304,11 @@ async fn put_limits(
         },
     )
     .await?;
-    let event = ControlEvent::LimitsSet {
-        client_id: client.clone(),
-        config: serde_json::to_value(&config).unwrap_or_default(),
-    };
-    history::remember(&state, principal, origin, event).await;
-    Ok(Json(json!({"client_id": client, "limits": config})).into_response())
+    let body = json!({"client_id": client, "limits": config, "version": applied.version});
+    Ok(control::with_etag(
+        Json(body).into_response(),
+        applied.version,
+    ))
 }
 
 async fn get_limits(
@@ -334,10 +346,13 @@ async fn get_limits(
         Some(c) => (Some(c), "client"),
         None => (state.config.limit_default.clone(), "default"),
     };
+    let version = state.access.version(Stream::Limits(&client));
     match config {
-        Some(c) => {
-            Ok(Json(json!({"client_id": client, "source": source, "limits": c})).into_response())
-        }
+        Some(c) => Ok(control::with_etag(
+            Json(json!({"client_id": client, "source": source, "limits": c, "version": version}))
+                .into_response(),
+            version,
+        )),
         None => Err(ApiError::NotFound(format!(
             "no rate limit configured for client {client:?} and no default"
         ))),
@@ -363,16 +378,26 @@ async fn reset_counters(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Sets a client's quota, as [`put_limits`] sets limits.
 async fn put_quota(
     State(state): State<AppState>,
     principal: Option<axum::Extension<Principal>>,
     origin: Option<axum::Extension<Origin>>,
     Path(client): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     valid_client(&client)?;
     let config: QuotaConfig = json_body(&body)?;
     problems(config.problems())?;
+    let expected = control::if_match(&headers)?;
+    let event = ControlEvent::QuotaSet {
+        client_id: client.clone(),
+        config: serde_json::to_value(&config).unwrap_or_default(),
+    };
+    let actor = control::caller(principal);
+    let now = state.config.clock.now_ms();
+    let applied = control::record(&state, &actor, origin, now, event, expected).await?;
     ask(
         &state,
         &client,
@@ -382,12 +407,11 @@ async fn put_quota(
         },
     )
     .await?;
-    let event = ControlEvent::QuotaSet {
-        client_id: client.clone(),
-        config: serde_json::to_value(&config).unwrap_or_default(),
-    };
-    history::remember(&state, principal, origin, event).await;
-    Ok(Json(json!({"client_id": client, "quota": config})).into_response())
+    let body = json!({"client_id": client, "quota": config, "version": applied.version});
+    Ok(control::with_etag(
+        Json(body).into_response(),
+        applied.version,
+    ))
 }
 
 async fn stored_quota(state: &AppState, client: &str) -> Result<QuotaConfig, ApiError> {
@@ -418,7 +442,11 @@ async fn get_quota(
         };
     }
     let config = stored_quota(&state, &client).await?;
-    Ok(Json(json!({"client_id": client, "quota": config})).into_response())
+    let version = state.access.version(Stream::Quota(&client));
+    Ok(control::with_etag(
+        Json(json!({"client_id": client, "quota": config, "version": version})).into_response(),
+        version,
+    ))
 }
 
 async fn quota_status(

@@ -6,6 +6,7 @@ pub mod alerts;
 pub mod anomalies;
 pub mod audit;
 pub mod auth;
+pub mod control;
 pub mod dead_letters;
 pub mod forward;
 pub mod health;
@@ -81,8 +82,6 @@ pub struct Shared {
     pub cluster_alerts: Option<Arc<tally_actors::kafka::alert_mirror::ClusterAlerts>>,
     /// Webhook configurations and their delivery tasks.
     pub webhooks: Arc<crate::webhooks::Webhooks>,
-    /// In Kafka mode, configuration shared by every instance.
-    pub control: Option<Arc<tally_actors::kafka::control::ControlTopic>>,
     /// Load shedding of ingest bodies.
     pub ingest_gate: ingest::IngestGate,
     /// Open SSE and WebSocket subscriptions (bounded by configuration).

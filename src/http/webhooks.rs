@@ -1,16 +1,21 @@
 //! `PUT|GET|DELETE /v1/webhooks/{id}` and `GET /v1/webhooks`: webhook
-//! configuration and delivery status. The secret is write-only.
+//! configuration and delivery status. The secret is write-only. Changes
+//! are control events (versioned, `If-Match`, audited); the running
+//! deliveries are their projection.
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
+use tally_pipelines::access::{ControlEvent, Principal, Stream};
 
-use super::AppState;
+use super::{control, AppState};
+use crate::access::Origin;
 use crate::error::ApiError;
-use crate::webhooks::{control_key, validate, WebhookConfig, WebhookStatus};
+use crate::webhooks::{validate, WebhookConfig, WebhookStatus};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -58,11 +63,17 @@ fn internal(e: anyhow::Error) -> ApiError {
     ApiError::Internal(e.to_string())
 }
 
+/// Creates or replaces a webhook: a control change (so it is versioned,
+/// audited, and reaches every instance in Kafka mode), applied to the
+/// deliveries by the projection's listener before this answers.
 async fn put(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    origin: Option<Extension<Origin>>,
     path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
     body: Result<Json<WebhookConfig>, JsonRejection>,
-) -> Result<(StatusCode, Json<WebhookView>), ApiError> {
+) -> Result<Response, ApiError> {
     let id = id_of(path)?;
     let Json(config) = body.map_err(|e| {
         ApiError::bad_request(
@@ -77,43 +88,47 @@ async fn put(
             problems,
         ));
     }
+    let expected = control::if_match(&headers)?;
+    let existed = state.webhooks.get(&id).is_some();
     let max = state.config.max_webhooks;
-    if state.webhooks.get(&id).is_none() && state.webhooks.ids().len() >= max {
+    if !existed && state.webhooks.ids().len() >= max {
         return Err(ApiError::LimitReached(format!(
             "{max} webhooks are configured, the maximum (max_webhooks); delete one or raise the limit"
         )));
     }
-    // In Kafka mode every instance delivers its own events: the change
-    // goes to all of them through the control topic.
-    if let Some(control) = &state.control {
-        let json = state.webhooks.encode(&config).map_err(internal)?;
-        control
-            .publish(&control_key(&id), Some(&json))
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "publishing a webhook to the control topic failed");
-                ApiError::Unavailable("cannot publish the webhook; retry shortly".into())
-            })?;
-    }
-    let (hooks, hook_id) = (state.webhooks.clone(), id.clone());
-    // Writes the store: off the async workers.
-    let created = super::blocking(move || hooks.put(&hook_id, config).map_err(internal)).await?;
-    let (config, status) = state.webhooks.get(&id).ok_or_else(|| missing(&id))?;
-    let code = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
+    let sealed = state.webhooks.encode(&config).map_err(internal)?;
+    let event = ControlEvent::WebhookSet {
+        webhook_id: id.clone(),
+        config: sealed,
     };
-    Ok((code, Json(view(&id, config, status))))
+    let actor = control::caller(principal);
+    let now = state.config.clock.now_ms();
+    let applied = control::record(&state, &actor, origin, now, event, expected).await?;
+    let (config, status) = state.webhooks.get(&id).ok_or_else(|| {
+        ApiError::Internal(format!("webhook {id:?} was recorded but is not running"))
+    })?;
+    let code = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok(control::with_etag(
+        (code, Json(view(&id, config, status))).into_response(),
+        applied.version,
+    ))
 }
 
 async fn show(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<WebhookView>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = id_of(path)?;
     let (config, status) = state.webhooks.get(&id).ok_or_else(|| missing(&id))?;
-    Ok(Json(view(&id, config, status)))
+    let version = state.access.version(Stream::Webhook(&id));
+    Ok(control::with_etag(
+        Json(view(&id, config, status)).into_response(),
+        version,
+    ))
 }
 
 #[derive(Serialize)]
@@ -163,25 +178,21 @@ async fn list(
 
 async fn delete(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    origin: Option<Extension<Origin>>,
     path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let id = id_of(path)?;
+    let expected = control::if_match(&headers)?;
     if state.webhooks.get(&id).is_none() {
         return Err(missing(&id));
     }
-    if let Some(control) = &state.control {
-        control
-            .publish(&control_key(&id), None)
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "publishing a webhook deletion to the control topic failed");
-                ApiError::Unavailable("cannot publish the deletion; retry shortly".into())
-            })?;
-    }
-    let (hooks, hook_id) = (state.webhooks.clone(), id.clone());
-    if super::blocking(move || hooks.delete(&hook_id).map_err(internal)).await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(missing(&id))
-    }
+    let event = ControlEvent::WebhookDeleted {
+        webhook_id: id.clone(),
+    };
+    let actor = control::caller(principal);
+    let now = state.config.clock.now_ms();
+    control::record(&state, &actor, origin, now, event, expected).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -222,9 +222,46 @@ impl Webhooks {
     }
 }
 
-/// The control-topic key of a webhook's configuration.
+/// The key of a webhook's configuration in [`Webhooks::apply_control`]
+/// (and on the control topics of builds before webhooks were control
+/// events).
 pub fn control_key(id: &str) -> String {
     format!("webhook/{id}")
+}
+
+/// The webhooks to deliver to at start: the control plane's, and, alone,
+/// those stored by a build from before webhooks were control events (the
+/// plane never saw them).
+pub fn configured(
+    store: &Store,
+    access: &crate::access::Access,
+    alone: bool,
+) -> anyhow::Result<Vec<(String, String)>> {
+    use tally_pipelines::access::Stream;
+    let mut out = access.with_plane(|p| p.webhooks());
+    if alone {
+        for (id, json) in store.webhooks()? {
+            if access.version(Stream::Webhook(&id)) == 0 {
+                out.push((id, json));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Keeps the deliveries equal to the control plane: every applied
+/// webhook change is applied to them.
+pub fn follow(access: &crate::access::Access, hooks: Arc<Webhooks>) {
+    use tally_pipelines::access::ControlEvent;
+    access.on_applied(move |envelope| match &envelope.event {
+        ControlEvent::WebhookSet { webhook_id, config } => {
+            hooks.apply_control(&control_key(webhook_id), Some(config))
+        }
+        ControlEvent::WebhookDeleted { webhook_id } => {
+            hooks.apply_control(&control_key(webhook_id), None)
+        }
+        _ => {}
+    });
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -232,14 +269,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Webhooks {
-    /// Starts delivering to the stored webhooks (inside a tokio runtime).
-    /// In Kafka mode (`from_store` false) the configurations come from the
-    /// control topic instead, which every instance shares. Deliveries
-    /// reach only what `egress` permits.
+    /// Starts delivering to the `configured` webhooks (inside a tokio
+    /// runtime). Deliveries reach only what `egress` permits.
     pub fn start(
         store: Arc<Store>,
         alerts: Arc<AlertLog>,
-        from_store: bool,
+        configured: Vec<(String, String)>,
         egress: EgressPolicy,
         seal: sealed::SecretSeal,
     ) -> anyhow::Result<Arc<Webhooks>> {
@@ -254,12 +289,7 @@ impl Webhooks {
             running: Mutex::new(BTreeMap::new()),
             runtime: tokio::runtime::Handle::current(),
         });
-        let stored = if from_store {
-            hooks.store.webhooks()?
-        } else {
-            Vec::new()
-        };
-        for (id, json) in stored {
+        for (id, json) in configured {
             match hooks.seal.decode(&json) {
                 Ok(config) => hooks.spawn(&id, config)?,
                 Err(e) => {
@@ -335,9 +365,9 @@ impl Webhooks {
         Ok(true)
     }
 
-    /// Applies a control-topic record (`webhook/<id>`); others are not
-    /// for webhooks. A configuration equal to the running one changes
-    /// nothing (this instance's own changes come back this way too).
+    /// Applies a control change (`webhook/<id>`: a configuration as
+    /// published, or `None` for a deletion); other keys are not for
+    /// webhooks. A configuration equal to the running one changes nothing.
     pub fn apply_control(&self, key: &str, value: Option<&str>) {
         let Some(id) = key.strip_prefix("webhook/") else {
             return;

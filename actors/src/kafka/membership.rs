@@ -115,6 +115,20 @@ impl Membership {
         &self.address
     }
 
+    /// The addresses of the other live instances (records refreshed
+    /// within [`MEMBER_EXPIRY`]), whether or not they own partitions.
+    pub fn live_peers(&self) -> Vec<String> {
+        let expiry = i64::try_from(MEMBER_EXPIRY.as_millis()).unwrap_or(i64::MAX);
+        let live_since = wall_clock_ms().saturating_sub(expiry);
+        let mut peers: Vec<String> = read(&self.members)
+            .values()
+            .filter(|m| m.address != self.address && m.updated_at_ms >= live_since)
+            .map(|m| m.address.clone())
+            .collect();
+        peers.sort();
+        peers
+    }
+
     pub fn owned(&self) -> BTreeSet<u16> {
         read(&self.owned).clone()
     }

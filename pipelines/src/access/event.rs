@@ -1,5 +1,6 @@
-//! Control-plane events: every change to keys is one immutable event in
-//! an append-only log, and the key ring is their projection. An event is
+//! Control-plane events: every change to keys, limits, quotas and
+//! webhooks is one immutable event in an append-only log, and the control
+//! plane ([`super::plane`]) is their projection. An event is
 //! stored in an envelope with its format version; older versions are
 //! upcast on read, so the stored log never has to be rewritten when the
 //! format grows.
@@ -73,8 +74,9 @@ pub enum ControlEvent {
     KeyRevoked {
         key_id: String,
     },
-    /// A client's rate-limit configuration, as the API took it (history
-    /// only: the live configuration is the partition's state).
+    /// A client's rate-limit configuration, as the API took it (the
+    /// projection versions it; the value applied lives in the partition's
+    /// state, which moves with the partition).
     LimitsSet {
         client_id: String,
         config: serde_json::Value,
@@ -83,6 +85,16 @@ pub enum ControlEvent {
     QuotaSet {
         client_id: String,
         config: serde_json::Value,
+    },
+    /// A webhook created or replaced: its configuration as published,
+    /// the secret sealed when a secrets key is configured (so neither
+    /// the log nor the control topic holds it in the clear).
+    WebhookSet {
+        webhook_id: String,
+        config: String,
+    },
+    WebhookDeleted {
+        webhook_id: String,
     },
 }
 
@@ -94,6 +106,8 @@ impl ControlEvent {
             ControlEvent::KeyRevoked { .. } => "key.revoke",
             ControlEvent::LimitsSet { .. } => "limits.set",
             ControlEvent::QuotaSet { .. } => "quota.set",
+            ControlEvent::WebhookSet { .. } => "webhook.set",
+            ControlEvent::WebhookDeleted { .. } => "webhook.delete",
         }
     }
 
@@ -105,6 +119,45 @@ impl ControlEvent {
             | ControlEvent::KeyRevoked { key_id } => key_id,
             ControlEvent::LimitsSet { client_id, .. }
             | ControlEvent::QuotaSet { client_id, .. } => client_id,
+            ControlEvent::WebhookSet { webhook_id, .. }
+            | ControlEvent::WebhookDeleted { webhook_id } => webhook_id,
+        }
+    }
+
+    /// What the event versions: one stream per key, per client's limits,
+    /// per client's quota and per webhook. `If-Match` names a version of
+    /// the event's stream.
+    pub fn stream(&self) -> Stream<'_> {
+        match self {
+            ControlEvent::KeyCreated { key_id, .. }
+            | ControlEvent::KeyRotated { key_id, .. }
+            | ControlEvent::KeyRevoked { key_id } => Stream::Key(key_id),
+            ControlEvent::LimitsSet { client_id, .. } => Stream::Limits(client_id),
+            ControlEvent::QuotaSet { client_id, .. } => Stream::Quota(client_id),
+            ControlEvent::WebhookSet { webhook_id, .. }
+            | ControlEvent::WebhookDeleted { webhook_id } => Stream::Webhook(webhook_id),
+        }
+    }
+}
+
+/// A versioned thing of the control plane (see [`ControlEvent::stream`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream<'a> {
+    Key(&'a str),
+    Limits(&'a str),
+    Quota(&'a str),
+    Webhook(&'a str),
+}
+
+impl Stream<'_> {
+    /// The projection's map key of a configuration stream (`None` for
+    /// keys, which the key ring versions itself).
+    pub fn config_key(&self) -> Option<String> {
+        match self {
+            Stream::Key(_) => None,
+            Stream::Limits(c) => Some(format!("limits/{c}")),
+            Stream::Quota(c) => Some(format!("quota/{c}")),
+            Stream::Webhook(w) => Some(format!("webhook/{w}")),
         }
     }
 }
@@ -128,6 +181,11 @@ pub struct Envelope {
     pub request_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+    /// Kafka mode, as stored locally: the control topic offset the event
+    /// was read at (`None`: appended here only, as `tally keys create`
+    /// does offline, and still to be published).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_offset: Option<i64>,
 }
 
 impl Envelope {
@@ -141,6 +199,7 @@ impl Envelope {
             expect_version: None,
             request_id: None,
             ip: None,
+            topic_offset: None,
         }
     }
 

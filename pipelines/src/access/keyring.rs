@@ -136,26 +136,8 @@ impl KeyRing {
         self.keys.get(key_id)
     }
 
-    /// Applies one logged event; false when it names a version the key
-    /// is not at (`expect_version`), and then changes nothing. Events that
-    /// do not fit (a rotation of an unknown key) change nothing either:
-    /// the log was validated when written, and replay must not stop at
-    /// one odd record.
-    pub fn apply_envelope(&mut self, envelope: &super::event::Envelope) -> bool {
-        if let Some(expected) = envelope.expect_version {
-            let current = self
-                .keys
-                .get(envelope.event.target())
-                .map_or(0, |k| k.version);
-            if current != expected {
-                return false;
-            }
-        }
-        self.apply(envelope.at_ms, &envelope.actor, &envelope.event);
-        true
-    }
-
-    /// Applies one event, unconditionally (see [`Self::apply_envelope`]).
+    /// Applies one event, unconditionally (the plane judges `If-Match`
+    /// first: [`super::plane::ControlPlane::apply_envelope`]).
     pub fn apply(&mut self, at_ms: i64, actor: &str, event: &ControlEvent) {
         self.generation += 1;
         match event {
@@ -209,8 +191,11 @@ impl KeyRing {
                     key.version += 1;
                 }
             }
-            // History of configuration kept elsewhere.
-            ControlEvent::LimitsSet { .. } | ControlEvent::QuotaSet { .. } => {}
+            // Configuration: versioned by the plane, not the ring.
+            ControlEvent::LimitsSet { .. }
+            | ControlEvent::QuotaSet { .. }
+            | ControlEvent::WebhookSet { .. }
+            | ControlEvent::WebhookDeleted { .. } => {}
         }
     }
 

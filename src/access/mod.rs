@@ -1,6 +1,7 @@
-//! The live access layer: the key ring, projected from the control log
-//! in the store at start-up and kept current by every change, and the
-//! per-key request budgets.
+//! The live control plane: the key ring and the versions of every
+//! client's limits and quota and of every webhook, projected from the
+//! control log in the store at start-up and kept current by every change;
+//! and the per-key request budgets ([`budget`]).
 //!
 //! Access control is on as soon as one key exists (a bootstrap key from
 //! `TALLY_BOOTSTRAP_KEY`, one made offline with `tally keys create`, or
@@ -17,19 +18,21 @@
 //! reader has applied the change. A restart projects the local log, then
 //! reads the topic from after the offset it stored.
 
-use std::collections::{BTreeSet, HashMap};
+pub mod budget;
+pub mod offline;
+
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use metrics::histogram;
 use tally_actors::kafka::control::ControlTopic;
 use tally_actors::telemetry::CONTROL_PROPAGATION;
+use tally_pipelines::access::plane::PLANE_FORMAT;
 use tally_pipelines::access::{
-    ControlEvent, Envelope, KeyRing, KeySpec, KeyToken, Principal, Refusal, Scope,
+    ControlEvent, ControlPlane, Envelope, KeyRing, KeySpec, Principal, Refusal, Scope, Stream,
 };
-use tally_pipelines::limit::LimiterState;
 use tally_state::retention::wall_clock_ms;
 use tally_state::Store;
 
@@ -38,13 +41,13 @@ pub const BOOTSTRAP_ACTOR: &str = "bootstrap";
 /// Control topic record keys of access events (one key per event: a
 /// compacted topic must not fold a key's history into its last change).
 pub const CONTROL_PREFIX: &str = "access/";
-/// A snapshot of the key ring every this many events.
+/// A snapshot of the control plane every this many events.
 const SNAPSHOT_EVERY: u64 = 1000;
 /// How long a writer waits for its change to come back from the topic.
 const READ_BACK: Duration = Duration::from_secs(10);
-/// Offsets of rejected (stale `If-Match`) changes remembered for their
-/// writers.
-const MAX_REJECTIONS: usize = 1024;
+/// Outcomes of changes read from the control topic remembered for their
+/// writers (who wait for their own change to come back).
+const MAX_OUTCOMES: usize = 1024;
 
 /// Where a change came from, for the audit trail.
 #[derive(Debug, Clone, Default)]
@@ -57,19 +60,24 @@ pub struct Access {
     store: Arc<Store>,
     /// Every applied change is audited (none offline).
     audit: Option<Arc<crate::audit::Audit>>,
-    ring: RwLock<KeyRing>,
+    plane: RwLock<ControlPlane>,
     /// The next local sequence; held while an event is appended, so the
     /// log's order is the order events are applied in.
     log: Mutex<LogPosition>,
-    /// Request budgets by key id (keys with a `rate_limit`).
-    budgets: Mutex<HashMap<String, LimiterState>>,
+    /// Request budgets of keys with a `rate_limit`.
+    budgets: budget::KeyBudgets,
+    /// Told of every applied change (the webhooks follow theirs).
+    listener: OnceLock<Listener>,
     /// Kafka mode: the topic changes go through.
     control: OnceLock<Arc<ControlTopic>>,
-    /// Topic offsets of changes refused at apply (stale version).
-    rejected: Mutex<BTreeSet<i64>>,
+    /// Kafka mode: by topic offset, the version a change left its stream
+    /// at, or `None` when it was refused at apply (stale version).
+    outcomes: Mutex<BTreeMap<i64, Option<u64>>>,
     /// JWTs accepted besides keys, when configured.
     jwt: OnceLock<crate::jwt::JwtVerifier>,
 }
+
+type Listener = Box<dyn Fn(&Envelope) + Send + Sync>;
 
 struct LogPosition {
     next_seq: u64,
@@ -77,10 +85,17 @@ struct LogPosition {
     topic_offset: i64,
 }
 
+/// A change recorded and applied: the version it left its stream at
+/// (the ETag to answer).
+#[derive(Debug)]
+pub struct Applied {
+    pub version: u64,
+}
+
 /// Why a change was not recorded.
 #[derive(Debug)]
 pub enum Stale {
-    /// The key is at another version than the one asked for.
+    /// The changed thing is at another version than the one asked for.
     Version {
         current: u64,
     },
@@ -99,34 +114,37 @@ impl Access {
         now_ms: i64,
     ) -> anyhow::Result<Arc<Access>> {
         // The last snapshot, then the events after it.
-        let (mut ring, mut next_seq) = match store.control_snapshot()? {
-            Some((seq, bytes)) => match serde_json::from_slice::<KeyRing>(&bytes) {
-                Ok(ring) => (ring, seq + 1),
+        let (mut plane, mut next_seq) = match store.control_snapshot()? {
+            Some((seq, bytes)) => match serde_json::from_slice::<ControlPlane>(&bytes) {
+                Ok(plane) if plane.format == PLANE_FORMAT => (plane, seq + 1),
+                // A snapshot of an older build (the key ring alone).
+                Ok(_) => (ControlPlane::new(), 0),
                 Err(e) => {
-                    tracing::warn!(error = %e, "the key ring snapshot cannot be read; replaying the whole control log");
-                    (KeyRing::default(), 0)
+                    tracing::warn!(error = %e, "the control plane snapshot cannot be read; replaying the whole control log");
+                    (ControlPlane::new(), 0)
                 }
             },
-            None => (KeyRing::default(), 0),
+            None => (ControlPlane::new(), 0),
         };
         for (seq, bytes) in store.control_events(next_seq)? {
             let envelope = Envelope::decode(&bytes)
                 .map_err(|e| anyhow::anyhow!("control event {seq} cannot be read: {e}"))?;
-            ring.apply_envelope(&envelope);
+            plane.apply_envelope(&envelope);
             next_seq = seq + 1;
         }
         let topic_offset = store.control_topic_offset()?.unwrap_or(-1);
         let access = Arc::new(Access {
             store,
             audit,
-            ring: RwLock::new(ring),
+            plane: RwLock::new(plane),
             log: Mutex::new(LogPosition {
                 next_seq,
                 topic_offset,
             }),
-            budgets: Mutex::new(HashMap::new()),
+            budgets: budget::KeyBudgets::default(),
+            listener: OnceLock::new(),
             control: OnceLock::new(),
-            rejected: Mutex::new(BTreeSet::new()),
+            outcomes: Mutex::new(BTreeMap::new()),
             jwt: OnceLock::new(),
         });
         if let Some(token) = bootstrap {
@@ -147,6 +165,21 @@ impl Access {
         bootstrap: Option<&str>,
     ) -> anyhow::Result<()> {
         let _ = self.control.set(control);
+        for envelope in self.unpublished()? {
+            tracing::info!(
+                key_id = envelope.event.target(),
+                "publishing a key made offline to the control topic"
+            );
+            self.change(
+                &envelope.actor,
+                envelope.at_ms,
+                envelope.event,
+                None,
+                Origin::default(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("publishing a key made offline: {e:?}"))?;
+        }
         if let Some(token) = bootstrap {
             if let Some(event) = self.bootstrap_event(token)? {
                 self.change(
@@ -163,6 +196,26 @@ impl Access {
         Ok(())
     }
 
+    /// Keys created in the local log only (`tally keys create` on this
+    /// data directory) and never read back from the control topic.
+    fn unpublished(&self) -> anyhow::Result<Vec<Envelope>> {
+        let mut local = Vec::new();
+        let mut published = HashSet::new();
+        for (seq, bytes) in self.store.control_events(0)? {
+            let envelope = Envelope::decode(&bytes)
+                .map_err(|e| anyhow::anyhow!("control event {seq} cannot be read: {e}"))?;
+            if let ControlEvent::KeyCreated { key_id, .. } = &envelope.event {
+                if envelope.topic_offset.is_some() {
+                    published.insert(key_id.clone());
+                } else if envelope.actor == offline::CLI_ACTOR {
+                    local.push(envelope);
+                }
+            }
+        }
+        local.retain(|e| !published.contains(e.event.target()));
+        Ok(local)
+    }
+
     /// The event that creates the bootstrap key, unless it exists.
     fn bootstrap_event(&self, token: &str) -> anyhow::Result<Option<ControlEvent>> {
         let id = tally_pipelines::access::token::parse(token).map_err(|e| {
@@ -171,7 +224,7 @@ impl Access {
             )
         })?;
         let hash = tally_pipelines::access::token::hash(token);
-        if let Some(existing) = self.read().get(id) {
+        if let Some(existing) = self.read().keys.get(id) {
             // Known, perhaps revoked since: a restart must not revive it.
             if existing.revoked_at_ms.is_some() {
                 tracing::warn!(
@@ -199,8 +252,14 @@ impl Access {
         }))
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, KeyRing> {
-        self.ring.read().unwrap_or_else(PoisonError::into_inner)
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, ControlPlane> {
+        self.plane.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tells `listener` of every change applied from now on (in log
+    /// order, on the thread that applies it).
+    pub fn on_applied(&self, listener: impl Fn(&Envelope) + Send + Sync + 'static) {
+        let _ = self.listener.set(Box::new(listener));
     }
 
     /// Accepts JWTs checked by `verifier` too (which turns access
@@ -212,7 +271,7 @@ impl Access {
     /// Whether requests need a key (at least one key exists, or JWTs are
     /// configured).
     pub fn enforced(&self) -> bool {
-        self.jwt.get().is_some() || !self.read().is_empty()
+        self.jwt.get().is_some() || !self.read().keys.is_empty()
     }
 
     /// Judges a JWT, when JWTs are configured (`None`: not configured).
@@ -226,17 +285,27 @@ impl Access {
         peer: Option<IpAddr>,
         now_ms: i64,
     ) -> Result<Principal, Refusal> {
-        self.read().verify(presented, peer, now_ms)
+        self.read().keys.verify(presented, peer, now_ms)
     }
 
     /// Reads the ring (for listings and admission checks).
     pub fn with_ring<T>(&self, f: impl FnOnce(&KeyRing) -> T) -> T {
+        f(&self.read().keys)
+    }
+
+    /// Reads the whole projection (versions, webhooks).
+    pub fn with_plane<T>(&self, f: impl FnOnce(&ControlPlane) -> T) -> T {
         f(&self.read())
+    }
+
+    /// The version of a stream now (what an ETag gives).
+    pub fn version(&self, stream: Stream<'_>) -> u64 {
+        self.read().version(stream)
     }
 
     /// Makes a change: through the control topic in Kafka mode, else
     /// appended locally (synced before this answers). `expected` is the
-    /// version `If-Match` named.
+    /// version `If-Match` named, of the event's stream.
     pub async fn change(
         self: &Arc<Self>,
         actor: &str,
@@ -244,7 +313,7 @@ impl Access {
         event: ControlEvent,
         expected: Option<u64>,
         origin: Origin,
-    ) -> Result<Envelope, Stale> {
+    ) -> Result<Applied, Stale> {
         let Some(control) = self.control.get() else {
             let me = self.clone();
             let actor = actor.to_string();
@@ -267,22 +336,26 @@ impl Access {
             .wait_applied(offset, READ_BACK)
             .await
             .map_err(|e| Stale::Unavailable(e.to_string()))?;
-        if self.lock_rejected().remove(&offset) {
-            let current = self
-                .read()
-                .get(envelope.event.target())
-                .map_or(0, |k| k.version);
-            return Err(Stale::Version { current });
+        let outcome = self.lock_outcomes().remove(&offset);
+        match outcome {
+            Some(Some(version)) => Ok(Applied { version }),
+            Some(None) => Err(Stale::Version {
+                current: self.version(envelope.event.stream()),
+            }),
+            // Not remembered (a thousand changes overtook it): applied,
+            // at the version the stream has now or an earlier one.
+            None => Ok(Applied {
+                version: self.version(envelope.event.stream()),
+            }),
         }
-        Ok(envelope)
     }
 
-    fn lock_rejected(&self) -> std::sync::MutexGuard<'_, BTreeSet<i64>> {
-        self.rejected.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock_outcomes(&self) -> std::sync::MutexGuard<'_, BTreeMap<i64, Option<u64>>> {
+        self.outcomes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Appends one event to the local log (synced) and applies it, if
-    /// the event's key is at version `expected` (checked under the lock
+    /// the event's stream is at version `expected` (checked under the lock
     /// that orders the log, so two racing writers cannot both pass).
     pub fn record_at_version(
         &self,
@@ -291,15 +364,12 @@ impl Access {
         event: ControlEvent,
         expected: Option<u64>,
         origin: Origin,
-    ) -> Result<Envelope, Stale> {
+    ) -> Result<Applied, Stale> {
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
         let envelope = Envelope::new(log.next_seq, at_ms, actor, event)
             .from_request(origin.request_id, origin.ip);
         if let Some(expected) = expected {
-            let current = self
-                .read()
-                .get(envelope.event.target())
-                .map_or(0, |k| k.version);
+            let current = self.version(envelope.event.stream());
             if current != expected {
                 self.audit(&envelope, "stale_version");
                 return Err(Stale::Version { current });
@@ -309,25 +379,36 @@ impl Access {
             .append_control_event(log.next_seq, &envelope.encode(), None)
             .map_err(Stale::Store)?;
         log.next_seq += 1;
-        self.apply(&envelope);
+        let version = self.apply(&envelope).unwrap_or(0);
         self.snapshot_if_due(envelope.seq);
-        Ok(envelope)
+        Ok(Applied { version })
     }
 
-    fn apply(&self, envelope: &Envelope) -> bool {
-        let applied = self
-            .ring
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .apply_envelope(envelope);
-        self.audit(envelope, if applied { "applied" } else { "stale_version" });
+    /// Applies an event to the projection: the version it left its
+    /// stream at, or `None` when refused (stale `expect_version`).
+    fn apply(&self, envelope: &Envelope) -> Option<u64> {
+        let version = {
+            let mut plane = self.plane.write().unwrap_or_else(PoisonError::into_inner);
+            plane
+                .apply_envelope(envelope)
+                .then(|| plane.version(envelope.event.stream()))
+        };
+        self.audit(
+            envelope,
+            if version.is_some() {
+                "applied"
+            } else {
+                "stale_version"
+            },
+        );
+        version?;
         if let ControlEvent::KeyRevoked { key_id } = &envelope.event {
-            self.budgets
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(key_id);
+            self.budgets.forget(key_id);
         }
-        applied
+        if let Some(listener) = self.listener.get() {
+            listener(envelope);
+        }
+        version
     }
 
     /// Every [`SNAPSHOT_EVERY`] events, the ring as of event `seq` (called
@@ -339,12 +420,12 @@ impl Access {
         let bytes = match serde_json::to_vec(&*self.read()) {
             Ok(b) => b,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot encode a key ring snapshot");
+                tracing::warn!(error = %e, "cannot encode a control plane snapshot");
                 return;
             }
         };
         if let Err(e) = self.store.put_control_snapshot(seq, &bytes) {
-            tracing::warn!(error = %e, "cannot store a key ring snapshot");
+            tracing::warn!(error = %e, "cannot store a control plane snapshot");
         }
     }
 
@@ -395,6 +476,7 @@ impl Access {
             }
         };
         envelope.seq = log.next_seq;
+        envelope.topic_offset = Some(offset);
         if let Err(e) =
             self.store
                 .append_control_event(log.next_seq, &envelope.encode(), Some(offset))
@@ -405,14 +487,12 @@ impl Access {
         }
         log.next_seq += 1;
         log.topic_offset = offset;
-        let applied = self.apply(&envelope);
+        let outcome = self.apply(&envelope);
         self.snapshot_if_due(envelope.seq);
-        if !applied {
-            let mut rejected = self.lock_rejected();
-            rejected.insert(offset);
-            while rejected.len() > MAX_REJECTIONS {
-                rejected.pop_first();
-            }
+        let mut outcomes = self.lock_outcomes();
+        outcomes.insert(offset, outcome);
+        while outcomes.len() > MAX_OUTCOMES {
+            outcomes.pop_first();
         }
         let delay_ms = wall_clock_ms().saturating_sub(envelope.at_ms).max(0);
         histogram!(CONTROL_PROPAGATION).record(delay_ms as f64 / 1000.0);
@@ -434,89 +514,25 @@ impl Access {
 
     /// The key ring as it was at `as_of_ms`.
     pub fn ring_at(&self, as_of_ms: i64) -> Result<KeyRing, tally_state::Error> {
-        let mut ring = KeyRing::default();
+        Ok(self.plane_at(as_of_ms)?.keys)
+    }
+
+    /// The whole projection rebuilt from the log, as it was at `as_of_ms`
+    /// (`i64::MAX`: now; a rebuild equals the live projection).
+    pub fn plane_at(&self, as_of_ms: i64) -> Result<ControlPlane, tally_state::Error> {
+        let mut plane = ControlPlane::new();
         for envelope in self.events_until(as_of_ms)? {
-            ring.apply_envelope(&envelope);
+            plane.apply_envelope(&envelope);
         }
-        Ok(ring)
+        Ok(plane)
     }
 
-    /// Takes one request from the budget of the key and of every key
-    /// above it that has one (so children share their parent's), or
-    /// nothing when any of them is spent: answers the wait in ms then.
+    /// Takes one request from the budgets of the key and the keys above
+    /// it (see [`budget`]); the wait in ms when one is spent.
     pub fn charge(&self, principal: &Principal, now_ms: i64) -> Result<(), i64> {
-        let limits: Vec<(String, tally_pipelines::access::KeyRateLimit)> = {
-            let ring = self.read();
-            principal
-                .chain
-                .iter()
-                .filter_map(|id| ring.get(id))
-                .filter_map(|k| k.spec.rate_limit.map(|r| (k.key_id.clone(), r)))
-                .collect()
-        };
-        if limits.is_empty() {
-            return Ok(());
-        }
-        let mut budgets = self.budgets.lock().unwrap_or_else(PoisonError::into_inner);
-        // Peek at all first: a request refused by one level takes nothing
-        // from the others.
-        let mut wait = 0;
-        for (id, r) in &limits {
-            let limit = r.limit();
-            let state = budgets
-                .entry(id.clone())
-                .or_insert_with(|| LimiterState::new(r.algorithm, &limit, now_ms));
-            if state.algorithm() != r.algorithm {
-                *state = LimiterState::new(r.algorithm, &limit, now_ms);
-            }
-            let d = state.peek(&limit, now_ms, 1);
-            if !d.allowed {
-                wait = wait.max(d.retry_after_ms.max(1));
-            }
-        }
-        if wait > 0 {
-            return Err(wait);
-        }
-        for (id, r) in &limits {
-            if let Some(state) = budgets.get_mut(id) {
-                state.check(&r.limit(), now_ms, 1);
-            }
-        }
-        Ok(())
+        self.budgets.charge(&self.read().keys, principal, now_ms)
     }
 }
 
-/// `tally keys create`, offline: appends a key to a data directory's
-/// control log (the service must not be running on it) and returns it.
-pub fn create_offline(store: Arc<Store>, spec: KeySpec, now_ms: i64) -> anyhow::Result<KeyToken> {
-    let access = Access::open(store, None, None, now_ms)?;
-    let operator = Principal::operator("cli");
-    let spec = access
-        .with_ring(|ring| ring.admit(&operator, spec, now_ms))
-        .map_err(|problems| {
-            anyhow::anyhow!(
-                "{}",
-                problems
-                    .iter()
-                    .map(|(f, r)| format!("{f}: {r}"))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            )
-        })?;
-    let token = KeyToken::generate(&mut rand::rng(), None);
-    access
-        .record_at_version(
-            "cli",
-            now_ms,
-            ControlEvent::KeyCreated {
-                key_id: token.id().to_string(),
-                spec,
-                hash: token.hash(),
-            },
-            None,
-            Origin::default(),
-        )
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
-        .context("recording the key")?;
-    Ok(token)
-}
+#[cfg(test)]
+mod tests;
