@@ -361,7 +361,7 @@ mod tests {
             .iter()
             .filter(|(at, seq, _)| before.is_none_or(|b| (*at, *seq) < b))
             .collect();
-        newest_first.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+        newest_first.sort_by_key(|r| std::cmp::Reverse((r.0, r.1)));
         let at = |at_ms: i64, seq: u64| Position {
             at_ms,
             instance: me.to_string(),

@@ -190,7 +190,7 @@ mod tests {
     fn a_snapshot_plus_the_events_after_it_equals_the_whole_replay() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         let token = KeyToken::generate(&mut rng, None);
-        let events = vec![
+        let events = [
             ControlEvent::KeyCreated {
                 key_id: token.id().into(),
                 spec: KeySpec {
