@@ -10,6 +10,7 @@
 
 mod access;
 mod audit;
+mod billing;
 mod config;
 mod error;
 mod gen;

@@ -186,6 +186,8 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
                 adaptive.tick(shards.mailbox_utilization(), clock.now_ms());
             }
         });
+        // Billing periods close on time, also for clients nobody asks about.
+        let closer = tokio::spawn(crate::billing::close::run_closer(state.clone()));
         tracing::info!(listen = %local, data_dir = %config.data_dir.display(), partitions = config.partitions, "tally serving");
         // Listening for SIGTERM from before the line below: a supervisor
         // (or a test) that stops the service as soon as it is up must get
@@ -227,6 +229,7 @@ pub fn run(cmd: &ServeCommand) -> anyhow::Result<()> {
         }
         upkeep.abort();
         adaptive_tick.abort();
+        closer.abort();
         webhooks.stop();
         if let Some(task) = alert_topic {
             task.abort();

@@ -227,8 +227,9 @@ async fn keys_made_offline_and_webhook_changes_reach_every_instance_once() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let admin = offline_key(&dir.join("keygen"), &[]);
-    // Made offline in A's own data directory, before A ever ran.
-    let offline = offline_key(&dir.join("a"), &["--scopes", "read"]);
+    // Made offline in A's own data directory, before A ever ran (with
+    // the layout A is configured with, as an operator would).
+    let offline = offline_key(&dir.join("a"), &["--scopes", "read", "--partitions", "4"]);
     let offline_id = offline[4..16].to_string();
     let args = cluster_args(&broker, &admin);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -275,7 +276,7 @@ async fn keys_made_offline_and_webhook_changes_reach_every_instance_once() {
 
     // A webhook made at A runs at B, at the same version; a writer at B
     // holding the version before A's change is refused.
-    let hook = |types: Value| json!({"url": "https://hooks.example.com/in", "secret": "a-secret", "event_types": types});
+    let hook = |types: Value| json!({"url": "https://hooks.example.com/in", "secret": "a-secret-of-16-bytes-or-more", "event_types": types});
     let resp = c
         .put(a.url("/v1/webhooks/hook"))
         .bearer_auth(&admin)

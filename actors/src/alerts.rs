@@ -1,6 +1,7 @@
 //! The event channel: `RATE_LIMITED`, `QUOTA_WARNING`, `QUOTA_EXCEEDED`,
 //! `ANOMALY_DETECTED`, `REQUEST_RECORDED` (opt-in, sampled) and
-//! `CIRCUIT_STATE_CHANGED` (a webhook's circuit breaker). Each event gets the next sequence number (its
+//! `CIRCUIT_STATE_CHANGED` (a webhook's circuit breaker) and
+//! `BILLING_PERIOD_CLOSED` (a period's finalised totals). Each event gets the next sequence number (its
 //! `event_id`), is appended to a persisted log (so a subscriber can resume
 //! with `Last-Event-ID`), and is broadcast to live subscribers.
 //!
@@ -25,13 +26,14 @@ use tally_state::Store;
 use tokio::sync::broadcast;
 
 /// Every event type the channel carries.
-pub const EVENT_TYPES: [&str; 6] = [
+pub const EVENT_TYPES: [&str; 7] = [
     "RATE_LIMITED",
     "QUOTA_WARNING",
     "QUOTA_EXCEEDED",
     "ANOMALY_DETECTED",
     "REQUEST_RECORDED",
     "CIRCUIT_STATE_CHANGED",
+    "BILLING_PERIOD_CLOSED",
 ];
 
 /// One event on the channel.

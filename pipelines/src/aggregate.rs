@@ -27,6 +27,10 @@ pub struct EndpointStats {
     pub latency_ns: u128,
     pub compute_units: u128,
     pub latency: LatencySketch,
+    /// Requests that carried their own `compute_units`, and those units:
+    /// a billing plan weighs only the others ([`EndpointStats::units_weighted`]).
+    pub own_unit_requests: u64,
+    pub own_units: u128,
 }
 
 impl EndpointStats {
@@ -50,6 +54,10 @@ impl EndpointStats {
             .saturating_add(u128::from(event.response_bytes));
         self.latency_ns = self.latency_ns.saturating_add(latency_ns(event.latency_ms));
         self.compute_units = self.compute_units.saturating_add(u128::from(compute_units));
+        if let Some(own) = event.compute_units {
+            self.own_unit_requests = self.own_unit_requests.saturating_add(1);
+            self.own_units = self.own_units.saturating_add(u128::from(own));
+        }
         self.latency.insert(event.latency_ms);
     }
 
@@ -62,6 +70,18 @@ impl EndpointStats {
         self.latency_ns = self.latency_ns.saturating_add(other.latency_ns);
         self.compute_units = self.compute_units.saturating_add(other.compute_units);
         self.latency.merge(&other.latency);
+        self.own_unit_requests = self
+            .own_unit_requests
+            .saturating_add(other.own_unit_requests);
+        self.own_units = self.own_units.saturating_add(other.own_units);
+    }
+
+    /// Compute units with `weight` per request for the requests that did
+    /// not carry their own (which win).
+    pub fn units_weighted(&self, weight: u64) -> u128 {
+        let weighed = self.requests.saturating_sub(self.own_unit_requests);
+        self.own_units
+            .saturating_add(u128::from(weighed).saturating_mul(u128::from(weight)))
     }
 
     pub fn average_latency_ms(&self) -> f64 {
@@ -190,6 +210,25 @@ mod tests {
             metadata: None,
             source: None,
         }
+    }
+
+    #[test]
+    fn a_plans_weight_applies_only_to_requests_without_their_own_units() {
+        let mut a = EndpointStats::default();
+        let mut own = event("/s", 200, 1.0, 0);
+        own.compute_units = Some(7);
+        a.record(&own, 7);
+        a.record(&event("/s", 200, 1.0, 0), 3);
+        a.record(&event("/s", 200, 1.0, 0), 3);
+        // Ingest weighed the two at 3; a plan weighing 5: 7 + 2 x 5.
+        assert_eq!(a.compute_units, 13);
+        assert_eq!(a.units_weighted(5), 17);
+        assert_eq!(a.units_weighted(1), 9);
+        let mut b = EndpointStats::default();
+        b.record(&own, 7);
+        a.merge(&b);
+        assert_eq!((a.own_unit_requests, a.own_units), (2, 14));
+        assert_eq!(a.units_weighted(0), 14);
     }
 
     #[test]

@@ -25,6 +25,7 @@
 
 pub mod access;
 pub mod aggregate;
+pub mod billing;
 pub mod circuit;
 pub mod decode;
 pub mod dedupe;

@@ -440,7 +440,9 @@ impl Access {
                 .map(|c| c.iter().cloned().collect())
                 .unwrap_or_default(),
             ControlEvent::LimitsSet { client_id, .. }
-            | ControlEvent::QuotaSet { client_id, .. } => {
+            | ControlEvent::QuotaSet { client_id, .. }
+            | ControlEvent::ClientPlanSet { client_id, .. }
+            | ControlEvent::AdjustmentBooked { client_id, .. } => {
                 vec![client_id.clone()]
             }
             _ => vec![],

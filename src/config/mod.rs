@@ -48,6 +48,9 @@ pub struct Config {
     pub request_timeout: Duration,
     /// How long the audit trail keeps records.
     pub audit_retention: Duration,
+    /// A billing period closes this long after its end plus the allowed
+    /// lateness.
+    pub billing_close_delay: Duration,
     pub max_errors_reported: usize,
     pub retention_minute: Duration,
     pub retention_hour: Duration,
@@ -142,6 +145,7 @@ impl Config {
         let max_future = duration("max_future", &s.max_future, "15m");
         let request_timeout = duration("request_timeout", &s.request_timeout, "60s");
         let audit_retention = duration("audit_retention", &s.audit_retention, "30d");
+        let billing_close_delay = duration("billing_close_delay", &s.billing_close_delay, "1h");
         let anomaly_idle_close = duration("anomaly_idle_close", &s.anomaly_idle_close, "2m");
         let kafka_outage_grace = duration("kafka.outage_grace", &s.kafka.outage_grace, "30s");
         let changelog_interval = duration(
@@ -345,6 +349,7 @@ impl Config {
             webhook_allow,
             request_timeout,
             audit_retention,
+            billing_close_delay,
             max_errors_reported,
             retention_minute,
             retention_hour,

@@ -160,6 +160,10 @@ pub struct Settings {
     /// How long the audit trail keeps records, e.g. 30d [default: 30d].
     #[arg(long, env = "TALLY_AUDIT_RETENTION")]
     pub audit_retention: Option<String>,
+    /// How long after a billing period's end (past the allowed lateness)
+    /// it closes and its report is final, e.g. 1h [default: 1h].
+    #[arg(long, env = "TALLY_BILLING_CLOSE_DELAY")]
+    pub billing_close_delay: Option<String>,
     /// `/health/ready` and `/metrics` want a key with `read` too [default: false].
     #[arg(long, env = "TALLY_KEYED_OPS", num_args = 0..=1, default_missing_value = "true")]
     pub keyed_ops: Option<bool>,
@@ -190,7 +194,7 @@ impl Settings {
             flush_interval, flush_max_events, mailbox_capacity, sync_writes, allowed_lateness,
             dedupe_window, dedupe_max_ids, max_future, max_body_bytes, max_ingest_requests,
             max_ingest_bytes, max_subscribers, max_webhooks, webhook_allow, log_format, request_timeout,
-            max_errors_reported, anomaly_idle_close, detect, bootstrap_key, insecure, keyed_ops, audit_retention, jwt_hs256_secret,
+            max_errors_reported, anomaly_idle_close, detect, bootstrap_key, insecure, keyed_ops, audit_retention, billing_close_delay, jwt_hs256_secret,
             jwt_rs256_public_key, jwt_jwks, jwt_issuer, jwt_audience, secrets_key);
         layer!(self.kafka, over.kafka; brokers, group, topic, dead_letter_topic, outage_grace,
             changelog_interval, session_timeout);

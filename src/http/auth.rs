@@ -85,7 +85,14 @@ pub fn rule(method: &Method, route: &str) -> Rule {
         | "/v1/clients/{client_id}/usage/endpoints"
         | "/v1/clients/{client_id}/usage/history"
         | "/v1/clients/{client_id}/anomalies" => need(Scope::Read),
-        "/v1/clients/{client_id}/reports/billing" => need(Scope::Billing),
+        "/v1/clients/{client_id}/plan" | "/v1/clients/{client_id}/adjustments" if write => {
+            need(Scope::Admin)
+        }
+        "/v1/clients/{client_id}/reports/billing"
+        | "/v1/clients/{client_id}/plan"
+        | "/v1/clients/{client_id}/adjustments" => need(Scope::Billing),
+        "/v1/plans" | "/v1/plans/{plan_id}" if write => need_all(Scope::Admin),
+        "/v1/plans" | "/v1/plans/{plan_id}" | "/v1/reports/billing" => need_all(Scope::Billing),
         "/v1/usage/top"
         | "/v1/anomalies"
         | "/v1/alerts/stream"

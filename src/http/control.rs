@@ -90,5 +90,8 @@ fn describe(event: &ControlEvent) -> String {
         Stream::Limits(c) => format!("the limits of client {c:?}"),
         Stream::Quota(c) => format!("the quota of client {c:?}"),
         Stream::Webhook(w) => format!("webhook {w:?}"),
+        Stream::Plan(p) => format!("plan {p:?}"),
+        Stream::ClientPlan(c) => format!("the plan schedule of client {c:?}"),
+        Stream::Adjustments(c) => format!("the adjustments of client {c:?}"),
     }
 }

@@ -6,6 +6,7 @@ pub mod alerts;
 pub mod anomalies;
 pub mod audit;
 pub mod auth;
+pub mod billing;
 pub mod control;
 pub mod dead_letters;
 pub mod forward;
@@ -136,6 +137,7 @@ pub fn app(state: AppState) -> Router {
             usage::router()
                 .merge(limits::client_router())
                 .merge(anomalies::client_router())
+                .merge(billing::client_router())
                 .route_layer(middleware::from_fn_with_state(
                     state.clone(),
                     forward::to_owner,
@@ -150,6 +152,7 @@ pub fn app(state: AppState) -> Router {
         .merge(dead_letters::router())
         .merge(keys::router())
         .merge(audit::router())
+        .merge(billing::router())
         // After routing (the rule is the route's), before any handler.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

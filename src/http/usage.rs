@@ -50,7 +50,7 @@ struct HistoryParams {
     granularity: Option<String>,
 }
 
-fn client_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+pub(super) fn client_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     let Path(client) =
         path.map_err(|e| ApiError::bad_request(format!("invalid client id in path: {e}"), vec![]))?;
     if client.is_empty() || client.len() > MAX_CLIENT_ID_BYTES {

@@ -73,6 +73,8 @@ pub enum LimitKind {
     Detector = 5,
     /// A (minute, client) bucket flushed and not judged yet.
     OpenMinute = 6,
+    /// A client's finalised billing report of a closed period.
+    ClosedReport = 7,
 }
 
 /// Prefix of every `limits` key of one kind in a partition.
@@ -88,6 +90,15 @@ pub fn limit_key(partition: u16, kind: LimitKind, client_id: &str) -> Vec<u8> {
     let mut key = limit_prefix(partition, kind);
     key.extend_from_slice(&len.to_be_bytes());
     key.extend_from_slice(&client[..usize::from(len)]);
+    key
+}
+
+/// A closed billing period's report: the client's key, then the period's
+/// start (u64 ms), so a client's
+/// reports are one range.
+pub fn closed_report_key(partition: u16, client_id: &str, period_start_ms: i64) -> Vec<u8> {
+    let mut key = limit_key(partition, LimitKind::ClosedReport, client_id);
+    key.extend_from_slice(&time_bytes(period_start_ms));
     key
 }
 

@@ -200,3 +200,39 @@ impl Store {
         Ok(out)
     }
 }
+
+impl Store {
+    /// A closed period's stored report, as it was stored.
+    pub fn closed_report(
+        &self,
+        partition: u16,
+        client: &str,
+        period_start_ms: i64,
+    ) -> Result<Option<Vec<u8>>> {
+        self.engine.get(
+            CF_LIMITS,
+            &keys::closed_report_key(partition, client, period_start_ms),
+        )
+    }
+
+    /// Stores a closed period's report, durably and tracked for the
+    /// changelog (so it moves with its partition). The caller writes a
+    /// period once.
+    pub fn put_closed_report(
+        &self,
+        partition: u16,
+        client: &str,
+        period_start_ms: i64,
+        report: &[u8],
+    ) -> Result<()> {
+        let key = keys::closed_report_key(partition, client, period_start_ms);
+        let mut batch = WriteBatch::default();
+        batch.put(CF_LIMITS, &key, report);
+        let guard = self.changes.get().and_then(|t| t.lock(partition));
+        self.engine.write(batch, true)?;
+        if let Some(mut set) = guard {
+            set.insert((StateStore::Limits, key));
+        }
+        Ok(())
+    }
+}

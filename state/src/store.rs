@@ -28,9 +28,11 @@ use crate::{Error, Result};
 /// The layout of the data directory. Version 2 keys de-duplication by
 /// `(client, source, event_id)` (version 1: `event_id` alone) and holds the
 /// event-time clock, detector windows and quota reservations in their
-/// current encodings; a version-1 directory cannot be read as version 2
-/// without misreading it, so it is refused.
-pub const FORMAT_VERSION: u32 = 2;
+/// current encodings; version 3 adds to each bucket's endpoint cells the
+/// compute units events carried themselves (billing weighs the others). A
+/// directory of another version cannot be read without misreading it, so
+/// it is refused.
+pub const FORMAT_VERSION: u32 = 3;
 
 #[derive(Debug, Clone)]
 pub struct StoreOptions {

@@ -1,6 +1,7 @@
 //! The event channel on Kafka: in Kafka mode every event of the alert log
 //! is also produced to `<topic>.alerts`, keyed by client id (so one
-//! client's events stay in order), as the same JSON the streams carry.
+//! client's events stay in order), as the same JSON the streams carry;
+//! `BILLING_PERIOD_CLOSED` also to `<topic>.billing`, for invoicing.
 //!
 //! Like a webhook, the topic follows the persisted log from a stored
 //! cursor, advanced only once the broker has acknowledged a batch: a
@@ -28,6 +29,10 @@ pub fn alerts_topic(topic: &str) -> String {
     format!("{topic}.alerts")
 }
 
+pub fn billing_topic(topic: &str) -> String {
+    format!("{topic}.billing")
+}
+
 /// Starts following the alert log into the topic (on the current tokio
 /// runtime).
 pub fn start(
@@ -47,13 +52,13 @@ pub fn start(
             c
         }
     };
-    let topic = alerts_topic(&config.topic);
-    Ok(tokio::spawn(run(producer, topic, store, alerts, cursor)))
+    let topics = (alerts_topic(&config.topic), billing_topic(&config.topic));
+    Ok(tokio::spawn(run(producer, topics, store, alerts, cursor)))
 }
 
 async fn run(
     producer: FutureProducer,
-    topic: String,
+    (topic, billing): (String, String),
     store: Arc<Store>,
     alerts: Arc<AlertLog>,
     mut cursor: u64,
@@ -64,13 +69,16 @@ async fn run(
         if batch.is_empty() {
             continue;
         }
-        let payloads: Vec<(String, std::sync::Arc<str>)> = batch
-            .iter()
-            .map(|e| (e.client_id.clone(), e.to_json()))
-            .collect();
-        let sends = payloads.iter().map(|(key, json)| {
+        let mut payloads: Vec<(&str, String, std::sync::Arc<str>)> = Vec::new();
+        for e in &batch {
+            payloads.push((&topic, e.client_id.clone(), e.to_json()));
+            if e.event_type == "BILLING_PERIOD_CLOSED" {
+                payloads.push((&billing, e.client_id.clone(), e.to_json()));
+            }
+        }
+        let sends = payloads.iter().map(|(to, key, json)| {
             producer.send(
-                FutureRecord::to(&topic).key(key).payload(&**json),
+                FutureRecord::to(to).key(key).payload(&**json),
                 Duration::from_secs(30),
             )
         });

@@ -121,14 +121,18 @@ impl KafkaSource {
                     .set("retention.ms", "-1")
             })
             .collect();
-        // The alert topic is an event stream, not state: plain retention.
+        // The alert and billing topics are event streams, not state: plain
+        // retention.
         let alerts = crate::kafka::alert_topic::alerts_topic(&config.topic);
+        let billing = crate::kafka::alert_topic::billing_topic(&config.topic);
         let mut topics = topics;
-        topics.push(NewTopic::new(
-            &alerts,
-            i32::from(partitions),
-            TopicReplication::Fixed(1),
-        ));
+        for stream in [&alerts, &billing] {
+            topics.push(NewTopic::new(
+                stream,
+                i32::from(partitions),
+                TopicReplication::Fixed(1),
+            ));
+        }
         let results = admin
             .create_topics(
                 &topics,

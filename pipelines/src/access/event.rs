@@ -96,6 +96,21 @@ pub enum ControlEvent {
     WebhookDeleted {
         webhook_id: String,
     },
+    /// A billing plan created or replaced (as the API took it).
+    PlanSet {
+        plan_id: String,
+        plan: serde_json::Value,
+    },
+    /// The plan a client is billed under from `effective_from_ms` on.
+    ClientPlanSet {
+        client_id: String,
+        assignment: crate::billing::Assignment,
+    },
+    /// Usage booked after its period closed, into the open period.
+    AdjustmentBooked {
+        client_id: String,
+        adjustment: crate::billing::Adjustment,
+    },
 }
 
 impl ControlEvent {
@@ -108,6 +123,9 @@ impl ControlEvent {
             ControlEvent::QuotaSet { .. } => "quota.set",
             ControlEvent::WebhookSet { .. } => "webhook.set",
             ControlEvent::WebhookDeleted { .. } => "webhook.delete",
+            ControlEvent::PlanSet { .. } => "plan.set",
+            ControlEvent::ClientPlanSet { .. } => "client_plan.set",
+            ControlEvent::AdjustmentBooked { .. } => "adjustment.book",
         }
     }
 
@@ -121,6 +139,9 @@ impl ControlEvent {
             | ControlEvent::QuotaSet { client_id, .. } => client_id,
             ControlEvent::WebhookSet { webhook_id, .. }
             | ControlEvent::WebhookDeleted { webhook_id } => webhook_id,
+            ControlEvent::PlanSet { plan_id, .. } => plan_id,
+            ControlEvent::ClientPlanSet { client_id, .. }
+            | ControlEvent::AdjustmentBooked { client_id, .. } => client_id,
         }
     }
 
@@ -136,6 +157,9 @@ impl ControlEvent {
             ControlEvent::QuotaSet { client_id, .. } => Stream::Quota(client_id),
             ControlEvent::WebhookSet { webhook_id, .. }
             | ControlEvent::WebhookDeleted { webhook_id } => Stream::Webhook(webhook_id),
+            ControlEvent::PlanSet { plan_id, .. } => Stream::Plan(plan_id),
+            ControlEvent::ClientPlanSet { client_id, .. } => Stream::ClientPlan(client_id),
+            ControlEvent::AdjustmentBooked { client_id, .. } => Stream::Adjustments(client_id),
         }
     }
 }
@@ -147,6 +171,11 @@ pub enum Stream<'a> {
     Limits(&'a str),
     Quota(&'a str),
     Webhook(&'a str),
+    Plan(&'a str),
+    /// A client's plan schedule.
+    ClientPlan(&'a str),
+    /// A client's booked adjustments.
+    Adjustments(&'a str),
 }
 
 impl Stream<'_> {
@@ -158,6 +187,9 @@ impl Stream<'_> {
             Stream::Limits(c) => Some(format!("limits/{c}")),
             Stream::Quota(c) => Some(format!("quota/{c}")),
             Stream::Webhook(w) => Some(format!("webhook/{w}")),
+            Stream::Plan(p) => Some(format!("plan/{p}")),
+            Stream::ClientPlan(c) => Some(format!("client_plan/{c}")),
+            Stream::Adjustments(c) => Some(format!("adjustments/{c}")),
         }
     }
 }

@@ -195,7 +195,10 @@ impl KeyRing {
             ControlEvent::LimitsSet { .. }
             | ControlEvent::QuotaSet { .. }
             | ControlEvent::WebhookSet { .. }
-            | ControlEvent::WebhookDeleted { .. } => {}
+            | ControlEvent::WebhookDeleted { .. }
+            | ControlEvent::PlanSet { .. }
+            | ControlEvent::ClientPlanSet { .. }
+            | ControlEvent::AdjustmentBooked { .. } => {}
         }
     }
 

@@ -3,8 +3,10 @@
 //! client's limits, a client's quota, a webhook) so that `If-Match` can be
 //! judged alike for all of them, on every instance, at apply time.
 //!
-//! Webhook configurations are kept here whole (they are few, bounded by
-//! `max_webhooks`, and every instance delivers to all of them). A client's
+//! Webhook configurations and billing plans are kept here whole (they are
+//! few: webhooks bounded by `max_webhooks`, and every instance delivers to
+//! all of them), and so is each client's plan schedule (small, and every
+//! report needs it). A client's
 //! limits and quota are applied by the partition that owns the client and
 //! move with it; the plane keeps only who set them when, and their
 //! version, so that its memory grows with the number of configured
@@ -16,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::event::{ControlEvent, Envelope, Stream};
 use super::keyring::KeyRing;
+use crate::billing::{Adjustment, Assignment};
 
 /// The snapshot format this build writes. A snapshot of another format
 /// (a key ring alone, before configurations were versioned) is not used:
@@ -29,7 +32,8 @@ pub struct Versioned {
     pub version: u64,
     pub set_at_ms: i64,
     pub set_by: String,
-    /// Webhooks only: the configuration as published (`None` once deleted).
+    /// Webhooks: the configuration as published (`None` once deleted);
+    /// plans: the plan; client plans: the schedule (JSON).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
 }
@@ -85,22 +89,84 @@ impl ControlPlane {
         self.keys
             .apply(envelope.at_ms, &envelope.actor, &envelope.event);
         if let Some(key) = stream.config_key() {
-            let value = match &envelope.event {
-                ControlEvent::WebhookSet { config, .. } => Some(config.clone()),
-                _ => None,
-            };
             let entry = self.configs.entry(key).or_insert(Versioned {
                 version: 0,
                 set_at_ms: envelope.at_ms,
                 set_by: String::new(),
                 value: None,
             });
+            let value = match &envelope.event {
+                ControlEvent::WebhookSet { config, .. } => Some(config.clone()),
+                ControlEvent::PlanSet { plan, .. } => Some(plan.to_string()),
+                ControlEvent::ClientPlanSet { assignment, .. } => {
+                    let schedule = entry
+                        .value
+                        .as_deref()
+                        .and_then(|v| serde_json::from_str::<Vec<Assignment>>(v).ok())
+                        .unwrap_or_default();
+                    let schedule = crate::billing::schedule::assign(schedule, assignment.clone());
+                    serde_json::to_string(&schedule).ok()
+                }
+                ControlEvent::AdjustmentBooked { adjustment, .. } => {
+                    let list = entry
+                        .value
+                        .as_deref()
+                        .and_then(|v| serde_json::from_str::<Vec<Adjustment>>(v).ok())
+                        .unwrap_or_default();
+                    let list = crate::billing::adjustment::book(list, adjustment.clone());
+                    serde_json::to_string(&list).ok()
+                }
+                _ => None,
+            };
             entry.version += 1;
             entry.set_at_ms = envelope.at_ms;
             entry.set_by = envelope.actor.clone();
             entry.value = value;
         }
         true
+    }
+
+    /// A plan as set (`None`: never set).
+    pub fn plan(&self, plan_id: &str) -> Option<crate::billing::Plan> {
+        let value = self.config(Stream::Plan(plan_id))?.value.as_deref()?;
+        serde_json::from_str(value).ok()
+    }
+
+    /// Plan ids after `after`, in order, at most `limit`.
+    pub fn plan_ids(&self, after: &str, limit: usize) -> Vec<String> {
+        let start = format!("plan/{after}");
+        self.configs
+            .range(start.clone()..)
+            .filter(|(k, _)| **k != start || after.is_empty())
+            .take_while(|(k, _)| k.starts_with("plan/"))
+            .filter_map(|(k, _)| k.strip_prefix("plan/").map(str::to_string))
+            .take(limit)
+            .collect()
+    }
+
+    /// A client's booked adjustments, oldest first.
+    pub fn adjustments(&self, client: &str) -> Vec<Adjustment> {
+        self.config(Stream::Adjustments(client))
+            .and_then(|v| v.value.as_deref())
+            .and_then(|v| serde_json::from_str(v).ok())
+            .unwrap_or_default()
+    }
+
+    /// Every client with a plan schedule.
+    pub fn planned_clients(&self) -> Vec<String> {
+        self.configs
+            .range("client_plan/".to_string()..)
+            .take_while(|(k, _)| k.starts_with("client_plan/"))
+            .filter_map(|(k, _)| k.strip_prefix("client_plan/").map(str::to_string))
+            .collect()
+    }
+
+    /// A client's plan schedule, in time order (empty: no plan).
+    pub fn schedule(&self, client: &str) -> Vec<Assignment> {
+        self.config(Stream::ClientPlan(client))
+            .and_then(|v| v.value.as_deref())
+            .and_then(|v| serde_json::from_str(v).ok())
+            .unwrap_or_default()
     }
 
     /// The webhooks configured now: `(id, configuration as published)`.

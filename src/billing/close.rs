@@ -1,0 +1,214 @@
+//! Answering and closing billing periods. A period closes once its end
+//! has passed by the allowed lateness plus `billing_close_delay`: its
+//! report is then built once, stored with the partition's state (so it
+//! moves with it), `BILLING_PERIOD_CLOSED` carries its totals on the event
+//! channel, and every later request is answered the stored bytes. Closing
+//! happens on the first request after that time, or by the closer
+//! ([`run_closer`]) for every client with a plan, whichever comes first.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use serde_json::json;
+use tally_actors::alerts::AlertLog;
+use tally_pipelines::billing::period::{self, BillingPeriod};
+use tally_pipelines::billing::schedule::in_force;
+use tally_pipelines::billing::{Adjustment, Assignment, Plan};
+use tally_state::Store;
+
+use super::report::{self, Inputs};
+use crate::http::AppState;
+
+/// The event type of a finalised period.
+pub const BILLING_PERIOD_CLOSED: &str = "BILLING_PERIOD_CLOSED";
+/// How often the closer looks for periods to close.
+const CLOSER_EVERY: Duration = Duration::from_secs(30);
+
+/// What a client is billed by: its schedule, the plans it names, its
+/// zone and reset day.
+pub struct ClientBilling {
+    pub client: String,
+    pub partition: u16,
+    pub schedule: Vec<Assignment>,
+    pub plans: BTreeMap<String, Plan>,
+    pub tz: Tz,
+    pub reset_day: u8,
+    pub adjustments: Vec<Adjustment>,
+}
+
+impl ClientBilling {
+    /// Reads what `client` is billed by (blocking: the quota's reset day
+    /// is in the store).
+    pub fn read(state: &AppState, client: &str, now_ms: i64) -> tally_state::Result<ClientBilling> {
+        let (schedule, plans, adjustments) = state.access.with_plane(|p| {
+            let schedule = p.schedule(client);
+            let plans = schedule
+                .iter()
+                .filter_map(|a| p.plan(&a.plan_id).map(|plan| (a.plan_id.clone(), plan)))
+                .collect();
+            (schedule, plans, p.adjustments(client))
+        });
+        let tz = in_force(&schedule, now_ms)
+            .or(schedule.last())
+            .and_then(|a| a.time_zone.as_deref())
+            .and_then(|z| period::zone(z).ok())
+            .unwrap_or(chrono_tz::UTC);
+        let partition = state.store.partition_of(client);
+        let reset_day = state
+            .store
+            .quota_config(partition, client)?
+            .map_or(1, |q| q.reset_day);
+        Ok(ClientBilling {
+            client: client.to_string(),
+            partition,
+            schedule,
+            plans,
+            tz,
+            reset_day,
+            adjustments,
+        })
+    }
+}
+
+/// When `period` closes.
+pub fn closes_at(state: &AppState, period: &BillingPeriod) -> i64 {
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    period
+        .end_ms
+        .saturating_add(ms(state.config.allowed_lateness))
+        .saturating_add(ms(state.config.billing_close_delay))
+}
+
+/// One close at a time in this process: a period's report is built and
+/// stored once (in Kafka mode only the partition's owner closes).
+static CLOSING: Mutex<()> = Mutex::new(());
+
+/// The report of `period` as JSON bytes: built, or for a closed billing
+/// period (`stored`: not a `from`/`to` range) the stored one, closing it
+/// first if nobody has. Blocking.
+pub fn answer(
+    store: &Store,
+    alerts: &AlertLog,
+    who: &ClientBilling,
+    period: BillingPeriod,
+    closed: bool,
+    stored: bool,
+    now_ms: i64,
+) -> tally_state::Result<Vec<u8>> {
+    let build = || {
+        let plan_of = |id: &str| who.plans.get(id).cloned();
+        let input = Inputs {
+            client: &who.client,
+            partition: who.partition,
+            tz: who.tz,
+            period,
+            schedule: &who.schedule,
+            plan_of: &plan_of,
+            adjustments: &who.adjustments,
+            now_ms,
+            closed,
+        };
+        report::build(store, &input)
+    };
+    if !(closed && stored) {
+        let report = build()?;
+        return encode(&report);
+    }
+    let _one = CLOSING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(bytes) = store.closed_report(who.partition, &who.client, period.start_ms)? {
+        return Ok(bytes);
+    }
+    let report = build()?;
+    let bytes = encode(&report)?;
+    store.put_closed_report(who.partition, &who.client, period.start_ms, &bytes)?;
+    alerts.publish(
+        BILLING_PERIOD_CLOSED,
+        &who.client,
+        None,
+        now_ms,
+        json!({
+            "plan_id": report.plan_id,
+            "billing_period_start": report.billing_period_start,
+            "billing_period_end": report.billing_period_end,
+            "time_zone": report.time_zone,
+            "currency": report.currency,
+            "billable_metrics": report.billable_metrics,
+            "total_amount": report.total_amount,
+            "lines": report.lines,
+        }),
+    );
+    Ok(bytes)
+}
+
+fn encode(report: &report::Report) -> tally_state::Result<Vec<u8>> {
+    serde_json::to_vec(report)
+        .map_err(|e| tally_state::Error::Corrupt(format!("report encoding: {e}")))
+}
+
+/// Closes, for every client with a plan whose partition this instance
+/// owns, the last period once it is due. Runs until the process ends.
+pub async fn run_closer(state: AppState) {
+    // Soon after start (a restart catches up at once), then regularly.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    loop {
+        let s = state.clone();
+        let closed = tokio::task::spawn_blocking(move || close_due(&s)).await;
+        match closed {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(periods = n, "billing periods closed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "closing billing periods failed; retrying"),
+            Err(e) => tracing::error!(error = %e, "the billing closer task failed"),
+        }
+        tokio::time::sleep(CLOSER_EVERY).await;
+    }
+}
+
+fn close_due(state: &AppState) -> tally_state::Result<usize> {
+    let now = state.config.clock.now_ms();
+    let mut closed = 0;
+    for client in state.access.with_plane(|p| p.planned_clients()) {
+        let partition = state.store.partition_of(&client);
+        let local = state.membership.as_ref().is_none_or(|m| {
+            matches!(
+                m.owner(partition),
+                tally_actors::kafka::membership::Owner::Local
+            )
+        });
+        if !local {
+            continue;
+        }
+        let who = ClientBilling::read(state, &client, now)?;
+        let last = BillingPeriod::containing(who.tz, who.reset_day, now).shifted(
+            who.tz,
+            who.reset_day,
+            -1,
+        );
+        // Nothing to close before the client's first plan.
+        let first = who
+            .schedule
+            .first()
+            .map_or(i64::MAX, |a| a.effective_from_ms);
+        if last.end_ms <= first || now < closes_at(state, &last) {
+            continue;
+        }
+        if store_has(state, &who, &last)? {
+            continue;
+        }
+        answer(&state.store, &state.alerts, &who, last, true, true, now)?;
+        closed += 1;
+    }
+    Ok(closed)
+}
+
+fn store_has(
+    state: &AppState,
+    who: &ClientBilling,
+    p: &BillingPeriod,
+) -> tally_state::Result<bool> {
+    Ok(state
+        .store
+        .closed_report(who.partition, &who.client, p.start_ms)?
+        .is_some())
+}
