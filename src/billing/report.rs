@@ -180,27 +180,27 @@ pub fn build(store: &Store, input: &Inputs<'_>) -> tally_state::Result<Report> {
     let plan_at = |i: usize| plans[i].as_ref().unwrap_or(&no_plan);
     let segment_of = |ts: i64| segs.iter().position(|s| ts >= s.1 && ts < s.2).unwrap_or(0);
 
-    let mut total = BucketStats::default();
     let mut per_segment: Vec<BucketStats> = vec![BucketStats::default(); segs.len()];
     let mut per_day: Vec<(u64, u64, u64, u128, u128)> = vec![(0, 0, 0, 0, 0); days.len()];
     for (ts, cell) in &cells {
-        total.merge(cell);
         let s = segment_of(*ts);
-        per_segment[s].merge(cell);
         if let Some(d) = days.iter().position(|d| *ts >= d.1 && *ts < d.2) {
+            // Counts only: no latency sketch is merged for a day.
             let plan = plan_at(s);
-            let units: u128 = cell
-                .endpoints()
-                .map(|(e, st)| st.units_weighted(plan.weight(e)))
-                .sum();
-            let t = cell.totals();
             let day = &mut per_day[d];
-            day.0 += t.requests;
-            day.1 += t.failed;
-            day.2 += t.server_errors;
-            day.3 += t.bytes;
-            day.4 += units;
+            for (e, st) in cell.endpoints() {
+                day.0 += st.requests;
+                day.1 += st.failed;
+                day.2 += st.server_errors;
+                day.3 += st.bytes;
+                day.4 += st.units_weighted(plan.weight(e));
+            }
         }
+        per_segment[s].merge(cell);
+    }
+    let mut total = BucketStats::default();
+    for stats in &per_segment {
+        total.merge(stats);
     }
 
     // Compute units by endpoint, each segment under its own plan.
