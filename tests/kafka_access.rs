@@ -336,6 +336,86 @@ async fn keys_made_offline_and_webhook_changes_reach_every_instance_once() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
+    // A key allowlisted to one address: a query A forwards to the owner B
+    // is judged at B against the caller's address, not A's.
+    let (_, listed) = mint(
+        &c,
+        &a,
+        &admin,
+        json!({"name": "listed", "scopes": ["read"], "ip_allowlist": ["127.0.0.3/32"]}),
+    )
+    .await;
+    let from = |last: u8| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from([127, 0, 0, last]))
+            .build()
+            .unwrap()
+    };
+    let (allowed, other) = (from(3), from(4));
+    let started = Instant::now();
+    while status_at(&allowed, &b, &listed).await != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "B never took the key"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // (After A's restart the group may still be settling: partitions
+    // moving answer 503; keep asking until one is forwarded to B.)
+    let mut forwarded = None;
+    let mut seen = vec![];
+    let started = Instant::now();
+    for i in 0.. {
+        if started.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        if i % 50 == 49 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let client = format!("fw-{}", i % 50);
+        let resp = allowed
+            .get(a.url(&format!("/v1/clients/{client}/usage")))
+            .bearer_auth(&listed)
+            .send()
+            .await
+            .unwrap();
+        let served_by = resp
+            .headers()
+            .get("x-tally-served-by")
+            .map(|v| v.to_str().unwrap().to_string());
+        if served_by.as_deref() == Some(b.base.as_str()) {
+            assert_eq!(resp.status(), 200, "{client} forwarded to B");
+            forwarded = Some(client);
+            break;
+        }
+        seen.push((resp.status().as_u16(), served_by));
+    }
+    let forwarded = forwarded.unwrap_or_else(|| {
+        panic!(
+            "no client was forwarded to B ({}); last answers: {:?}",
+            b.base,
+            &seen[seen.len().saturating_sub(5)..]
+        )
+    });
+    // From another address: refused at A; and a caller that claims the
+    // allowed address itself, straight to B, is not a member: refused.
+    let resp = other
+        .get(a.url(&format!("/v1/clients/{forwarded}/usage")))
+        .bearer_auth(&listed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let resp = other
+        .get(b.url(&format!("/v1/clients/{forwarded}/usage")))
+        .bearer_auth(&listed)
+        .header("x-tally-peer-ip", "127.0.0.3")
+        .header("x-tally-forwarded-by", a.base.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+
     // A request refused at each instance: the audit at either answers
     // both, each once, paged one record at a time.
     for (at, request_id) in [(&a, "refused-at-a"), (&b, "refused-at-b")] {

@@ -14,7 +14,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, RawQuery, State};
 use axum::http::{header, HeaderMap};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use tally_pipelines::time::{format_rfc3339_ms, parse_instant};
 
@@ -130,6 +130,7 @@ struct Source {
 
 async fn list(
     State(state): State<AppState>,
+    origin: Option<Extension<crate::access::Origin>>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
     query: Result<Query<AuditQuery>, QueryRejection>,
@@ -186,6 +187,18 @@ async fn list(
                 credentials.insert(n, v);
             }
         }
+    }
+    // The caller's address as judged here: the peer judges its key's
+    // allowlist against it (see `auth::peer_of`).
+    let caller = origin
+        .as_ref()
+        .and_then(|Extension(o)| o.ip.as_deref())
+        .and_then(|ip| reqwest::header::HeaderValue::from_str(ip).ok());
+    if let Some(ip) = caller {
+        credentials.insert(
+            reqwest::header::HeaderName::from_static("x-tally-peer-ip"),
+            ip,
+        );
     }
     let query = raw.as_deref().unwrap_or("");
     for peer in peers {

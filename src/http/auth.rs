@@ -162,18 +162,56 @@ fn refuse(
 
 /// The request id (set by the request-id layer, or the caller's) and the
 /// peer address, for the audit trail.
-fn origin_of(req: &Request) -> Origin {
+fn origin_of(state: &AppState, req: &Request) -> Origin {
     Origin {
         request_id: req
             .headers()
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .map(|v| v.chars().take(128).collect()),
-        ip: req
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| canonical_ip(c.0.ip()).to_string()),
+        ip: peer_of(state, req).map(|ip| ip.to_string()),
     }
+}
+
+/// The address a request comes from: the connection's peer, or, for a
+/// request another live instance of the cluster forwarded (the connection
+/// comes from a member's advertised address), the caller's address that
+/// instance saw (`x-tally-peer-ip`), so key allowlists judge the caller,
+/// not the forwarder.
+fn peer_of(state: &AppState, req: &Request) -> Option<IpAddr> {
+    let direct = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| canonical_ip(c.0.ip()))?;
+    let forwarded = req
+        .headers()
+        .get(&super::forward::PEER_IP)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<IpAddr>().ok());
+    let from_member = || {
+        req.headers().contains_key(&super::forward::FORWARDED_BY)
+            && state.membership.as_ref().is_some_and(|m| {
+                m.live_peers()
+                    .iter()
+                    .any(|address| member_ip(address) == Some(direct))
+            })
+    };
+    match forwarded {
+        Some(ip) if from_member() => Some(canonical_ip(ip)),
+        _ => Some(direct),
+    }
+}
+
+/// The IP of a member's advertised address (`http://10.0.0.5:8080`,
+/// `http://[::1]:8080`); `None` for a host name.
+fn member_ip(address: &str) -> Option<IpAddr> {
+    let rest = address.split_once("://").map_or(address, |(_, r)| r);
+    let authority = rest.split('/').next()?;
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.parse::<IpAddr>().ok().map(canonical_ip)
 }
 
 fn canonical_ip(ip: IpAddr) -> IpAddr {
@@ -202,7 +240,7 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_default();
-    let origin = origin_of(&req);
+    let origin = origin_of(&state, &req);
     req.extensions_mut().insert(origin.clone());
     let rule = rule(req.method(), &route);
     let (scope, all_clients) = match rule {
@@ -214,10 +252,10 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
     if !state.access.enforced() {
         return next.run(req).await;
     }
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
+    let peer = origin
+        .ip
+        .as_deref()
+        .and_then(|ip| ip.parse::<IpAddr>().ok());
     let Some(presented) = presented_key(req.headers()).filter(|k| !k.is_empty()) else {
         counter!(AUTH_REFUSALS, "reason" => "missing").increment(1);
         return ApiError::Unauthenticated.into_response();
@@ -302,6 +340,17 @@ pub fn permit_client(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_members_address_gives_its_ip_and_a_host_name_none() {
+        let v4: IpAddr = "10.0.0.5".parse().unwrap();
+        assert_eq!(member_ip("http://10.0.0.5:8080"), Some(v4));
+        assert_eq!(member_ip("http://10.0.0.5"), Some(v4));
+        assert_eq!(member_ip("https://10.0.0.5:8443/base"), Some(v4));
+        assert_eq!(member_ip("http://[::1]:8080"), Some("::1".parse().unwrap()));
+        assert_eq!(member_ip("http://[::ffff:10.0.0.5]:80"), Some(v4));
+        assert_eq!(member_ip("http://tally-1.internal:8080"), None);
+    }
 
     #[test]
     fn every_write_to_configuration_needs_admin_and_reads_need_read() {

@@ -23,6 +23,9 @@ use crate::error::ApiError;
 pub const FORWARDED_BY: HeaderName = HeaderName::from_static("x-tally-forwarded-by");
 /// The instance that answered.
 pub const SERVED_BY: HeaderName = HeaderName::from_static("x-tally-served-by");
+/// On a forwarded request: the address of the original caller, which the
+/// owner judges key allowlists against (taken only from a live member).
+pub const PEER_IP: HeaderName = HeaderName::from_static("x-tally-peer-ip");
 /// On a read answered from local state while its partition has no owner:
 /// the last offset of the request topic applied to that state.
 pub const AS_OF_OFFSET: HeaderName = HeaderName::from_static("x-tally-as-of-offset");
@@ -103,7 +106,18 @@ async fn forward(
         .path_and_query()
         .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string());
     let method = req.method().clone();
-    let headers = req.headers().clone();
+    let mut headers = req.headers().clone();
+    // The caller's address as this instance judged it (a caller's own
+    // header of that name is not taken: only a member's).
+    headers.remove(&PEER_IP);
+    let caller = req
+        .extensions()
+        .get::<crate::access::Origin>()
+        .and_then(|o| o.ip.as_deref())
+        .and_then(|ip| HeaderValue::from_str(ip).ok());
+    if let Some(ip) = caller {
+        headers.insert(PEER_IP, ip);
+    }
     let body = axum::body::to_bytes(req.into_body(), MAX_FORWARDED_BODY)
         .await
         .map_err(|e| e.to_string())?;
@@ -152,6 +166,7 @@ pub async fn send(
         "authorization",
         "x-api-key",
         "if-match",
+        PEER_IP.as_str(),
     ] {
         if let Some(v) = headers.get(name) {
             outgoing = outgoing.header(name, v.as_bytes());
