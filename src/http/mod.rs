@@ -2,6 +2,7 @@
 //! and adds the cross-cutting layers (request ids, tracing, metrics,
 //! timeouts, problem+json for unmatched routes).
 
+pub mod adjustments;
 pub mod alerts;
 pub mod anomalies;
 pub mod audit;
@@ -138,6 +139,7 @@ pub fn app(state: AppState) -> Router {
                 .merge(limits::client_router())
                 .merge(anomalies::client_router())
                 .merge(billing::client_router())
+                .merge(adjustments::client_router())
                 .route_layer(middleware::from_fn_with_state(
                     state.clone(),
                     forward::to_owner,
