@@ -9,8 +9,12 @@
 //! code for both) and by a lean C generator, `wrk` for Tally and
 //! `redis-benchmark` for Redis, when installed.
 //!
-//! Knobs: TALLY_BENCH_SECONDS (10), TALLY_BENCH_CONNECTIONS (64),
-//! TALLY_BENCH_CLIENTS (100000).
+//! Tally runs twice at once, without and with API-key verification, driven
+//! in alternating rounds; it prints both, the difference of the median
+//! rounds, and each server's CPU time per check.
+//!
+//! Knobs: TALLY_BENCH_SECONDS (10, per system), TALLY_BENCH_ROUNDS (5),
+//! TALLY_BENCH_CONNECTIONS (64), TALLY_BENCH_CLIENTS (100000).
 
 mod common;
 
@@ -99,13 +103,13 @@ fn next(state: &mut u64) -> u64 {
     *state
 }
 
-async fn drive<F, Fut>(connections: usize, seconds: u64, check: F) -> Report
+async fn drive<F, Fut>(connections: usize, time: Duration, check: F) -> Report
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
     let check = Arc::new(check);
-    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let deadline = Instant::now() + time;
     let started = Instant::now();
     let tasks: Vec<_> = (0..connections)
         .map(|task| {
@@ -149,87 +153,195 @@ fn free_port() -> u16 {
         .unwrap_or(16379)
 }
 
-/// `key`: run with access control on, every check carrying this key
-/// (verification on the path), to compare with the run without.
-async fn tally(connections: usize, seconds: u64, clients: u64, key: Option<String>) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bootstrap = key
-        .as_ref()
-        .map(|k| format!("bootstrap_key = \"{k}\"\n"))
-        .unwrap_or_default();
-    let (mut child, base) = common::start_tally(
-        dir.path(),
-        &format!("{bootstrap}[limits.default]\nalgorithm = \"SLIDING_WINDOW\"\nglobal_limit = {{ requests = 1000, window_seconds = 60 }}\n"),
-    );
-    let name = if key.is_some() {
-        "tally /v1/check with an API key"
-    } else {
-        "tally /v1/check (sliding window)"
-    };
-    let auth = key.map(|k| format!("Bearer {k}"));
-    let auth_header = auth.clone();
-    let url = format!("{base}/v1/check");
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(connections)
-        .build()
-        .expect("client");
-    let mut report = drive(connections, seconds, move |_, r| {
-        let (http, url, auth) = (http.clone(), url.clone(), auth.clone());
-        async move {
-            let body = format!(
-                r#"{{"client_id":"client-{}","endpoint":"/v1/items"}}"#,
-                r % clients
-            );
-            let mut request = http
-                .post(&url)
-                .header("content-type", "application/json")
-                .body(body);
-            if let Some(auth) = &auth {
-                request = request.header("authorization", auth);
-            }
-            match request.send().await {
-                Ok(resp) => {
-                    let ok = resp.status() == 200;
-                    let _ = resp.bytes().await;
-                    ok
-                }
-                Err(_) => false,
-            }
+/// One Tally server under test: with `key`, access control is on and
+/// every check carries the key (verification on the path).
+struct Server {
+    name: &'static str,
+    child: std::process::Child,
+    url: String,
+    auth: Option<String>,
+    http: reqwest::Client,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(connections: usize, key: Option<String>) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bootstrap = key
+            .as_ref()
+            .map(|k| format!("bootstrap_key = \"{k}\"\n"))
+            .unwrap_or_default();
+        let (child, base) = common::start_tally(
+            dir.path(),
+            &format!("{bootstrap}[limits.default]\nalgorithm = \"SLIDING_WINDOW\"\nglobal_limit = {{ requests = 1000, window_seconds = 60 }}\n"),
+        );
+        Server {
+            name: if key.is_some() {
+                "tally /v1/check with an API key"
+            } else {
+                "tally /v1/check (sliding window)"
+            },
+            child,
+            url: format!("{base}/v1/check"),
+            auth: key.map(|k| format!("Bearer {k}")),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(connections)
+                .build()
+                .expect("client"),
+            dir,
         }
-    })
-    .await;
-    report.print(&format!("{name}, reqwest generator"), connections);
-    let script = dir.path().join("check.lua");
-    let lua = WRK_LUA.replace("CLIENTS", &clients.to_string()).replace(
-        "{[\"Content-Type\"]=\"application/json\"}",
-        &match &auth_header {
+    }
+
+    /// Drives checks for `time`; answers the report and the server's CPU
+    /// seconds in that time.
+    async fn round(&self, connections: usize, time: Duration, clients: u64) -> (Report, f64) {
+        let (http, url, auth) = (self.http.clone(), self.url.clone(), self.auth.clone());
+        let cpu_before = common::cpu_seconds(self.child.id()).unwrap_or(0.0);
+        let report = drive(connections, time, move |_, r| {
+            let (http, url, auth) = (http.clone(), url.clone(), auth.clone());
+            async move {
+                let body = format!(
+                    r#"{{"client_id":"client-{}","endpoint":"/v1/items"}}"#,
+                    r % clients
+                );
+                let mut request = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body);
+                if let Some(auth) = &auth {
+                    request = request.header("authorization", auth);
+                }
+                match request.send().await {
+                    Ok(resp) => {
+                        let ok = resp.status() == 200;
+                        let _ = resp.bytes().await;
+                        ok
+                    }
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+        let cpu = common::cpu_seconds(self.child.id()).unwrap_or(0.0) - cpu_before;
+        (report, cpu)
+    }
+
+    fn wrk(&self, connections: usize, seconds: u64, clients: u64) {
+        let script = self.dir.path().join("check.lua");
+        let headers = match &self.auth {
             Some(a) => {
                 format!("{{[\"Content-Type\"]=\"application/json\", [\"Authorization\"]=\"{a}\"}}")
             }
             None => "{[\"Content-Type\"]=\"application/json\"}".to_string(),
-        },
-    );
-    if std::fs::write(&script, lua).is_ok() {
-        external(
-            &format!("{name}, wrk generator"),
-            "wrk",
-            &[
-                "-t2".into(),
-                format!("-c{connections}"),
-                format!("-d{seconds}s"),
-                "--latency".into(),
-                "-s".into(),
-                script.display().to_string(),
-                base.clone(),
-            ],
-            &["50%", "99%", "Requests/sec"],
+        };
+        let lua = WRK_LUA
+            .replace("CLIENTS", &clients.to_string())
+            .replace("{[\"Content-Type\"]=\"application/json\"}", &headers);
+        let base = self.url.trim_end_matches("/v1/check").to_string();
+        if std::fs::write(&script, lua).is_ok() {
+            external(
+                &format!("{}, wrk generator", self.name),
+                "wrk",
+                &[
+                    "-t2".into(),
+                    format!("-c{connections}"),
+                    format!("-d{seconds}s"),
+                    "--latency".into(),
+                    "-s".into(),
+                    script.display().to_string(),
+                    base,
+                ],
+                &["50%", "99%", "Requests/sec"],
+            );
+        }
+    }
+
+    fn stop(mut self) {
+        if let Some(rss) = common::vm_hwm_kib(self.child.id()) {
+            println!(
+                "{}: server peak RSS {:.1} MiB",
+                self.name,
+                rss as f64 / 1024.0
+            );
+        }
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Tally without and with key verification, both servers up at once and
+/// driven in alternating rounds (open, keyed, open, keyed, ...), so that
+/// drift of a shared machine (another process, CPU frequency) falls on
+/// both alike; each is also judged by the server's own CPU time per check,
+/// which the load generator's share of the cores does not move.
+async fn tally(connections: usize, seconds: u64, clients: u64, rounds: usize) {
+    let key = tally_pipelines::access::KeyToken::generate(&mut rand::rng(), None);
+    let servers = [
+        Server::start(connections, None),
+        Server::start(connections, Some(key.reveal().to_string())),
+    ];
+    let slice = Duration::from_millis(seconds * 1000 / rounds.max(1) as u64);
+    // Warm-up: every server sees the clients once before it is measured.
+    for s in &servers {
+        s.round(connections, Duration::from_secs(1), clients).await;
+    }
+    let mut totals: Vec<(Report, f64, Vec<f64>)> = servers
+        .iter()
+        .map(|_| {
+            (
+                Report {
+                    checks: 0,
+                    allowed: 0,
+                    seconds: 0.0,
+                    latencies_us: Vec::new(),
+                },
+                0.0,
+                Vec::new(),
+            )
+        })
+        .collect();
+    for _ in 0..rounds.max(1) {
+        for (s, total) in servers.iter().zip(totals.iter_mut()) {
+            let (r, cpu) = s.round(connections, slice, clients).await;
+            total.2.push(r.checks as f64 / r.seconds);
+            total.0.checks += r.checks;
+            total.0.allowed += r.allowed;
+            total.0.seconds += r.seconds;
+            total.0.latencies_us.extend(r.latencies_us);
+            total.1 += cpu;
+        }
+    }
+    let mut summary = Vec::new();
+    for (s, (report, cpu, per_round)) in servers.iter().zip(totals.iter_mut()) {
+        report.print(&format!("{}, reqwest generator", s.name), connections);
+        let mut sorted = per_round.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        let cpu_us = *cpu * 1e6 / report.checks.max(1) as f64;
+        println!(
+            "{}: rounds {} checks/s (median {median:.0}); server CPU {cpu_us:.1} us per check",
+            s.name,
+            per_round
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        summary.push((median, cpu_us));
+    }
+    if let [(open, open_cpu), (keyed, keyed_cpu)] = summary[..] {
+        println!(
+            "keyed vs open: throughput {:+.1} % (median of rounds), server CPU per check {:+.1} %",
+            (keyed / open - 1.0) * 100.0,
+            (keyed_cpu / open_cpu - 1.0) * 100.0,
         );
     }
-    if let Some(rss) = common::vm_hwm_kib(child.id()) {
-        println!("tally: server peak RSS {:.1} MiB", rss as f64 / 1024.0);
+    for s in &servers {
+        s.wrk(connections, seconds, clients);
     }
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
+    for s in servers {
+        s.stop();
+    }
 }
 
 async fn redis(connections: usize, seconds: u64, clients: u64) {
@@ -280,7 +392,7 @@ async fn redis(connections: usize, seconds: u64, clients: u64) {
     }
     let pool = Arc::new(pool);
     let script = Arc::new(redis::Script::new(SLIDING_WINDOW_LUA));
-    let mut report = drive(connections, seconds, move |task, r| {
+    let mut report = drive(connections, Duration::from_secs(seconds), move |task, r| {
         let (pool, script) = (pool.clone(), script.clone());
         async move {
             let mut con = pool[task].clone();
@@ -343,22 +455,13 @@ fn main() {
     let seconds = env_or("TALLY_BENCH_SECONDS", 10) as u64;
     let connections = env_or("TALLY_BENCH_CONNECTIONS", 64);
     let clients = env_or("TALLY_BENCH_CLIENTS", 100_000) as u64;
+    let rounds = env_or("TALLY_BENCH_ROUNDS", 5);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        tally(connections, seconds, clients, None).await;
-        // The same load with access control on: the key is verified on
-        // every check (same run, same machine, for the comparison).
-        let key = tally_pipelines::access::KeyToken::generate(&mut rand::rng(), None);
-        tally(
-            connections,
-            seconds,
-            clients,
-            Some(key.reveal().to_string()),
-        )
-        .await;
+        tally(connections, seconds, clients, rounds).await;
         redis(connections, seconds, clients).await;
     });
 }

@@ -57,7 +57,7 @@ const MAX_DEAD_LETTERS_READ: usize = 100_000;
 /// or the late events of its dead letters not booked before.
 async fn book_adjustment(
     State(state): State<AppState>,
-    principal: Option<Extension<Principal>>,
+    principal: Option<Extension<std::sync::Arc<Principal>>>,
     origin: Option<Extension<Origin>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,

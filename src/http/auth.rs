@@ -289,13 +289,17 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
     if all_clients && !principal.all_clients() {
         return refuse(&state, &route, "clients", key_id, None, &origin);
     }
+    // A route that names its client in the path is judged here; one that
+    // names clients in its body, by its handler (`permit_client`).
     let (mut parts, body) = req.into_parts();
-    if let Ok(Path(params)) =
-        Path::<HashMap<String, String>>::from_request_parts(&mut parts, &state).await
-    {
-        if let Some(client) = params.get("client_id") {
-            if !principal.may_client(client) {
-                return refuse(&state, &route, "clients", key_id, Some(client), &origin);
+    if route.contains("{client_id}") {
+        if let Ok(Path(params)) =
+            Path::<HashMap<String, String>>::from_request_parts(&mut parts, &state).await
+        {
+            if let Some(client) = params.get("client_id") {
+                if !principal.may_client(client) {
+                    return refuse(&state, &route, "clients", key_id, Some(client), &origin);
+                }
             }
         }
     }
@@ -306,7 +310,7 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
         .into_response();
     }
     let mut req = Request::from_parts(parts, body);
-    req.extensions_mut().insert(principal);
+    req.extensions_mut().insert(std::sync::Arc::new(principal));
     next.run(req).await
 }
 

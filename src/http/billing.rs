@@ -72,7 +72,7 @@ fn plan_view(id: &str, plan: &Plan, version: u64) -> Response {
 
 async fn put_plan(
     State(state): State<AppState>,
-    principal: Option<Extension<Principal>>,
+    principal: Option<Extension<std::sync::Arc<Principal>>>,
     origin: Option<Extension<Origin>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
@@ -176,7 +176,7 @@ fn schedule_view(client: &str, schedule: &[Assignment], now_ms: i64, version: u6
 
 async fn put_client_plan(
     State(state): State<AppState>,
-    principal: Option<Extension<Principal>>,
+    principal: Option<Extension<std::sync::Arc<Principal>>>,
     origin: Option<Extension<Origin>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,

@@ -16,8 +16,11 @@ use crate::error::{ApiError, FieldProblem};
 
 /// The caller: its key, or on an instance with no key yet (open, on
 /// loopback or `--insecure`) the operator, who makes the first key.
-pub fn caller(principal: Option<Extension<Principal>>) -> Principal {
-    principal.map_or_else(|| Principal::operator("anonymous"), |Extension(p)| p)
+pub fn caller(principal: Option<Extension<std::sync::Arc<Principal>>>) -> Principal {
+    principal.map_or_else(
+        || Principal::operator("anonymous"),
+        |Extension(p)| Principal::clone(&p),
+    )
 }
 
 /// `If-Match: "<version>"` (or `*`): the version a change is for.

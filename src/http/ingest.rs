@@ -150,7 +150,7 @@ fn derive_event_ids(key: &str, decoded: &mut DecodedBody) {
 
 async fn ingest(
     State(state): State<AppState>,
-    principal: Option<axum::Extension<tally_pipelines::access::Principal>>,
+    principal: Option<axum::Extension<std::sync::Arc<tally_pipelines::access::Principal>>>,
     origin: Option<axum::Extension<crate::access::Origin>>,
     headers: HeaderMap,
     body: Body,

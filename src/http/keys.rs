@@ -201,7 +201,7 @@ struct Created {
 
 async fn create(
     State(state): State<AppState>,
-    principal: Option<Extension<Principal>>,
+    principal: Option<Extension<std::sync::Arc<Principal>>>,
     origin: Option<Extension<Origin>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -261,7 +261,7 @@ struct KeyPage {
 
 async fn list(
     State(state): State<AppState>,
-    principal: Option<Extension<Principal>>,
+    principal: Option<Extension<std::sync::Arc<Principal>>>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<KeyPage>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text(), vec![]))?;
@@ -329,7 +329,7 @@ async fn ring_at(state: &AppState, at: i64) -> Result<KeyRing, ApiError> {
 
 async fn show(
     State(state): State<AppState>,
-    principal: Option<Extension<Principal>>,
+    principal: Option<Extension<std::sync::Arc<Principal>>>,
     Path(key_id): Path<String>,
     query: Result<Query<ShowQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -367,7 +367,7 @@ const MAX_GRACE_SECONDS: u64 = 30 * 86_400;
 
 async fn rotate(
     State(state): State<AppState>,
-    principal: Option<Extension<Principal>>,
+    principal: Option<Extension<std::sync::Arc<Principal>>>,
     origin: Option<Extension<Origin>>,
     Path(key_id): Path<String>,
     headers: HeaderMap,
@@ -427,7 +427,7 @@ async fn rotate(
 
 async fn revoke(
     State(state): State<AppState>,
-    principal: Option<Extension<Principal>>,
+    principal: Option<Extension<std::sync::Arc<Principal>>>,
     origin: Option<Extension<Origin>>,
     Path(key_id): Path<String>,
     headers: HeaderMap,

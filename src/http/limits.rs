@@ -187,7 +187,7 @@ fn answer(client_id: String, a: CheckAnswer, now_ms: i64) -> Response {
 
 async fn check(
     State(state): State<AppState>,
-    principal: Option<axum::Extension<Principal>>,
+    principal: Option<axum::Extension<std::sync::Arc<Principal>>>,
     origin: Option<axum::Extension<Origin>>,
     headers: HeaderMap,
     body: Bytes,
@@ -196,7 +196,7 @@ async fn check(
     valid_client(&req.client_id)?;
     super::auth::permit_client(
         &state,
-        principal.as_ref().map(|p| &p.0),
+        principal.as_deref().map(|p| &**p),
         origin.as_ref().map(|o| &o.0),
         "/v1/check",
         &req.client_id,
@@ -278,7 +278,7 @@ async fn limit_status(
 /// records the same configuration again.
 async fn put_limits(
     State(state): State<AppState>,
-    principal: Option<axum::Extension<Principal>>,
+    principal: Option<axum::Extension<std::sync::Arc<Principal>>>,
     origin: Option<axum::Extension<Origin>>,
     Path(client): Path<String>,
     headers: HeaderMap,
@@ -381,7 +381,7 @@ async fn reset_counters(
 /// Sets a client's quota, as [`put_limits`] sets limits.
 async fn put_quota(
     State(state): State<AppState>,
-    principal: Option<axum::Extension<Principal>>,
+    principal: Option<axum::Extension<std::sync::Arc<Principal>>>,
     origin: Option<axum::Extension<Origin>>,
     Path(client): Path<String>,
     headers: HeaderMap,

@@ -68,7 +68,7 @@ fn internal(e: anyhow::Error) -> ApiError {
 /// deliveries by the projection's listener before this answers.
 async fn put(
     State(state): State<AppState>,
-    principal: Option<Extension<Principal>>,
+    principal: Option<Extension<std::sync::Arc<Principal>>>,
     origin: Option<Extension<Origin>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
@@ -178,7 +178,7 @@ async fn list(
 
 async fn delete(
     State(state): State<AppState>,
-    principal: Option<Extension<Principal>>,
+    principal: Option<Extension<std::sync::Arc<Principal>>>,
     origin: Option<Extension<Origin>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
