@@ -203,6 +203,16 @@ async fn a_closed_periods_report_is_exact_and_never_moves() {
             ts,
         });
     }
+    // A client with usage in December only: not in January's export.
+    let december_only = "only-in-december";
+    events.push(Ev {
+        client: december_only.to_string(),
+        endpoint: "/v1/orders/{id}",
+        status: 200,
+        bytes: 7,
+        units: None,
+        ts: start - 3 * DAY,
+    });
     events.sort_by_key(|e| e.ts);
     let numbered: Vec<(usize, Ev)> = events.iter().cloned().enumerate().collect();
     for chunk in numbered.chunks(2000) {
@@ -418,6 +428,86 @@ async fn a_closed_periods_report_is_exact_and_never_moves() {
         d(steady_report["total_amount"].as_str().unwrap())
     );
 
+    // Every client at once: each line is that client's own report, byte
+    // for byte; only clients with usage in the period.
+    let all = export(&c, &server, "period=2026-01-15").await;
+    assert_eq!(
+        all,
+        first_bytes
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    );
+    let december = export(&c, &server, "period=2025-12-15").await;
+    assert_eq!(december.keys().map(String::as_str).collect::<Vec<_>>(), {
+        let mut want = vec![steady, december_only];
+        want.sort();
+        want
+    });
+    // Resumed one client at a time from the last record's client_id: the
+    // same clients, none twice.
+    let mut paged = BTreeMap::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..10 {
+        let q = match &cursor {
+            Some(c) => format!("period=2026-01-15&limit=1&cursor={}", encode_path(c)),
+            None => "period=2026-01-15&limit=1".to_string(),
+        };
+        let page = export_lines(&c, &server, &q).await;
+        assert!(page.len() <= 1);
+        let Some((client, bytes)) = page.into_iter().next() else {
+            break;
+        };
+        assert!(
+            paged.insert(client.clone(), bytes).is_none(),
+            "{client} twice"
+        );
+        cursor = Some(client);
+    }
+    assert_eq!(paged, all);
+    // CSV: the per-client rows of every client, under one header.
+    let r = c
+        .get(server.url("/v1/reports/billing?period=2026-01-15"))
+        .header("accept", "text/csv")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "text/csv; charset=utf-8");
+    let text = r.text().await.unwrap();
+    let mut got: Vec<&str> = text.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert!(got.remove(0).starts_with("client_id,plan_id,"));
+    let mut want = Vec::new();
+    for (client, _) in clients {
+        let one = c
+            .get(server.url(&format!(
+                "/v1/clients/{}/reports/billing?period=2026-01-15&format=csv",
+                encode_path(client)
+            )))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        want.extend(
+            one.split("\r\n")
+                .skip(1)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string),
+        );
+    }
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got, want);
+    for bad in ["period=2026-13-40", "format=xml", "limit=0", "nonsense=1"] {
+        let r = c
+            .get(server.url(&format!("/v1/reports/billing?{bad}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+    }
+
     // Late events for January (the partitions are in February by now), a
     // replay of the whole month and a restart: the closed reports do not
     // move by a byte.
@@ -521,7 +611,35 @@ async fn a_closed_periods_report_is_exact_and_never_moves() {
             bytes
         );
     }
+    assert_eq!(export(&c, &server, "period=2026-01-15").await, all);
     server.stop();
+}
+
+/// The export's records, by client, in the order given (and none twice).
+async fn export_lines(c: &reqwest::Client, server: &Server, q: &str) -> Vec<(String, Vec<u8>)> {
+    let r = c
+        .get(server.url(&format!("/v1/reports/billing?{q}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{q}");
+    assert_eq!(r.headers()["content-type"], "application/x-ndjson");
+    let body = r.bytes().await.unwrap();
+    body.split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|line| {
+            let v: Value = serde_json::from_slice(line).unwrap();
+            (v["client_id"].as_str().unwrap().to_string(), line.to_vec())
+        })
+        .collect()
+}
+
+async fn export(c: &reqwest::Client, server: &Server, q: &str) -> BTreeMap<String, Vec<u8>> {
+    let lines = export_lines(c, server, q).await;
+    let n = lines.len();
+    let map: BTreeMap<String, Vec<u8>> = lines.into_iter().collect();
+    assert_eq!(map.len(), n, "a client twice in {q}");
+    map
 }
 
 #[tokio::test]

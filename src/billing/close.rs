@@ -85,9 +85,16 @@ pub fn closes_at(state: &AppState, period: &BillingPeriod) -> i64 {
 /// stored once (in Kafka mode only the partition's owner closes).
 static CLOSING: Mutex<()> = Mutex::new(());
 
-/// The report of `period` as JSON bytes: built, or for a closed billing
-/// period (`stored`: not a `from`/`to` range) the stored one, closing it
-/// first if nobody has. Blocking.
+/// A report as answered: its JSON bytes, and its request count (an
+/// export lists only clients with usage in the period).
+pub struct Answer {
+    pub bytes: Vec<u8>,
+    pub requests: u64,
+}
+
+/// The report of `period`: built, or for a closed billing period
+/// (`stored`: not a `from`/`to` range) the stored one, closing it first
+/// if nobody has. Blocking.
 pub fn answer(
     store: &Store,
     alerts: &AlertLog,
@@ -96,7 +103,7 @@ pub fn answer(
     closed: bool,
     stored: bool,
     now_ms: i64,
-) -> tally_state::Result<Vec<u8>> {
+) -> tally_state::Result<Answer> {
     let build = || {
         let plan_of = |id: &str| who.plans.get(id).cloned();
         let input = Inputs {
@@ -114,14 +121,19 @@ pub fn answer(
     };
     if !(closed && stored) {
         let report = build()?;
-        return encode(&report);
+        return Ok(Answer {
+            bytes: encode(&report)?,
+            requests: report.summary.total_requests,
+        });
     }
     let _one = CLOSING.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(bytes) = store.closed_report(who.partition, &who.client, period.start_ms)? {
-        return Ok(bytes);
+        let requests = stored_requests(&bytes)?;
+        return Ok(Answer { bytes, requests });
     }
     let report = build()?;
     let bytes = encode(&report)?;
+    let requests = report.summary.total_requests;
     store.put_closed_report(who.partition, &who.client, period.start_ms, &bytes)?;
     alerts.publish(
         BILLING_PERIOD_CLOSED,
@@ -139,7 +151,22 @@ pub fn answer(
             "lines": report.lines,
         }),
     );
-    Ok(bytes)
+    Ok(Answer { bytes, requests })
+}
+
+/// The request count of a stored report.
+fn stored_requests(bytes: &[u8]) -> tally_state::Result<u64> {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        summary: StoredSummary,
+    }
+    #[derive(serde::Deserialize)]
+    struct StoredSummary {
+        total_requests: u64,
+    }
+    serde_json::from_slice::<Stored>(bytes)
+        .map(|s| s.summary.total_requests)
+        .map_err(|e| tally_state::Error::Corrupt(format!("a stored report is not readable: {e}")))
 }
 
 fn encode(report: &report::Report) -> tally_state::Result<Vec<u8>> {

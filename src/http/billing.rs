@@ -258,16 +258,16 @@ async fn get_client_plan(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ReportParams {
+pub(super) struct ReportParams {
     /// `current` (default), `previous`, or an instant or local date
     /// (`YYYY-MM-DD`) inside the period.
-    period: Option<String>,
-    from: Option<String>,
-    to: Option<String>,
+    pub period: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
     /// `json` (default) or `csv` (also by `Accept: text/csv`).
-    format: Option<String>,
+    pub format: Option<String>,
 }
 
 async fn client_report(
@@ -290,7 +290,7 @@ async fn client_report(
     let closed = now >= close::closes_at(&state, &period);
     let s = state.clone();
     let bytes = super::read_partition(&state, partition, move |store| {
-        close::answer(store, &s.alerts, &who, period, closed, stored, now)
+        close::answer(store, &s.alerts, &who, period, closed, stored, now).map(|a| a.bytes)
     })
     .await?;
     if csv {
@@ -306,7 +306,7 @@ async fn client_report(
 
 /// The period asked for, and whether it is a billing period (which is
 /// stored once closed) rather than a `from`/`to` range.
-fn resolve_period(
+pub(super) fn resolve_period(
     params: &ReportParams,
     tz: chrono_tz::Tz,
     reset_day: u8,
@@ -410,6 +410,24 @@ fn csv_field(out: &mut String, value: &str) {
 /// The CSV form of a report (from its JSON, so a stored report's CSV is
 /// as stable as its JSON).
 fn csv_response(json: &[u8]) -> Result<Response, ApiError> {
+    let mut out = csv_header();
+    csv_rows(json, &mut out)?;
+    let mut response = Response::new(axum::body::Body::from(out));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/csv; charset=utf-8"),
+    );
+    Ok(response)
+}
+
+pub(super) fn csv_header() -> String {
+    let mut out = CSV_COLUMNS.join(",");
+    out.push_str("\r\n");
+    out
+}
+
+/// Appends the rows of one report (its JSON) to `out`.
+pub(super) fn csv_rows(json: &[u8], out: &mut String) -> Result<(), ApiError> {
     let r: serde_json::Value = serde_json::from_slice(json)
         .map_err(|e| ApiError::Internal(format!("a report is not JSON: {e}")))?;
     let text = |v: &serde_json::Value| match v {
@@ -417,8 +435,6 @@ fn csv_response(json: &[u8]) -> Result<Response, ApiError> {
         serde_json::Value::Null => String::new(),
         other => other.to_string(),
     };
-    let mut out = CSV_COLUMNS.join(",");
-    out.push_str("\r\n");
     for line in r["lines"].as_array().into_iter().flatten() {
         let row = [
             text(&r["client_id"]),
@@ -439,14 +455,9 @@ fn csv_response(json: &[u8]) -> Result<Response, ApiError> {
             if i > 0 {
                 out.push(',');
             }
-            csv_field(&mut out, v);
+            csv_field(out, v);
         }
         out.push_str("\r\n");
     }
-    let mut response = Response::new(axum::body::Body::from(out));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/csv; charset=utf-8"),
-    );
-    Ok(response)
+    Ok(())
 }

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod billing;
 pub mod control;
 pub mod dead_letters;
+pub mod export;
 pub mod forward;
 pub mod health;
 pub mod history;
@@ -155,6 +156,7 @@ pub fn app(state: AppState) -> Router {
         .merge(keys::router())
         .merge(audit::router())
         .merge(billing::router())
+        .merge(export::router())
         // After routing (the rule is the route's), before any handler.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

@@ -237,6 +237,20 @@ pub struct StatsKey {
     pub bucket_start_ms: i64,
 }
 
+/// The first stats key of one granularity of a partition.
+pub fn granularity_prefix(partition: u16, granularity: Granularity) -> Vec<u8> {
+    let mut key = partition.to_be_bytes().to_vec();
+    key.push(granularity_tag(granularity));
+    key
+}
+
+/// Past every stats key of one granularity of a partition.
+pub fn granularity_end(partition: u16, granularity: Granularity) -> Vec<u8> {
+    let mut key = partition.to_be_bytes().to_vec();
+    key.push(granularity_tag(granularity) + 1);
+    key
+}
+
 /// The prefix shared by all buckets of one client at one granularity.
 pub fn stats_prefix(partition: u16, granularity: Granularity, client_id: &str) -> Vec<u8> {
     let client = client_id.as_bytes();

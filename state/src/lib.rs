@@ -29,6 +29,7 @@ pub mod alerts;
 pub mod anomalies;
 pub mod audit;
 pub mod changelog;
+pub mod clients;
 pub mod clock;
 pub mod cluster_alerts;
 pub mod codec;
