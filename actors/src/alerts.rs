@@ -150,6 +150,37 @@ impl AlertLog {
 
     /// Queues one event for the log and the live streams; never blocks and
     /// never fails the caller (alerts must not stop the engine).
+    /// Like [`AlertLog::publish`], but waits for room in the queue rather
+    /// than dropping the event when it is full: for events downstream
+    /// systems act on (a closed billing period). Blocking: call it off the
+    /// async workers.
+    pub fn publish_waiting(
+        &self,
+        event_type: &str,
+        client_id: &str,
+        endpoint: Option<&str>,
+        timestamp_ms: i64,
+        details: serde_json::Value,
+    ) {
+        let details = match serde_json::value::to_raw_value(&details) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode alert details");
+                return;
+            }
+        };
+        let queued = Queued::Event {
+            event_type: event_type.to_string(),
+            client_id: client_id.to_string(),
+            endpoint: endpoint.map(str::to_string),
+            timestamp_ms,
+            details,
+        };
+        if self.queue.send(queued).is_err() {
+            tracing::error!("the alert log writer is gone; event dropped");
+        }
+    }
+
     pub fn publish(
         &self,
         event_type: &str,

@@ -85,6 +85,40 @@ pub fn closes_at(state: &AppState, period: &BillingPeriod) -> i64 {
 /// stored once (in Kafka mode only the partition's owner closes).
 static CLOSING: Mutex<()> = Mutex::new(());
 
+/// Reports closed and not yet stored: answered only once [`Closings::commit`]
+/// has stored them all in one durable write, and announced after it.
+/// Holds the close lock meanwhile, so nobody else builds them again.
+pub struct Closings {
+    _one: std::sync::MutexGuard<'static, ()>,
+    partition: u16,
+    reports: Vec<(String, i64, Vec<u8>, serde_json::Value)>,
+}
+
+impl Closings {
+    /// Closes of `partition`'s clients (one partition per batch).
+    pub fn begin(partition: u16) -> Closings {
+        Closings {
+            _one: CLOSING.lock().unwrap_or_else(|e| e.into_inner()),
+            partition,
+            reports: Vec::new(),
+        }
+    }
+
+    /// Stores every report (one synced write), then announces each.
+    pub fn commit(self, store: &Store, alerts: &AlertLog, now_ms: i64) -> tally_state::Result<()> {
+        let rows: Vec<(&str, i64, &[u8])> = self
+            .reports
+            .iter()
+            .map(|(c, start, bytes, _)| (c.as_str(), *start, bytes.as_slice()))
+            .collect();
+        store.put_closed_reports(self.partition, &rows)?;
+        for (client, _, _, totals) in self.reports {
+            alerts.publish_waiting(BILLING_PERIOD_CLOSED, &client, None, now_ms, totals);
+        }
+        Ok(())
+    }
+}
+
 /// A report as answered: its JSON bytes, and its request count (an
 /// export lists only clients with usage in the period).
 pub struct Answer {
@@ -126,21 +160,41 @@ pub fn answer(
             requests: report.summary.total_requests,
         });
     }
-    let _one = CLOSING.lock().unwrap_or_else(|e| e.into_inner());
+    let mut closings = Closings::begin(who.partition);
+    let answer = answer_closed(store, who, period, now_ms, &mut closings)?;
+    closings.commit(store, alerts, now_ms)?;
+    Ok(answer)
+}
+
+/// The report of a closed billing period: the stored one, or built and
+/// added to `closings` (answer it only once they are committed).
+pub fn answer_closed(
+    store: &Store,
+    who: &ClientBilling,
+    period: BillingPeriod,
+    now_ms: i64,
+    closings: &mut Closings,
+) -> tally_state::Result<Answer> {
     if let Some(bytes) = store.closed_report(who.partition, &who.client, period.start_ms)? {
         let requests = stored_requests(&bytes)?;
         return Ok(Answer { bytes, requests });
     }
-    let report = build()?;
+    let plan_of = |id: &str| who.plans.get(id).cloned();
+    let input = Inputs {
+        client: &who.client,
+        partition: who.partition,
+        tz: who.tz,
+        period,
+        schedule: &who.schedule,
+        plan_of: &plan_of,
+        adjustments: &who.adjustments,
+        now_ms,
+        closed: true,
+    };
+    let report = report::build(store, &input)?;
     let bytes = encode(&report)?;
     let requests = report.summary.total_requests;
-    store.put_closed_report(who.partition, &who.client, period.start_ms, &bytes)?;
-    alerts.publish(
-        BILLING_PERIOD_CLOSED,
-        &who.client,
-        None,
-        now_ms,
-        json!({
+    let totals = json!({
             "plan_id": report.plan_id,
             "billing_period_start": report.billing_period_start,
             "billing_period_end": report.billing_period_end,
@@ -149,8 +203,10 @@ pub fn answer(
             "billable_metrics": report.billable_metrics,
             "total_amount": report.total_amount,
             "lines": report.lines,
-        }),
-    );
+    });
+    closings
+        .reports
+        .push((who.client.clone(), period.start_ms, bytes.clone(), totals));
     Ok(Answer { bytes, requests })
 }
 

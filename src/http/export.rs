@@ -272,7 +272,9 @@ async fn local(
         let (csv, now) = (job.csv, job.now_ms);
         let cursor = after.clone();
         let step = tokio::task::spawn_blocking(move || {
-            step(&state, partition, cursor, &period, csv, now, most)
+            tally_state::engine::rocks::bulk_reads(|| {
+                step(&state, partition, cursor, &period, csv, now, most)
+            })
         })
         .await
         .map_err(|e| format!("export task failed: {e}"))?;
@@ -311,17 +313,17 @@ fn step(
     let mut out = Vec::new();
     let mut text = String::new();
     let mut clients = 0;
+    // Periods this step closes are stored together, in one synced write,
+    // before any of them is answered.
+    let mut closings = close::Closings::begin(partition);
+    let mut finished = false;
     while clients < most && out.len() + text.len() < BYTES_PER_STEP {
         let Some(client) = state
             .store
             .next_client_with_days(partition, after.as_deref())?
         else {
-            return Ok(Step {
-                bytes: if csv { text.into_bytes() } else { out },
-                last: after,
-                clients,
-                finished: true,
-            });
+            finished = true;
+            break;
         };
         after = Some(client.clone());
         let who = ClientBilling::read(state, &client, now_ms)?;
@@ -330,7 +332,11 @@ fn step(
             continue;
         };
         let closed = now_ms >= close::closes_at(state, &p);
-        let answer = close::answer(&state.store, &state.alerts, &who, p, closed, stored, now_ms)?;
+        let answer = if closed && stored {
+            close::answer_closed(&state.store, &who, p, now_ms, &mut closings)?
+        } else {
+            close::answer(&state.store, &state.alerts, &who, p, closed, stored, now_ms)?
+        };
         if answer.requests == 0 {
             continue;
         }
@@ -343,11 +349,12 @@ fn step(
         }
         clients += 1;
     }
+    closings.commit(&state.store, &state.alerts, now_ms)?;
     Ok(Step {
         bytes: if csv { text.into_bytes() } else { out },
         last: after,
         clients,
-        finished: false,
+        finished,
     })
 }
 

@@ -225,13 +225,27 @@ impl Store {
         period_start_ms: i64,
         report: &[u8],
     ) -> Result<()> {
-        let key = keys::closed_report_key(partition, client, period_start_ms);
+        self.put_closed_reports(partition, &[(client, period_start_ms, report)])
+    }
+
+    /// Stores several closed reports of one partition in one durable
+    /// write (one sync for all: what an export closing many clients
+    /// needs).
+    pub fn put_closed_reports(&self, partition: u16, reports: &[(&str, i64, &[u8])]) -> Result<()> {
+        if reports.is_empty() {
+            return Ok(());
+        }
         let mut batch = WriteBatch::default();
-        batch.put(CF_LIMITS, &key, report);
+        let mut written = Vec::with_capacity(reports.len());
+        for (client, period_start_ms, report) in reports {
+            let key = keys::closed_report_key(partition, client, *period_start_ms);
+            batch.put(CF_LIMITS, &key, report);
+            written.push(key);
+        }
         let guard = self.changes.get().and_then(|t| t.lock(partition));
         self.engine.write(batch, true)?;
         if let Some(mut set) = guard {
-            set.insert((StateStore::Limits, key));
+            set.extend(written.into_iter().map(|key| (StateStore::Limits, key)));
         }
         Ok(())
     }

@@ -130,9 +130,12 @@ struct RocksSnapshot<'a> {
 
 impl EngineSnapshot for RocksSnapshot<'_> {
     fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.snapshot
-            .get_cf(self.engine.cf(cf)?, key)
-            .map_err(rocks)
+        let handle = self.engine.cf(cf)?;
+        match point_read() {
+            Some(read) => self.snapshot.get_cf_opt(handle, key, read),
+            None => self.snapshot.get_cf(handle, key),
+        }
+        .map_err(rocks)
     }
 
     fn scan(&self, cf: &'static str, scan: Scan) -> Result<ScanIter<'_>> {
@@ -146,9 +149,38 @@ impl EngineSnapshot for RocksSnapshot<'_> {
 
 type ModeOf = for<'k> fn(&'k [u8]) -> IteratorMode<'k>;
 
+thread_local! {
+    /// Set while this thread reads in bulk ([`bulk_reads`]).
+    static BULK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `read` with this thread's reads kept out of the block cache: a
+/// read of everything once (an export over every client) would otherwise
+/// grow the cache to its cap and push out what checks and queries keep
+/// hot.
+pub fn bulk_reads<T>(read: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            BULK.with(|b| b.set(self.0));
+        }
+    }
+    let _reset = Reset(BULK.with(|b| b.replace(true)));
+    read()
+}
+
+fn point_read() -> Option<ReadOptions> {
+    BULK.with(|b| b.get()).then(|| {
+        let mut read = ReadOptions::default();
+        read.fill_cache(false);
+        read
+    })
+}
+
 /// Bounds and direction of a scan.
 fn read_options(scan: &Scan) -> (ReadOptions, ModeOf) {
     let mut read = ReadOptions::default();
+    read.fill_cache(!BULK.with(|b| b.get()));
     if let Some(to) = &scan.to {
         read.set_iterate_upper_bound(to.clone());
     }
@@ -165,7 +197,12 @@ fn read_options(scan: &Scan) -> (ReadOptions, ModeOf) {
 
 impl KvEngine for RocksEngine {
     fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.db.get_cf(self.cf(cf)?, key).map_err(rocks)
+        let handle = self.cf(cf)?;
+        match point_read() {
+            Some(read) => self.db.get_cf_opt(handle, key, &read),
+            None => self.db.get_cf(handle, key),
+        }
+        .map_err(rocks)
     }
 
     fn multi_get(&self, cf: &'static str, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
