@@ -439,6 +439,15 @@ async fn a_closed_periods_report_is_exact_and_never_moves() {
             .collect()
     );
     let december = export(&c, &server, "period=2025-12-15").await;
+    // December closed as the export reached it: asked again, the stored
+    // bytes.
+    assert_eq!(export(&c, &server, "period=2025-12-15").await, december);
+    for (client, bytes) in &december {
+        assert_eq!(
+            &report_bytes(&c, &server, client, "period=2025-12-15").await,
+            bytes
+        );
+    }
     assert_eq!(december.keys().map(String::as_str).collect::<Vec<_>>(), {
         let mut want = vec![steady, december_only];
         want.sort();
