@@ -13,6 +13,10 @@ use rocksdb::{
 use super::{BatchOp, ColumnFamily, EngineSnapshot, KvEngine, Scan, ScanIter, WriteBatch};
 use crate::{Error, Result};
 
+/// Merge operands one key may gather in a memtable before a write folds
+/// them (see `set_max_successive_merges`).
+const MAX_SUCCESSIVE_MERGES: usize = 32;
+
 pub(crate) fn rocks(e: rocksdb::Error) -> Error {
     Error::Storage(e.into_string())
 }
@@ -89,6 +93,12 @@ impl RocksEngine {
                 o.set_write_buffer_size(32 << 20);
                 o.set_max_write_buffer_number(2);
                 if let Some((name, merge)) = family.merge {
+                    // A bucket merged into on every flush (a day bucket:
+                    // each minute) would otherwise pile up its operands in
+                    // the memtable, and every read would fold them all
+                    // (1,440 a day). Past this many, the next write folds
+                    // them into one value.
+                    o.set_max_successive_merges(MAX_SUCCESSIVE_MERGES);
                     o.set_merge_operator_associative(
                         name,
                         move |key: &[u8], existing: Option<&[u8]>, ops: &rocksdb::MergeOperands| {
