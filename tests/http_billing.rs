@@ -846,3 +846,79 @@ async fn the_closer_finalises_the_last_period_and_announces_its_totals() {
     );
     server.stop();
 }
+
+async fn get_json(c: &reqwest::Client, url: String) -> (u16, Value) {
+    let r = c.get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+/// Wall time now, for `as_of`: the control log stamps changes with it.
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test]
+async fn plans_and_assignments_answer_as_of_what_was_recorded_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let c = client();
+    let client_id = "dispute/tenant 1";
+    let plan_url = server.url("/v1/plans/basic");
+    let assign_url = server.url(&format!("/v1/clients/{}/plan", encode_path(client_id)));
+    let before_all = wall_ms() - 1;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    put(&c, plan_url.clone(), basic()).await;
+    put(&c, server.url("/v1/plans/pro"), pro()).await;
+    put(
+        &c,
+        assign_url.clone(),
+        json!({"plan_id": "basic", "effective_from": "2026-01-01T00:00:00Z"}),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let first_terms = wall_ms();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    // The plan's terms change, and the client moves to pro from March.
+    let mut dearer = basic();
+    dearer["free_requests"] = json!(100);
+    put(&c, plan_url.clone(), dearer).await;
+    put(
+        &c,
+        assign_url.clone(),
+        json!({"plan_id": "pro", "effective_from": "2026-03-01T00:00:00Z"}),
+    )
+    .await;
+
+    let at = |t: i64| format!("as_of={t}");
+    let (status, then) = get_json(&c, format!("{plan_url}?{}", at(first_terms))).await;
+    assert_eq!(status, 200, "{then}");
+    assert_eq!(then["plan"]["free_requests"], 500);
+    assert_eq!(then["version"], 1);
+    let (_, now) = get_json(&c, plan_url.clone()).await;
+    assert_eq!(now["plan"]["free_requests"], 100);
+    assert_eq!(now["version"], 2);
+    let (status, _) = get_json(&c, format!("{plan_url}?{}", at(before_all))).await;
+    assert_eq!(status, 404);
+
+    // The client at `first_terms`: only the basic assignment was recorded,
+    // so basic applied, on its terms then.
+    let (status, then) = get_json(&c, format!("{assign_url}?{}", at(first_terms))).await;
+    assert_eq!(status, 200, "{then}");
+    assert_eq!(then["plan_id"], "basic");
+    assert_eq!(then["schedule"].as_array().unwrap().len(), 1);
+    assert_eq!(then["plan"]["free_requests"], 500);
+    // Now: both assignments recorded; pro in force (since March).
+    let (_, later) = get_json(&c, format!("{assign_url}?{}", at(wall_ms()))).await;
+    assert_eq!(later["schedule"].as_array().unwrap().len(), 2, "{later}");
+    assert_eq!(later["plan_id"], "pro");
+    assert_eq!(later["plan"]["free_requests"], 3100);
+    let (status, _) = get_json(&c, format!("{assign_url}?{}", at(before_all))).await;
+    assert_eq!(status, 404);
+    let (status, bad) = get_json(&c, format!("{assign_url}?as_of=yesterday")).await;
+    assert_eq!(status, 400, "{bad}");
+    server.stop();
+}

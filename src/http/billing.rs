@@ -23,7 +23,7 @@ use tally_pipelines::billing::schedule::in_force;
 use tally_pipelines::billing::{Assignment, Plan};
 use tally_pipelines::time::{format_rfc3339_ms, parse_instant, MINUTE_MS};
 
-use super::{control, page, usage, AppState};
+use super::{control, history, page, usage, AppState};
 use crate::access::Origin;
 use crate::billing::close::{self, ClientBilling};
 use crate::error::{ApiError, FieldProblem};
@@ -104,8 +104,22 @@ async fn put_plan(
 async fn get_plan(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    q: Result<Query<history::AsOfParam>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let id = plan_id(path)?;
+    if let Some(at) = history::as_of(q)? {
+        let then = history::plane_at(&state, at).await?;
+        let (Some(plan), Some(set)) = (then.plan(&id), then.config(Stream::Plan(&id))) else {
+            return Err(ApiError::NoSuchResource(format!(
+                "no plan {id:?} at {}",
+                format_rfc3339_ms(at)
+            )));
+        };
+        return Ok(Json(json!({"plan_id": id, "as_of": format_rfc3339_ms(at),
+            "version": set.version, "plan": plan,
+            "set_at": format_rfc3339_ms(set.set_at_ms), "set_by": set.set_by}))
+        .into_response());
+    }
     let (plan, version) = state
         .access
         .with_plane(|p| (p.plan(&id), p.version(Stream::Plan(&id))));
@@ -161,6 +175,16 @@ struct AssignBody {
 }
 
 fn schedule_view(client: &str, schedule: &[Assignment], now_ms: i64, version: u64) -> Response {
+    let body = schedule_json(client, schedule, now_ms, version);
+    control::with_etag(Json(body).into_response(), version)
+}
+
+fn schedule_json(
+    client: &str,
+    schedule: &[Assignment],
+    now_ms: i64,
+    version: u64,
+) -> serde_json::Value {
     let current = in_force(schedule, now_ms).map(|a| a.plan_id.clone());
     let entries: Vec<serde_json::Value> = schedule
         .iter()
@@ -169,9 +193,7 @@ fn schedule_view(client: &str, schedule: &[Assignment], now_ms: i64, version: u6
                    "time_zone": a.time_zone.as_deref().unwrap_or("UTC")})
         })
         .collect();
-    let body =
-        json!({"client_id": client, "plan_id": current, "schedule": entries, "version": version});
-    control::with_etag(Json(body).into_response(), version)
+    json!({"client_id": client, "plan_id": current, "schedule": entries, "version": version})
 }
 
 async fn put_client_plan(
@@ -240,8 +262,32 @@ async fn put_client_plan(
 async fn get_client_plan(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    q: Result<Query<history::AsOfParam>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let client = usage::client_id(path)?;
+    if let Some(at) = history::as_of(q)? {
+        // What was recorded by then: the schedule, the plan it put in
+        // force at that time, and that plan's terms then.
+        let then = history::plane_at(&state, at).await?;
+        let schedule = then.schedule(&client);
+        if schedule.is_empty() {
+            return Err(ApiError::NoSuchResource(format!(
+                "no plan assigned to client {client:?} at {}",
+                format_rfc3339_ms(at)
+            )));
+        }
+        let current = in_force(&schedule, at).map(|a| a.plan_id.clone());
+        let plan = current.as_deref().and_then(|id| then.plan(id));
+        let mut view = schedule_json(
+            &client,
+            &schedule,
+            at,
+            then.version(Stream::ClientPlan(&client)),
+        );
+        view["as_of"] = json!(format_rfc3339_ms(at));
+        view["plan"] = json!(plan);
+        return Ok(Json(view).into_response());
+    }
     let (schedule, version) = state
         .access
         .with_plane(|p| (p.schedule(&client), p.version(Stream::ClientPlan(&client))));

@@ -6,7 +6,7 @@
 use axum::extract::rejection::QueryRejection;
 use axum::extract::Query;
 use serde::Deserialize;
-use tally_pipelines::access::ControlEvent;
+use tally_pipelines::access::{ControlEvent, ControlPlane};
 use tally_pipelines::time::parse_instant;
 
 use super::AppState;
@@ -47,6 +47,19 @@ pub async fn configured_at(
         .iter()
         .rev()
         .find_map(|e| pick(&e.event, client).map(|c| (c, e.at_ms, e.actor.clone()))))
+}
+
+/// The control plane as it stood at `at`: the log replayed up to it, each
+/// event judged as when it was applied (a stale `If-Match` changed
+/// nothing then, and changes nothing here).
+pub async fn plane_at(state: &AppState, at: i64) -> Result<ControlPlane, ApiError> {
+    let access = state.access.clone();
+    let events = super::blocking(move || Ok(access.events_until(at)?)).await?;
+    let mut plane = ControlPlane::new();
+    for e in &events {
+        plane.apply_envelope(e);
+    }
+    Ok(plane)
 }
 
 pub fn limits_of(e: &ControlEvent, client: &str) -> Option<serde_json::Value> {
