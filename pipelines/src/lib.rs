@@ -18,6 +18,7 @@
 //!   are ingested.
 //! - [`sample`]: deterministic sampling for `REQUEST_RECORDED`.
 //! - [`synthetic`]: deterministic synthetic traffic.
+//! - [`telemetry`]: telemetry points and their single-pass statistics.
 //! - [`top`]: per-period client totals and the incremental top-consumer
 //!   ranking.
 //!
@@ -39,6 +40,7 @@ pub mod reservation;
 pub mod sample;
 pub mod sketch;
 pub mod synthetic;
+pub mod telemetry;
 pub mod time;
 pub mod top;
 

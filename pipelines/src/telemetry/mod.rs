@@ -1,0 +1,39 @@
+//! Telemetry: points of named, tagged series, and the single-pass
+//! statistics kept of them.
+//!
+//! - [`point`]: a point as it arrives, validated, and the series key.
+//! - [`moments`]: count, sum, min, max, first, last, mean and variance
+//!   (Welford per point, Chan to merge), exact under merges.
+//! - [`sketch`]: median and percentiles of values of any sign, within 1 %.
+//!
+//! What the engine stores per series and resolution bucket is one
+//! [`Bucket`]: both, merged the same way at every resolution.
+
+pub mod moments;
+pub mod point;
+pub mod sketch;
+
+use serde::{Deserialize, Serialize};
+
+pub use moments::Moments;
+pub use point::{decode_point, series_key, Point};
+pub use sketch::ValueSketch;
+
+/// The statistics of one series over one bucket of time.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Bucket {
+    pub moments: Moments,
+    pub sketch: ValueSketch,
+}
+
+impl Bucket {
+    pub fn insert(&mut self, timestamp_ms: i64, value: f64) {
+        self.moments.insert(timestamp_ms, value);
+        self.sketch.insert(value);
+    }
+
+    pub fn merge(&mut self, other: &Bucket) {
+        self.moments.merge(&other.moments);
+        self.sketch.merge(&other.sketch);
+    }
+}
