@@ -5,10 +5,15 @@
 //! - [`moments`]: count, sum, min, max, first, last, mean and variance
 //!   (Welford per point, Chan to merge), exact under merges.
 //! - [`sketch`]: median and percentiles of values of any sign, within 1 %.
+//! - [`drift`]: the anomaly index and drift detection (CUSUM,
+//!   Page-Hinkley).
+//! - [`correlate`]: two series joined by time, and Pearson's r.
 //!
 //! What the engine stores per series and resolution bucket is one
 //! [`Bucket`]: both, merged the same way at every resolution.
 
+pub mod correlate;
+pub mod drift;
 pub mod moments;
 pub mod point;
 pub mod sketch;
