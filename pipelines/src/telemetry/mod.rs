@@ -8,6 +8,8 @@
 //! - [`drift`]: the anomaly index and drift detection (CUSUM,
 //!   Page-Hinkley).
 //! - [`correlate`]: two series joined by time, and Pearson's r.
+//! - [`query`]: query steps as merges of stored buckets, aggregations,
+//!   the range summary.
 //!
 //! What the engine stores per series and resolution bucket is one
 //! [`Bucket`]: both, merged the same way at every resolution.
@@ -16,6 +18,7 @@ pub mod correlate;
 pub mod drift;
 pub mod moments;
 pub mod point;
+pub mod query;
 pub mod sketch;
 
 use serde::{Deserialize, Serialize};
