@@ -45,6 +45,7 @@ pub mod round;
 pub mod sinks;
 pub mod snapshot;
 pub mod store;
+pub mod telemetry;
 pub mod top;
 
 pub use retention::Retention;

@@ -1,5 +1,6 @@
 //! The merge operators of the `stats` column family: bucket deltas into
-//! buckets, and period-total deltas into period totals.
+//! buckets, period-total deltas into period totals, and telemetry bucket
+//! deltas into telemetry buckets.
 //!
 //! A value that cannot be decoded is never replaced by an empty one (that
 //! would erase a client's usage silently): the merge keeps the stored bytes
@@ -22,6 +23,8 @@ pub(crate) fn merge_stats(
     let operands: Vec<&[u8]> = operands.collect();
     let merged = if keys::is_period_totals_key(key) {
         merge_as::<PeriodTotals>(existing, &operands, |a, b| a.add(b))
+    } else if keys::is_telemetry_key(key) {
+        merge_as::<tally_pipelines::telemetry::Bucket>(existing, &operands, |a, b| a.merge(b))
     } else {
         merge_as::<BucketStats>(existing, &operands, |a, b| a.merge(b))
     };
