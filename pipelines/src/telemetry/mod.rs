@@ -8,6 +8,8 @@
 //! - [`drift`]: the anomaly index and drift detection (CUSUM,
 //!   Page-Hinkley).
 //! - [`correlate`]: two series joined by time, and Pearson's r.
+//! - [`ingest`]: what a partition does with each point (dedupe,
+//!   lateness, the series bound) and what its flush writes.
 //! - [`query`]: query steps as merges of stored buckets, aggregations,
 //!   the range summary.
 //!
@@ -16,6 +18,7 @@
 
 pub mod correlate;
 pub mod drift;
+pub mod ingest;
 pub mod moments;
 pub mod point;
 pub mod query;
