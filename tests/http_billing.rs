@@ -922,3 +922,58 @@ async fn plans_and_assignments_answer_as_of_what_was_recorded_then() {
     assert_eq!(status, 400, "{bad}");
     server.stop();
 }
+
+/// A crash after a closed report is stored and before its
+/// `BILLING_PERIOD_CLOSED` is logged (simulated: the report and its
+/// announcement marker written offline, as the close writes them): the
+/// next start announces it, once.
+#[tokio::test]
+async fn a_close_whose_announcement_a_crash_cut_off_is_announced_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    Server::start(&data, &[]).stop();
+    let client_id = "cut/1";
+    {
+        let store = tally_state::Store::open(&data, tally_state::StoreOptions::default()).unwrap();
+        let partition = store.partition_of(client_id);
+        let report = br#"{"client_id":"cut/1","summary":{"total_requests":3}}"#;
+        let details = br#"{"total_amount":"1.5","plan_id":"basic"}"#;
+        store
+            .put_closed_reports(partition, &[(client_id, 86_400_000, report, details)])
+            .unwrap();
+        assert_eq!(store.unannounced_closes(partition).unwrap().len(), 1);
+    }
+    let server = Server::start(&data, &[]);
+    let ws_url = |s: &Server, after: &str| {
+        s.url(&format!(
+            "/v1/alerts/ws?last_event_id={after}&types=BILLING_PERIOD_CLOSED"
+        ))
+        .replacen("http://", "ws://", 1)
+    };
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(&server, "0"))
+        .await
+        .unwrap();
+    let announced = support::next_ws_json(&mut ws).await;
+    assert_eq!(announced["client_id"], client_id);
+    assert_eq!(announced["details"]["total_amount"], "1.5");
+    let position = announced["stream_id"].as_str().unwrap().to_string();
+    server.stop();
+    // Restarted again: nothing more to announce (the marker is gone).
+    let server = Server::start(&data, &[]);
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(&server, &position))
+        .await
+        .unwrap();
+    let again = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        support::next_ws_json(&mut ws),
+    )
+    .await;
+    assert!(again.is_err(), "announced twice: {:?}", again.ok());
+    let store_check = server;
+    store_check.stop();
+    let store = tally_state::Store::open(&data, tally_state::StoreOptions::default()).unwrap();
+    assert!(store
+        .unannounced_closes(store.partition_of(client_id))
+        .unwrap()
+        .is_empty());
+}

@@ -104,19 +104,63 @@ impl Closings {
         }
     }
 
-    /// Stores every report (one synced write), then announces each.
+    /// Stores every report with the marker of its announcement (one
+    /// synced write), announces each, and once the announcements are
+    /// logged removes the markers: a crash in between is made good by
+    /// [`announce_unannounced`].
     pub fn commit(self, store: &Store, alerts: &AlertLog, now_ms: i64) -> tally_state::Result<()> {
-        let rows: Vec<(&str, i64, &[u8])> = self
+        if self.reports.is_empty() {
+            return Ok(());
+        }
+        let details: Vec<Vec<u8>> = self
             .reports
             .iter()
-            .map(|(c, start, bytes, _)| (c.as_str(), *start, bytes.as_slice()))
+            .map(|(_, _, _, totals)| totals.to_string().into_bytes())
+            .collect();
+        let rows: Vec<(&str, i64, &[u8], &[u8])> = self
+            .reports
+            .iter()
+            .zip(&details)
+            .map(|((c, start, bytes, _), d)| (c.as_str(), *start, bytes.as_slice(), d.as_slice()))
             .collect();
         store.put_closed_reports(self.partition, &rows)?;
-        for (client, _, _, totals) in self.reports {
-            alerts.publish_waiting(BILLING_PERIOD_CLOSED, &client, None, now_ms, totals);
+        for (client, _, _, totals) in &self.reports {
+            alerts.publish_waiting(BILLING_PERIOD_CLOSED, client, None, now_ms, totals.clone());
         }
-        Ok(())
+        alerts.flush();
+        let done: Vec<(&str, i64)> = self
+            .reports
+            .iter()
+            .map(|(c, start, _, _)| (c.as_str(), *start))
+            .collect();
+        store.announced(self.partition, &done)
     }
+}
+
+/// Announces the closed periods of `partition` whose announcement a crash
+/// cut off (their marker is still stored): at least once, never lost.
+pub fn announce_unannounced(
+    store: &Store,
+    alerts: &AlertLog,
+    partition: u16,
+    now_ms: i64,
+) -> tally_state::Result<usize> {
+    // Under the close lock: a commit in progress announces its own.
+    let _one = CLOSING.lock().unwrap_or_else(|e| e.into_inner());
+    let pending = store.unannounced_closes(partition)?;
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    for (client, _, details) in &pending {
+        let details: serde_json::Value = serde_json::from_slice(details).map_err(|e| {
+            tally_state::Error::Corrupt(format!("a close announcement of {client:?}: {e}"))
+        })?;
+        alerts.publish_waiting(BILLING_PERIOD_CLOSED, client, None, now_ms, details);
+    }
+    alerts.flush();
+    let done: Vec<(&str, i64)> = pending.iter().map(|(c, s, _)| (c.as_str(), *s)).collect();
+    store.announced(partition, &done)?;
+    Ok(pending.len())
 }
 
 /// A report as answered: its JSON bytes, and its request count (an
@@ -251,6 +295,24 @@ pub async fn run_closer(state: AppState) {
 fn close_due(state: &AppState) -> tally_state::Result<usize> {
     let now = state.config.clock.now_ms();
     let mut closed = 0;
+    for partition in 0..state.store.partitions() {
+        let local = state.membership.as_ref().is_none_or(|m| {
+            matches!(
+                m.owner(partition),
+                tally_actors::kafka::membership::Owner::Local
+            )
+        });
+        if local {
+            let again = announce_unannounced(&state.store, &state.alerts, partition, now)?;
+            if again > 0 {
+                tracing::warn!(
+                    partition,
+                    periods = again,
+                    "closed periods announced again after an interruption"
+                );
+            }
+        }
+    }
     for client in state.access.with_plane(|p| p.planned_clients()) {
         let partition = state.store.partition_of(&client);
         let local = state.membership.as_ref().is_none_or(|m| {

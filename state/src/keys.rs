@@ -12,6 +12,7 @@
 //! | `dedupe`      | partition, newest claim time (u64 ms), sequence (u64)   | claims of a flush  |
 //! | `dead_letter` | partition, sequence (u64)                                | dead-letter record |
 //! | `limits`      | partition, kind (u8), client len (u16), client           | limit config, limiter state, quota config, quota marks, detector state |
+//! | `limits`      | partition, kind 7 / 8, client len (u16), client, period start (u64 ms) | closed billing report / its announcement, until logged |
 //! | `anomalies`   | partition, detected at (u64 ms), anomaly id              | anomaly record     |
 //! | `cluster_alerts` | alert topic partition, offset (u64)                    | event JSON (mirror) |
 //! | `meta`        | partition, `0x01`                                        | checkpoint         |
@@ -76,6 +77,9 @@ pub enum LimitKind {
     OpenMinute = 6,
     /// A client's finalised billing report of a closed period.
     ClosedReport = 7,
+    /// A closed period whose `BILLING_PERIOD_CLOSED` is not logged yet:
+    /// written with the report, removed once the announcement is.
+    UnannouncedClose = 8,
 }
 
 /// Prefix of every `limits` key of one kind in a partition.
@@ -101,6 +105,21 @@ pub fn closed_report_key(partition: u16, client_id: &str, period_start_ms: i64) 
     let mut key = limit_key(partition, LimitKind::ClosedReport, client_id);
     key.extend_from_slice(&time_bytes(period_start_ms));
     key
+}
+
+/// The marker of a closed period not yet announced.
+pub fn unannounced_close_key(partition: u16, client_id: &str, period_start_ms: i64) -> Vec<u8> {
+    let mut key = limit_key(partition, LimitKind::UnannouncedClose, client_id);
+    key.extend_from_slice(&time_bytes(period_start_ms));
+    key
+}
+
+/// `(client, period start)` of an unannounced-close marker.
+pub fn decode_unannounced_close_key(key: &[u8]) -> Option<(String, i64)> {
+    let client = limit_key_client(key)?;
+    let start = key.get(5 + client.len()..)?;
+    let start = u64::from_be_bytes(start.try_into().ok()?);
+    Some((client, i64::try_from(start).ok()?))
 }
 
 /// A minute bucket waiting to be judged: partition, kind, minute start

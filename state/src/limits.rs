@@ -14,7 +14,7 @@ use crate::codec::{decode, encode};
 use crate::engine::{KeyValue, Scan, WriteBatch};
 use crate::keys::{self, LimitKind, CF_LIMITS};
 use crate::store::Store;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Limiter state and quota marks to write with a flush.
 #[derive(Debug, Default)]
@@ -215,35 +215,65 @@ impl Store {
         )
     }
 
-    /// Stores a closed period's report, durably and tracked for the
-    /// changelog (so it moves with its partition). The caller writes a
-    /// period once.
-    pub fn put_closed_report(
+    /// Stores closed reports of one partition in one durable write (one
+    /// sync for all: what an export closing many clients needs), tracked
+    /// for the changelog (so they move with the partition), each with the
+    /// marker of its announcement (`announcement`: the event's details),
+    /// which [`Store::announced`] removes once the event is logged. A
+    /// crash in between leaves the marker, and the announcement is made
+    /// again (at least once, never lost).
+    pub fn put_closed_reports(
         &self,
         partition: u16,
-        client: &str,
-        period_start_ms: i64,
-        report: &[u8],
+        reports: &[(&str, i64, &[u8], &[u8])],
     ) -> Result<()> {
-        self.put_closed_reports(partition, &[(client, period_start_ms, report)])
-    }
-
-    /// Stores several closed reports of one partition in one durable
-    /// write (one sync for all: what an export closing many clients
-    /// needs).
-    pub fn put_closed_reports(&self, partition: u16, reports: &[(&str, i64, &[u8])]) -> Result<()> {
         if reports.is_empty() {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
-        let mut written = Vec::with_capacity(reports.len());
-        for (client, period_start_ms, report) in reports {
+        let mut written = Vec::with_capacity(2 * reports.len());
+        for (client, period_start_ms, report, announcement) in reports {
             let key = keys::closed_report_key(partition, client, *period_start_ms);
             batch.put(CF_LIMITS, &key, report);
             written.push(key);
+            let marker = keys::unannounced_close_key(partition, client, *period_start_ms);
+            batch.put(CF_LIMITS, &marker, announcement);
+            written.push(marker);
         }
         let guard = self.changes.get().and_then(|t| t.lock(partition));
         self.engine.write(batch, true)?;
+        if let Some(mut set) = guard {
+            set.extend(written.into_iter().map(|key| (StateStore::Limits, key)));
+        }
+        Ok(())
+    }
+
+    /// Closed periods of a partition not yet announced: `(client, period
+    /// start, the announcement's details)`.
+    pub fn unannounced_closes(&self, partition: u16) -> Result<Vec<(String, i64, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for (key, value) in self.limit_scan(partition, LimitKind::UnannouncedClose)? {
+            let (client, start) = keys::decode_unannounced_close_key(&key)
+                .ok_or_else(|| Error::Corrupt(format!("undecodable close marker {key:?}")))?;
+            out.push((client, start, value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Removes the markers of closes whose announcements are logged.
+    pub fn announced(&self, partition: u16, closes: &[(&str, i64)]) -> Result<()> {
+        if closes.is_empty() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        let mut written = Vec::with_capacity(closes.len());
+        for (client, start) in closes {
+            let key = keys::unannounced_close_key(partition, client, *start);
+            batch.delete(CF_LIMITS, &key);
+            written.push(key);
+        }
+        let guard = self.changes.get().and_then(|t| t.lock(partition));
+        self.engine.write(batch, false)?;
         if let Some(mut set) = guard {
             set.extend(written.into_iter().map(|key| (StateStore::Limits, key)));
         }
