@@ -89,6 +89,28 @@ enum Queued {
     Close(std::sync::mpsc::Sender<()>),
 }
 
+impl Queued {
+    /// An event to queue; `None` (logged) when its details do not encode.
+    fn event(
+        event_type: &str,
+        client_id: &str,
+        endpoint: Option<&str>,
+        timestamp_ms: i64,
+        details: serde_json::Value,
+    ) -> Option<Queued> {
+        let details = serde_json::value::to_raw_value(&details)
+            .map_err(|e| tracing::error!(error = %e, "cannot encode alert details"))
+            .ok()?;
+        Some(Queued::Event {
+            event_type: event_type.to_string(),
+            client_id: client_id.to_string(),
+            endpoint: endpoint.map(str::to_string),
+            timestamp_ms,
+            details,
+        })
+    }
+}
+
 /// Events queued for the writer before publishers start dropping them.
 pub const QUEUE_CAPACITY: usize = 65_536;
 
@@ -150,6 +172,27 @@ impl AlertLog {
 
     /// Queues one event for the log and the live streams; never blocks and
     /// never fails the caller (alerts must not stop the engine).
+    pub fn publish(
+        &self,
+        event_type: &str,
+        client_id: &str,
+        endpoint: Option<&str>,
+        timestamp_ms: i64,
+        details: serde_json::Value,
+    ) {
+        let Some(queued) = Queued::event(event_type, client_id, endpoint, timestamp_ms, details)
+        else {
+            return;
+        };
+        match self.queue.try_send(queued) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => crate::telemetry::AlertsDropped.emit(),
+            Err(TrySendError::Disconnected(_)) => {
+                tracing::error!("the alert log writer is gone; event dropped")
+            }
+        }
+    }
+
     /// Like [`AlertLog::publish`], but waits for room in the queue rather
     /// than dropping the event when it is full: for events downstream
     /// systems act on (a closed billing period). Blocking: call it off the
@@ -162,53 +205,12 @@ impl AlertLog {
         timestamp_ms: i64,
         details: serde_json::Value,
     ) {
-        let details = match serde_json::value::to_raw_value(&details) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode alert details");
-                return;
-            }
-        };
-        let queued = Queued::Event {
-            event_type: event_type.to_string(),
-            client_id: client_id.to_string(),
-            endpoint: endpoint.map(str::to_string),
-            timestamp_ms,
-            details,
+        let Some(queued) = Queued::event(event_type, client_id, endpoint, timestamp_ms, details)
+        else {
+            return;
         };
         if self.queue.send(queued).is_err() {
             tracing::error!("the alert log writer is gone; event dropped");
-        }
-    }
-
-    pub fn publish(
-        &self,
-        event_type: &str,
-        client_id: &str,
-        endpoint: Option<&str>,
-        timestamp_ms: i64,
-        details: serde_json::Value,
-    ) {
-        let details = match serde_json::value::to_raw_value(&details) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode alert details");
-                return;
-            }
-        };
-        let queued = Queued::Event {
-            event_type: event_type.to_string(),
-            client_id: client_id.to_string(),
-            endpoint: endpoint.map(str::to_string),
-            timestamp_ms,
-            details,
-        };
-        match self.queue.try_send(queued) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => crate::telemetry::AlertsDropped.emit(),
-            Err(TrySendError::Disconnected(_)) => {
-                tracing::error!("the alert log writer is gone; event dropped")
-            }
         }
     }
 

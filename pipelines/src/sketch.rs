@@ -41,6 +41,75 @@ fn representative(bin: i16) -> f64 {
     2.0 * (f64::from(bin) * ln_gamma()).exp() / (GAMMA + 1.0)
 }
 
+/// Whether every key of `from` is one of `into`'s (both sorted).
+fn holds_bins<K: Ord + Copy>(into: &[(K, u64)], from: &[(K, u64)]) -> bool {
+    if from.len() > into.len() {
+        return false;
+    }
+    let mut i = 0;
+    from.iter().all(|&(k, _)| {
+        while i < into.len() && into[i].0 < k {
+            i += 1;
+        }
+        i < into.len() && into[i].0 == k
+    })
+}
+
+/// Adds the counts of `from` to `into`, both sorted by key without
+/// repeats (the bins of a logarithmic sketch; shared by the latency and
+/// the telemetry sketch).
+pub(crate) fn merge_sorted_bins<K: Ord + Copy>(into: &mut Vec<(K, u64)>, from: &[(K, u64)]) {
+    if from.is_empty() {
+        return;
+    }
+    if into.is_empty() {
+        *into = from.to_vec();
+        return;
+    }
+    // Merging many similar sketches (a month of days), the running one
+    // soon holds every bin the next brings: add in place then, with no
+    // new vector.
+    if holds_bins(into, from) {
+        let mut i = 0;
+        for &(k, c) in from {
+            while into[i].0 < k {
+                i += 1;
+            }
+            into[i].1 = into[i].1.saturating_add(c);
+        }
+        return;
+    }
+    let mut merged = Vec::with_capacity(into.len() + from.len());
+    let (mut a, mut b) = (into.iter().peekable(), from.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (Some(&&(ka, ca)), Some(&&(kb, cb))) => {
+                if ka == kb {
+                    merged.push((ka, ca.saturating_add(cb)));
+                    a.next();
+                    b.next();
+                } else if ka < kb {
+                    merged.push((ka, ca));
+                    a.next();
+                } else {
+                    merged.push((kb, cb));
+                    b.next();
+                }
+            }
+            (Some(&&x), None) => {
+                merged.push(x);
+                a.next();
+            }
+            (None, Some(&&x)) => {
+                merged.push(x);
+                b.next();
+            }
+            (None, None) => break,
+        }
+    }
+    *into = merged;
+}
+
 impl LatencySketch {
     pub fn new() -> Self {
         Self::default()
@@ -83,72 +152,13 @@ impl LatencySketch {
 
     pub fn merge(&mut self, other: &LatencySketch) {
         self.zero = self.zero.saturating_add(other.zero);
-        if other.bins.is_empty() {
-            return;
-        }
-        if self.bins.is_empty() {
-            self.bins = other.bins.clone();
-            return;
-        }
-        // Merging many similar sketches (a month of days), the running one
-        // soon holds every bin the next brings: add in place then, with no
-        // new vector.
-        if self.holds_bins_of(other) {
-            let mut i = 0;
-            for &(k, c) in &other.bins {
-                while self.bins[i].0 < k {
-                    i += 1;
-                }
-                self.bins[i].1 = self.bins[i].1.saturating_add(c);
-            }
-            return;
-        }
-        let mut merged = Vec::with_capacity(self.bins.len() + other.bins.len());
-        let (mut a, mut b) = (self.bins.iter().peekable(), other.bins.iter().peekable());
-        loop {
-            match (a.peek(), b.peek()) {
-                (Some(&&(ka, ca)), Some(&&(kb, cb))) => {
-                    if ka == kb {
-                        merged.push((ka, ca.saturating_add(cb)));
-                        a.next();
-                        b.next();
-                    } else if ka < kb {
-                        merged.push((ka, ca));
-                        a.next();
-                    } else {
-                        merged.push((kb, cb));
-                        b.next();
-                    }
-                }
-                (Some(&&x), None) => {
-                    merged.push(x);
-                    a.next();
-                }
-                (None, Some(&&x)) => {
-                    merged.push(x);
-                    b.next();
-                }
-                (None, None) => break,
-            }
-        }
-        self.bins = merged;
+        merge_sorted_bins(&mut self.bins, &other.bins);
     }
 
     /// Whether every bin of `other` is one of these.
+    #[cfg(test)]
     fn holds_bins_of(&self, other: &LatencySketch) -> bool {
-        if other.bins.len() > self.bins.len() {
-            return false;
-        }
-        let mut i = 0;
-        for &(k, _) in &other.bins {
-            while i < self.bins.len() && self.bins[i].0 < k {
-                i += 1;
-            }
-            if i == self.bins.len() || self.bins[i].0 != k {
-                return false;
-            }
-        }
-        true
+        holds_bins(&self.bins, &other.bins)
     }
 
     /// The `q`-quantile (nearest-rank definition: the value at 0-based rank

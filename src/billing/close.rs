@@ -72,6 +72,41 @@ impl ClientBilling {
     }
 }
 
+impl ClientBilling {
+    /// The client's report of `period`, built from the store.
+    fn build(
+        &self,
+        store: &Store,
+        period: BillingPeriod,
+        now_ms: i64,
+        closed: bool,
+    ) -> tally_state::Result<report::Report> {
+        let plan_of = |id: &str| self.plans.get(id).cloned();
+        let input = Inputs {
+            client: &self.client,
+            partition: self.partition,
+            tz: self.tz,
+            period,
+            schedule: &self.schedule,
+            plan_of: &plan_of,
+            adjustments: &self.adjustments,
+            now_ms,
+            closed,
+        };
+        report::build(store, &input)
+    }
+}
+
+/// Whether this instance owns `partition` (always, running alone).
+fn owned_here(state: &AppState, partition: u16) -> bool {
+    state.membership.as_ref().is_none_or(|m| {
+        matches!(
+            m.owner(partition),
+            tally_actors::kafka::membership::Owner::Local
+        )
+    })
+}
+
 /// When `period` closes.
 pub fn closes_at(state: &AppState, period: &BillingPeriod) -> i64 {
     let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
@@ -182,23 +217,8 @@ pub fn answer(
     stored: bool,
     now_ms: i64,
 ) -> tally_state::Result<Answer> {
-    let build = || {
-        let plan_of = |id: &str| who.plans.get(id).cloned();
-        let input = Inputs {
-            client: &who.client,
-            partition: who.partition,
-            tz: who.tz,
-            period,
-            schedule: &who.schedule,
-            plan_of: &plan_of,
-            adjustments: &who.adjustments,
-            now_ms,
-            closed,
-        };
-        report::build(store, &input)
-    };
     if !(closed && stored) {
-        let report = build()?;
+        let report = who.build(store, period, now_ms, closed)?;
         return Ok(Answer {
             bytes: encode(&report)?,
             requests: report.summary.total_requests,
@@ -223,19 +243,7 @@ pub fn answer_closed(
         let requests = stored_requests(&bytes)?;
         return Ok(Answer { bytes, requests });
     }
-    let plan_of = |id: &str| who.plans.get(id).cloned();
-    let input = Inputs {
-        client: &who.client,
-        partition: who.partition,
-        tz: who.tz,
-        period,
-        schedule: &who.schedule,
-        plan_of: &plan_of,
-        adjustments: &who.adjustments,
-        now_ms,
-        closed: true,
-    };
-    let report = report::build(store, &input)?;
+    let report = who.build(store, period, now_ms, true)?;
     let bytes = encode(&report)?;
     let requests = report.summary.total_requests;
     let totals = json!({
@@ -296,13 +304,7 @@ fn close_due(state: &AppState) -> tally_state::Result<usize> {
     let now = state.config.clock.now_ms();
     let mut closed = 0;
     for partition in 0..state.store.partitions() {
-        let local = state.membership.as_ref().is_none_or(|m| {
-            matches!(
-                m.owner(partition),
-                tally_actors::kafka::membership::Owner::Local
-            )
-        });
-        if local {
+        if owned_here(state, partition) {
             let again = announce_unannounced(&state.store, &state.alerts, partition, now)?;
             if again > 0 {
                 tracing::warn!(
@@ -314,14 +316,7 @@ fn close_due(state: &AppState) -> tally_state::Result<usize> {
         }
     }
     for client in state.access.with_plane(|p| p.planned_clients()) {
-        let partition = state.store.partition_of(&client);
-        let local = state.membership.as_ref().is_none_or(|m| {
-            matches!(
-                m.owner(partition),
-                tally_actors::kafka::membership::Owner::Local
-            )
-        });
-        if !local {
+        if !owned_here(state, state.store.partition_of(&client)) {
             continue;
         }
         let who = ClientBilling::read(state, &client, now)?;

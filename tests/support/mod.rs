@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod billing;
 pub mod kafka;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};

@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::sketch::merge_sorted_bins;
+
 /// Guaranteed relative error of any reported quantile (half the 1 % the
 /// API promises, leaving room for float rounding at bin edges).
 pub const RELATIVE_ACCURACY: f64 = 0.005;
@@ -37,60 +39,6 @@ fn add(bins: &mut Vec<(i32, u64)>, bin: i32, n: u64) {
     }
 }
 
-fn merge_bins(into: &mut Vec<(i32, u64)>, from: &[(i32, u64)]) {
-    if from.is_empty() {
-        return;
-    }
-    // Merging many sketches of one series, most bins are already held:
-    // add in place then, allocating nothing.
-    let mut i = 0;
-    let held = from.iter().all(|&(k, _)| {
-        while i < into.len() && into[i].0 < k {
-            i += 1;
-        }
-        i < into.len() && into[i].0 == k
-    });
-    if held {
-        let mut i = 0;
-        for &(k, c) in from {
-            while into[i].0 < k {
-                i += 1;
-            }
-            into[i].1 = into[i].1.saturating_add(c);
-        }
-        return;
-    }
-    let mut merged = Vec::with_capacity(into.len() + from.len());
-    let (mut a, mut b) = (into.iter().peekable(), from.iter().peekable());
-    loop {
-        match (a.peek(), b.peek()) {
-            (Some(&&(ka, ca)), Some(&&(kb, cb))) => {
-                if ka == kb {
-                    merged.push((ka, ca.saturating_add(cb)));
-                    a.next();
-                    b.next();
-                } else if ka < kb {
-                    merged.push((ka, ca));
-                    a.next();
-                } else {
-                    merged.push((kb, cb));
-                    b.next();
-                }
-            }
-            (Some(&&x), None) => {
-                merged.push(x);
-                a.next();
-            }
-            (None, Some(&&x)) => {
-                merged.push(x);
-                b.next();
-            }
-            (None, None) => break,
-        }
-    }
-    *into = merged;
-}
-
 impl ValueSketch {
     pub fn new() -> Self {
         Self::default()
@@ -109,8 +57,8 @@ impl ValueSketch {
 
     pub fn merge(&mut self, other: &ValueSketch) {
         self.zero = self.zero.saturating_add(other.zero);
-        merge_bins(&mut self.positive, &other.positive);
-        merge_bins(&mut self.negative, &other.negative);
+        merge_sorted_bins(&mut self.positive, &other.positive);
+        merge_sorted_bins(&mut self.negative, &other.negative);
     }
 
     pub fn count(&self) -> u64 {
