@@ -1,5 +1,6 @@
 //! `tally gen`: deterministic synthetic request events as NDJSON, with
-//! optional steady clients and anomalies injected at known times.
+//! optional steady clients and anomalies injected at known times; with
+//! `--telemetry`, telemetry points of many series instead.
 
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -60,6 +61,15 @@ pub struct GenArgs {
     /// is the busiest) or a steady one.
     #[arg(long = "inject", value_name = "SPEC")]
     pub inject: Vec<String>,
+    /// Write telemetry points instead of request events: `--count`
+    /// points at `--rate` per second of event time, round-robin over
+    /// `--series` series (`svc.latency{host=h-00001}`, ...), each a level
+    /// of its own plus Gaussian noise, with a unique `point_id`.
+    #[arg(long)]
+    pub telemetry: bool,
+    /// Distinct series of `--telemetry`.
+    #[arg(long, default_value_t = 1_000)]
+    pub series: u32,
     /// Output file [default: stdout].
     #[arg(long, short)]
     pub out: Option<PathBuf>,
@@ -83,6 +93,9 @@ pub fn run(args: &GenArgs) -> anyhow::Result<()> {
             start - start.rem_euclid(MINUTE_MS)
         }
     };
+    if args.telemetry {
+        return write_points(args, start_ms, count, &mut output(args)?);
+    }
     let injections = args
         .inject
         .iter()
@@ -127,19 +140,58 @@ pub fn run(args: &GenArgs) -> anyhow::Result<()> {
         }
         eprintln!("{what}");
     }
-    let out: Box<dyn Write> = match &args.out {
-        Some(path) => Box::new(
-            std::fs::File::create(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-        ),
-        None => Box::new(std::io::stdout().lock()),
-    };
-    let mut out = BufWriter::with_capacity(1 << 20, out);
+    let mut out = output(args)?;
     let mut line = String::with_capacity(512);
     while generator.base_lines() < count {
         line.clear();
         generator.next_line(&mut line);
         line.push('\n');
         out.write_all(line.as_bytes())?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn output(args: &GenArgs) -> anyhow::Result<BufWriter<Box<dyn Write>>> {
+    let out: Box<dyn Write> = match &args.out {
+        Some(path) => Box::new(
+            std::fs::File::create(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        ),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    Ok(BufWriter::with_capacity(1 << 20, out))
+}
+
+/// `count` telemetry points from `start_ms` (see `--telemetry`).
+fn write_points(
+    args: &GenArgs,
+    start_ms: i64,
+    count: u64,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let series = u64::from(args.series.max(1));
+    let mut state = args.seed.max(1);
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let step_ms = 1000.0 / args.rate.max(f64::MIN_POSITIVE);
+    for i in 0..count {
+        let k = i % series + 1;
+        // Box-Muller: standard normal noise around a level of the series'
+        // own (10..=1000).
+        let (u1, u2) = (next().max(1e-300), next());
+        let noise = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+        let level = 10.0 + (k % 100) as f64 * 10.0;
+        let ts = start_ms + (i as f64 * step_ms) as i64;
+        writeln!(
+            out,
+            "{{\"series\":\"svc.latency\",\"tags\":{{\"host\":\"h-{k:05}\"}},\"timestamp\":{ts},\"value\":{},\"point_id\":\"{}-{i}\"}}",
+            level + noise * level / 10.0,
+            args.seed
+        )?;
     }
     out.flush()?;
     Ok(())

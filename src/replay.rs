@@ -3,6 +3,7 @@
 //! line number it applied from the file in the same WriteBatch as the
 //! state, so a replay killed at any moment and run again resumes where the
 //! durable state ends and reaches exactly the state of an uninterrupted run.
+//! With `--telemetry` the file holds telemetry points, fed the same way.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
@@ -14,10 +15,12 @@ use anyhow::Context as _;
 use clap::Args;
 use serde::Serialize;
 use tally_actors::messages::BatchOutcome as Outcome;
+use tally_actors::messages::Routable;
 use tally_actors::telemetry::EventsRejected;
 use tally_actors::{Engine, ShardRouter, Source};
-use tally_pipelines::decode::{decode_event_bytes, ndjson_lines};
-use tally_pipelines::event::ValidationContext;
+use tally_pipelines::decode::{ndjson_lines, BodyItem};
+use tally_pipelines::event::{RequestEvent, ValidationContext};
+use tally_pipelines::telemetry::Point;
 use tally_state::Store;
 use tokio::sync::oneshot;
 
@@ -25,8 +28,12 @@ use crate::config::{Config, Settings};
 
 #[derive(Debug, Clone, Args)]
 pub struct ReplayArgs {
-    /// NDJSON file of request events.
+    /// NDJSON file of request events (or, with `--telemetry`, points).
     pub file: PathBuf,
+    /// The file holds telemetry points (`series`, `timestamp`, `value`,
+    /// `tags`, `point_id`), not request events.
+    #[arg(long)]
+    pub telemetry: bool,
     #[command(flatten)]
     pub settings: Settings,
     /// Lines decoded and routed per batch.
@@ -56,6 +63,9 @@ pub struct ReplaySummary {
     pub duplicates: u64,
     pub late: u64,
     pub rejected: u64,
+    /// Points of new series beyond a partition's bound.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub over_series_limit: u64,
     /// Re-read lines that a shard had already applied.
     pub already_applied: u64,
     pub elapsed_seconds: f64,
@@ -64,6 +74,10 @@ pub struct ReplaySummary {
 }
 
 const FIRST_ERRORS: usize = 10;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
 
 pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplaySummary> {
     let config = Config::resolve(&args.settings).map_err(|problems| {
@@ -83,7 +97,11 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplaySummary> {
             .with_context(|| format!("cannot open state in {}", config.data_dir.display()))?,
     );
     let source = Source::Replay {
-        id: format!("file:{}", canonical.display()),
+        id: if args.telemetry {
+            format!("telemetry-file:{}", canonical.display())
+        } else {
+            format!("file:{}", canonical.display())
+        },
     };
     let resume_line = resume_line(&store, &source)?;
     let engine = Engine::start(store.clone(), config.shard_config(), config.shard_threads)?;
@@ -92,15 +110,28 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplaySummary> {
         .build()?;
     let file = std::fs::File::open(&canonical)
         .with_context(|| format!("cannot open {}", canonical.display()))?;
-    let result = runtime.block_on(feed(
-        &engine.router(),
-        &store,
-        &config,
-        args,
-        source,
-        file,
-        resume_line,
-    ));
+    let router = engine.router();
+    let result = if args.telemetry {
+        runtime.block_on(feed::<Point>(
+            &router,
+            &store,
+            &config,
+            args,
+            source,
+            file,
+            resume_line,
+        ))
+    } else {
+        runtime.block_on(feed::<RequestEvent>(
+            &router,
+            &store,
+            &config,
+            args,
+            source,
+            file,
+            resume_line,
+        ))
+    };
     let shutdown = runtime.block_on(engine.shutdown());
     let mut summary = result?;
     shutdown?;
@@ -172,13 +203,17 @@ fn read_chunk(
     Ok((lines > 0).then_some(chunk))
 }
 
-struct DecodedChunk {
+struct DecodedChunk<T> {
     lines: u64,
-    routed: Vec<(u16, Vec<tally_pipelines::event::RequestEvent>, Vec<u64>)>,
+    routed: Vec<(u16, Vec<T>, Vec<u64>)>,
     rejected: Vec<(u64, String)>,
 }
 
-fn decode_chunk(chunk: Chunk, router: &ShardRouter, ctx: &ValidationContext) -> DecodedChunk {
+fn decode_chunk<T: BodyItem + Routable>(
+    chunk: Chunk,
+    router: &ShardRouter,
+    ctx: &ValidationContext,
+) -> DecodedChunk<T> {
     let mut events = Vec::new();
     let mut positions = Vec::new();
     let mut rejected: Vec<(u64, String)> = chunk
@@ -188,7 +223,7 @@ fn decode_chunk(chunk: Chunk, router: &ShardRouter, ctx: &ValidationContext) -> 
         .collect();
     for (index, line) in ndjson_lines(&chunk.bytes) {
         let n = chunk.first_line + index as u64;
-        match decode_event_bytes(line, ctx) {
+        match T::decode_json(line, ctx) {
             Ok(event) => {
                 events.push(event);
                 positions.push(n);
@@ -203,7 +238,7 @@ fn decode_chunk(chunk: Chunk, router: &ShardRouter, ctx: &ValidationContext) -> 
     }
 }
 
-async fn feed(
+async fn feed<T: BodyItem + Routable>(
     router: &ShardRouter,
     store: &Store,
     config: &Config,
@@ -229,7 +264,7 @@ async fn feed(
         .map(|n| n.get())
         .unwrap_or(2);
     let batch_lines = args.batch_lines.max(1);
-    let mut decoding: VecDeque<tokio::task::JoinHandle<DecodedChunk>> = VecDeque::new();
+    let mut decoding: VecDeque<tokio::task::JoinHandle<DecodedChunk<T>>> = VecDeque::new();
     let mut acks: VecDeque<oneshot::Receiver<Result<Outcome, tally_actors::Error>>> =
         VecDeque::new();
     let mut outcome = Outcome::default();
@@ -246,7 +281,7 @@ async fn feed(
                     line_no += chunk.lines;
                     let (router, ctx) = (router.clone(), config.validation(config.clock.now_ms()));
                     decoding.push_back(tokio::task::spawn_blocking(move || {
-                        decode_chunk(chunk, &router, &ctx)
+                        decode_chunk::<T>(chunk, &router, &ctx)
                     }));
                 }
                 None => eof = true,
@@ -312,6 +347,7 @@ async fn feed(
     summary.accepted = outcome.accepted;
     summary.duplicates = outcome.duplicates;
     summary.late = outcome.late;
+    summary.over_series_limit = outcome.over_series_limit;
     summary.already_applied = outcome.already_applied;
     summary.elapsed_seconds = started.elapsed().as_secs_f64();
     summary.lines_per_second = summary.lines_read as f64 / summary.elapsed_seconds.max(1e-9);
@@ -329,6 +365,9 @@ impl std::fmt::Display for ReplaySummary {
         writeln!(f, "  duplicates         {}", self.duplicates)?;
         writeln!(f, "  late               {}", self.late)?;
         writeln!(f, "  rejected           {}", self.rejected)?;
+        if self.over_series_limit > 0 {
+            writeln!(f, "  over series limit  {}", self.over_series_limit)?;
+        }
         writeln!(f, "  already applied    {}", self.already_applied)?;
         writeln!(f, "  elapsed            {:.3} s", self.elapsed_seconds)?;
         write!(

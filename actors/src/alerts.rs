@@ -1,7 +1,9 @@
 //! The event channel: `RATE_LIMITED`, `QUOTA_WARNING`, `QUOTA_EXCEEDED`,
 //! `ANOMALY_DETECTED`, `REQUEST_RECORDED` (opt-in, sampled) and
 //! `CIRCUIT_STATE_CHANGED` (a webhook's circuit breaker) and
-//! `BILLING_PERIOD_CLOSED` (a period's finalised totals). Each event gets the next sequence number (its
+//! `BILLING_PERIOD_CLOSED` (a period's finalised totals),
+//! `TELEMETRY_ANOMALY` and `TELEMETRY_DRIFT` (a series' point far out, a
+//! series' level changed; `client_id` carries the series). Each event gets the next sequence number (its
 //! `event_id`), is appended to a persisted log (so a subscriber can resume
 //! with `Last-Event-ID`), and is broadcast to live subscribers.
 //!
@@ -26,7 +28,7 @@ use tally_state::Store;
 use tokio::sync::broadcast;
 
 /// Every event type the channel carries.
-pub const EVENT_TYPES: [&str; 7] = [
+pub const EVENT_TYPES: [&str; 9] = [
     "RATE_LIMITED",
     "QUOTA_WARNING",
     "QUOTA_EXCEEDED",
@@ -34,6 +36,8 @@ pub const EVENT_TYPES: [&str; 7] = [
     "REQUEST_RECORDED",
     "CIRCUIT_STATE_CHANGED",
     "BILLING_PERIOD_CLOSED",
+    crate::shard::TELEMETRY_ANOMALY,
+    crate::shard::TELEMETRY_DRIFT,
 ];
 
 /// One event on the channel.

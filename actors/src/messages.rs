@@ -3,6 +3,7 @@
 
 use actix::Message;
 use tally_pipelines::event::RequestEvent;
+use tally_pipelines::telemetry::Point;
 use tokio::sync::oneshot;
 
 use crate::Error;
@@ -43,6 +44,9 @@ pub struct BatchOutcome {
     pub accepted: u64,
     pub duplicates: u64,
     pub late: u64,
+    /// Points of new series refused: the partition holds as many series
+    /// as it may.
+    pub over_series_limit: u64,
     /// Events at or before the source position the shard had already
     /// applied (a resumed replay re-reading its last batch).
     pub already_applied: u64,
@@ -53,6 +57,7 @@ impl BatchOutcome {
         self.accepted += other.accepted;
         self.duplicates += other.duplicates;
         self.late += other.late;
+        self.over_series_limit += other.over_series_limit;
         self.already_applied += other.already_applied;
     }
 }
@@ -69,12 +74,59 @@ pub enum Urgency {
     NextFlush,
 }
 
-/// A batch of events for one partition, in source order.
+/// What a batch carries: request events or telemetry points (a series
+/// maps to a partition as a client does).
+pub enum Items {
+    Events(Vec<RequestEvent>),
+    Points(Vec<Point>),
+}
+
+impl Items {
+    pub fn len(&self) -> usize {
+        match self {
+            Items::Events(e) => e.len(),
+            Items::Points(p) => p.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Something a router places on a partition by its key.
+pub trait Routable: Sized + Send + 'static {
+    /// The key the partitioner hashes: a client id, a series.
+    fn routing_key(&self) -> &str;
+    fn into_items(batch: Vec<Self>) -> Items;
+}
+
+impl Routable for RequestEvent {
+    fn routing_key(&self) -> &str {
+        &self.client_id
+    }
+
+    fn into_items(batch: Vec<Self>) -> Items {
+        Items::Events(batch)
+    }
+}
+
+impl Routable for Point {
+    fn routing_key(&self) -> &str {
+        &self.series
+    }
+
+    fn into_items(batch: Vec<Self>) -> Items {
+        Items::Points(batch)
+    }
+}
+
+/// A batch of events or points for one partition, in source order.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct ApplyBatch {
     pub source: Source,
-    pub events: Vec<RequestEvent>,
+    pub events: Items,
     /// Source positions of `events`, ascending (positioned sources only).
     pub positions: Option<Vec<u64>>,
     /// Answered once the batch's effects are durable.

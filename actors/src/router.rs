@@ -15,7 +15,8 @@ use tokio::sync::oneshot;
 
 use crate::limits::{load, lock, Prepared, SharedLimits};
 use crate::messages::{
-    ApplyBatch, BatchOutcome, FlushNow, LimitReply, LimitRequest, PartitionControl, Source, Urgency,
+    ApplyBatch, BatchOutcome, FlushNow, LimitReply, LimitRequest, PartitionControl, Routable,
+    Source, Urgency,
 };
 use crate::status::{ShardHealth, ShardStatus};
 use crate::telemetry::IngestOverloaded;
@@ -57,9 +58,10 @@ pub struct FailedPart {
     pub positions: Vec<usize>,
 }
 
-/// Events split by partition, keeping source order within each.
-pub struct Routed {
-    pub per_partition: Vec<(u16, Vec<RequestEvent>, Vec<u64>)>,
+/// Events (or points) split by partition, keeping source order within
+/// each.
+pub struct Routed<T = RequestEvent> {
+    pub per_partition: Vec<(u16, Vec<T>, Vec<u64>)>,
 }
 
 impl ShardRouter {
@@ -84,14 +86,14 @@ impl ShardRouter {
         self.partitioner.partition(client_id, self.partitions())
     }
 
-    /// Splits events (with their positions) by partition.
-    pub fn split(&self, events: Vec<RequestEvent>, positions: Option<Vec<u64>>) -> Routed {
+    /// Splits events or points (with their positions) by partition.
+    pub fn split<T: Routable>(&self, events: Vec<T>, positions: Option<Vec<u64>>) -> Routed<T> {
         let n = self.shards.len();
-        let mut buckets: Vec<(Vec<RequestEvent>, Vec<u64>)> =
+        let mut buckets: Vec<(Vec<T>, Vec<u64>)> =
             (0..n).map(|_| (Vec::new(), Vec::new())).collect();
         let mut positions = positions.map(Vec::into_iter);
         for event in events {
-            let p = usize::from(self.partition_of(&event.client_id));
+            let p = usize::from(self.partition_of(event.routing_key()));
             if let Some(pos) = positions.as_mut().and_then(Iterator::next) {
                 buckets[p].1.push(pos);
             }
@@ -123,9 +125,9 @@ impl ShardRouter {
     /// a full mailbox (then nothing was applied). Otherwise every shard
     /// applies its part or fails it whole (a failed flush is never partly
     /// durable), and the answer says which partitions failed.
-    pub async fn ingest_durable_parts(
+    pub async fn ingest_durable_parts<T: Routable>(
         &self,
-        events: Vec<RequestEvent>,
+        events: Vec<T>,
         source: Source,
     ) -> Result<Ingested, Error> {
         // Each event's position in `events`, to say which ones a failed
@@ -151,7 +153,7 @@ impl ShardRouter {
             let (tx, rx) = oneshot::channel();
             let msg = ApplyBatch {
                 source: source.clone(),
-                events,
+                events: T::into_items(events),
                 positions: None,
                 ack: Some((tx, Urgency::FlushSoon)),
                 epoch: None,
@@ -178,9 +180,9 @@ impl ShardRouter {
 
     /// [`ShardRouter::ingest_durable_parts`] for callers that need all or
     /// an error (tools, tests): the first failure is the error.
-    pub async fn ingest_durable(
+    pub async fn ingest_durable<T: Routable>(
         &self,
-        events: Vec<RequestEvent>,
+        events: Vec<T>,
         source: Source,
     ) -> Result<BatchOutcome, Error> {
         let mut ingested = self.ingest_durable_parts(events, source).await?;
@@ -198,7 +200,7 @@ impl ShardRouter {
         &self,
         partition: u16,
         source: Source,
-        events: Vec<RequestEvent>,
+        events: Vec<impl Routable>,
         positions: Vec<u64>,
         epoch: Option<u64>,
     ) -> Result<oneshot::Receiver<Result<BatchOutcome, Error>>, Error> {
@@ -208,7 +210,7 @@ impl ShardRouter {
         shard.status.queued.fetch_add(1, Ordering::Relaxed);
         let msg = ApplyBatch {
             source,
-            events,
+            events: Routable::into_items(events),
             positions: Some(positions),
             ack: Some((tx, Urgency::NextFlush)),
             epoch,

@@ -1,6 +1,8 @@
 //! Request bodies: one JSON object, a JSON array, NDJSON, and CloudEvents 1.0
 //! (structured single and batch). Each element is decoded and validated on
-//! its own, so one bad event never costs the good ones beside it.
+//! its own, so one bad event never costs the good ones beside it. Request
+//! events and telemetry points share the formats and the error contract:
+//! each is a [`BodyItem`].
 
 use std::borrow::Cow;
 
@@ -64,12 +66,65 @@ impl BodyFormat {
     }
 }
 
-/// The outcome of decoding a body: good events with their positions, and
+/// What a body holds, one element at a time: request events, telemetry
+/// points.
+pub trait BodyItem: Sized {
+    /// The CloudEvents `type` an envelope of this item must carry.
+    const CLOUDEVENT_TYPE: &'static str;
+    /// Decodes and validates one JSON element.
+    fn decode_json(json: &[u8], ctx: &ValidationContext) -> Result<Self, Rejection>;
+    /// Decodes and validates the `data` of a checked CloudEvent envelope.
+    fn from_cloudevent(
+        envelope: CloudEventParts<'_>,
+        ctx: &ValidationContext,
+    ) -> Result<Self, Rejection>;
+}
+
+/// The attributes of a CloudEvent envelope that passed the checks every
+/// item shares (specversion, type, content type, `data` an object).
+pub struct CloudEventParts<'a> {
+    pub source: Cow<'a, str>,
+    pub id: Cow<'a, str>,
+    pub time: Option<Cow<'a, str>>,
+    pub data: &'a RawValue,
+}
+
+impl BodyItem for RequestEvent {
+    const CLOUDEVENT_TYPE: &'static str = CLOUDEVENT_TYPE;
+
+    fn decode_json(json: &[u8], ctx: &ValidationContext) -> Result<Self, Rejection> {
+        decode_event_bytes(json, ctx)
+    }
+
+    /// The envelope's `id` is the event id unless `data.event_id` is
+    /// given, and its `time` the event time unless `data.timestamp` is.
+    fn from_cloudevent(
+        env: CloudEventParts<'_>,
+        ctx: &ValidationContext,
+    ) -> Result<Self, Rejection> {
+        let mut raw: RawEvent = match serde_json::from_str(env.data.get()) {
+            Ok(raw) => raw,
+            Err(e) => return Err(explain_decode_failure(env.data.get(), &e)),
+        };
+        if raw.event_id.is_none() {
+            raw.event_id = Some(Cow::Owned(env.id.into_owned()));
+        }
+        if raw.timestamp.is_none() {
+            if let Some(time) = env.time {
+                raw.timestamp = Some(RawTimestamp::Text(time.into_owned()));
+            }
+        }
+        raw.source = Some(env.source);
+        raw.validate(ctx)
+    }
+}
+
+/// The outcome of decoding a body: good items with their positions, and
 /// the rejected positions with reasons. `index` is the 0-based array element
 /// or NDJSON line.
-#[derive(Debug, Default)]
-pub struct DecodedBody {
-    pub events: Vec<RequestEvent>,
+#[derive(Debug)]
+pub struct DecodedBody<T = RequestEvent> {
+    pub events: Vec<T>,
     pub indices: Vec<usize>,
     /// The first rejections with their reasons (as many as were asked to
     /// be kept: a body of a million bad lines must not hold a million
@@ -80,8 +135,20 @@ pub struct DecodedBody {
     keep_rejections: usize,
 }
 
-impl DecodedBody {
-    fn push(&mut self, index: usize, result: Result<RequestEvent, Rejection>) {
+impl<T> Default for DecodedBody<T> {
+    fn default() -> Self {
+        DecodedBody {
+            events: Vec::new(),
+            indices: Vec::new(),
+            rejected: Vec::new(),
+            rejected_total: 0,
+            keep_rejections: 0,
+        }
+    }
+}
+
+impl<T> DecodedBody<T> {
+    fn push(&mut self, index: usize, result: Result<T, Rejection>) {
         match result {
             Ok(e) => {
                 self.events.push(e);
@@ -108,12 +175,12 @@ pub fn decode_body(
 
 /// Decodes a body, keeping the reasons of the first `keep_rejections`
 /// rejections only (all are counted).
-pub fn decode_body_keeping(
+pub fn decode_body_keeping<T: BodyItem>(
     format: BodyFormat,
     body: &[u8],
     ctx: &ValidationContext,
     keep_rejections: usize,
-) -> Result<DecodedBody, Error> {
+) -> Result<DecodedBody<T>, Error> {
     let mut out = DecodedBody {
         keep_rejections,
         ..DecodedBody::default()
@@ -121,22 +188,22 @@ pub fn decode_body_keeping(
     match format {
         BodyFormat::Ndjson => {
             for (index, line) in ndjson_lines(body) {
-                out.push(index, decode_event_bytes(line, ctx));
+                out.push(index, T::decode_json(line, ctx));
             }
         }
         BodyFormat::Json => {
             for (index, element) in json_elements(body)? {
-                out.push(index, decode_event_bytes(element.get().as_bytes(), ctx));
+                out.push(index, T::decode_json(element.get().as_bytes(), ctx));
             }
         }
         BodyFormat::CloudEvent => {
             let element = top_level::<&RawValue>(body)?;
-            out.push(0, decode_cloudevent(element.get().as_bytes(), ctx));
+            out.push(0, decode_cloudevent_of(element.get().as_bytes(), ctx));
         }
         BodyFormat::CloudEventBatch => {
             let elements = top_level::<Vec<&RawValue>>(body)?;
             for (index, element) in elements.into_iter().enumerate() {
-                out.push(index, decode_cloudevent(element.get().as_bytes(), ctx));
+                out.push(index, decode_cloudevent_of(element.get().as_bytes(), ctx));
             }
         }
     }
@@ -218,6 +285,14 @@ fn ce_error(msg: impl Into<String>) -> Rejection {
 /// `id` is the event id unless `data.event_id` is given, and its `time` the
 /// event time unless `data.timestamp` is given.
 pub fn decode_cloudevent(json: &[u8], ctx: &ValidationContext) -> Result<RequestEvent, Rejection> {
+    decode_cloudevent_of(json, ctx)
+}
+
+/// One structured CloudEvent whose `data` is a `T`.
+pub fn decode_cloudevent_of<T: BodyItem>(
+    json: &[u8],
+    ctx: &ValidationContext,
+) -> Result<T, Rejection> {
     if !json.trim_ascii_start().starts_with(b"{") {
         return Err(ce_error("an event must be a JSON object"));
     }
@@ -238,10 +313,11 @@ pub fn decode_cloudevent(json: &[u8], ctx: &ValidationContext) -> Result<Request
         None => return Err(ce_error("missing required attribute `specversion`")),
     }
     match env.kind.as_deref() {
-        Some(CLOUDEVENT_TYPE) => {}
+        Some(t) if t == T::CLOUDEVENT_TYPE => {}
         Some(t) => {
             return Err(ce_error(format!(
-                "unsupported type `{t}`, expected `{CLOUDEVENT_TYPE}`"
+                "unsupported type `{t}`, expected `{}`",
+                T::CLOUDEVENT_TYPE
             )))
         }
         None => return Err(ce_error("missing required attribute `type`")),
@@ -271,20 +347,15 @@ pub fn decode_cloudevent(json: &[u8], ctx: &ValidationContext) -> Result<Request
     if !data.get().starts_with('{') {
         return Err(ce_error("`data` must be a JSON object"));
     }
-    let mut raw: RawEvent = match serde_json::from_str(data.get()) {
-        Ok(raw) => raw,
-        Err(e) => return Err(explain_decode_failure(data.get(), &e)),
-    };
-    if raw.event_id.is_none() {
-        raw.event_id = Some(Cow::Owned(id.into_owned()));
-    }
-    if raw.timestamp.is_none() {
-        if let Some(time) = env.time {
-            raw.timestamp = Some(RawTimestamp::Text(time.into_owned()));
-        }
-    }
-    raw.source = Some(source);
-    raw.validate(ctx)
+    T::from_cloudevent(
+        CloudEventParts {
+            source,
+            id,
+            time: env.time,
+            data,
+        },
+        ctx,
+    )
 }
 
 #[cfg(test)]
@@ -325,7 +396,8 @@ mod tests {
     #[test]
     fn only_the_first_rejections_are_kept_but_all_are_counted() {
         let body = format!("{A}\n{}\n{B}\n", "bad\n".repeat(5000));
-        let d = decode_body_keeping(BodyFormat::Ndjson, body.as_bytes(), &ctx(), 3).unwrap();
+        let d = decode_body_keeping::<RequestEvent>(BodyFormat::Ndjson, body.as_bytes(), &ctx(), 3)
+            .unwrap();
         assert_eq!(d.events.len(), 2);
         assert_eq!(d.rejected_total, 5000);
         assert_eq!(

@@ -185,6 +185,8 @@ pub struct Settings {
     pub top: TopSettings,
     #[arg(skip)]
     pub alerts: AlertsSettings,
+    #[arg(skip)]
+    pub telemetry: TelemetrySettings,
 }
 
 impl Settings {
@@ -203,6 +205,8 @@ impl Settings {
         layer!(self.limits, over.limits; default, max_clients, quota_reservation_ttl);
         layer!(self.top, over.top; trend_threshold);
         layer!(self.alerts, over.alerts; request_sample_rate);
+        layer!(self.telemetry, over.telemetry; resolutions, max_series, anomaly_k,
+            anomaly_cooldown, drift);
         self.compute_units.extend(over.compute_units);
         self
     }
@@ -302,6 +306,41 @@ pub struct AlertsSettings {
     /// Share of accepted events published as `REQUEST_RECORDED` (0..=1;
     /// 0, the default, publishes none).
     pub request_sample_rate: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// Stored resolutions, finest first, each with its retention
+    /// (default 10s/48h, 1m/30days, 1h/400days, 1d/1830days).
+    pub resolutions: Option<Vec<ResolutionSetting>>,
+    /// Series one partition holds at most (default 100,000).
+    pub max_series: Option<usize>,
+    /// Points beyond this many standard deviations of their series'
+    /// running statistics raise `TELEMETRY_ANOMALY` (default 4).
+    pub anomaly_k: Option<f64>,
+    /// At most one anomaly per series within this much event time
+    /// (default 1m).
+    pub anomaly_cooldown: Option<String>,
+    /// Drift detection by series pattern (`name{tags}` or `prefix*`),
+    /// first match wins; a rule without `detector` turns it off. Series
+    /// no rule matches get CUSUM (k = 0.5σ, h = 10σ, 100 points warm-up).
+    pub drift: Option<Vec<DriftRule>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolutionSetting {
+    pub width: String,
+    pub retention: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftRule {
+    pub pattern: String,
+    #[serde(default)]
+    pub detector: Option<tally_pipelines::telemetry::drift::DriftConfig>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

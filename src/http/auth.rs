@@ -66,7 +66,13 @@ pub fn rule(method: &Method, route: &str) -> Rule {
         "/health/ready" | "/metrics" => Rule::Ops,
         // Carries internal detail (owners, broker errors).
         "/health/detailed" => need_all(Scope::Admin),
-        "/v1/events" | "/v1/telemetry" => need(Scope::Ingest),
+        "/v1/events" => need(Scope::Ingest),
+        // Series belong to no client: a key limited to some clients
+        // neither posts nor reads them.
+        "/v1/telemetry" if write => need_all(Scope::Ingest),
+        "/v1/telemetry" | "/v1/telemetry/{series}" | "/v1/telemetry/correlate" => {
+            need_all(Scope::Read)
+        }
         "/v1/check" => need(Scope::Check),
         "/v1/queue-health" if write => need_all(Scope::Admin),
         "/v1/queue-health" => need_all(Scope::Read),

@@ -40,7 +40,8 @@ pub fn router(config: &Config) -> Router<AppState> {
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
 }
 
-/// Admission of ingest bodies: a count and a byte budget.
+/// Admission of ingest bodies (events and telemetry share it): a count
+/// and a byte budget.
 pub struct IngestGate {
     requests: Arc<Semaphore>,
     bytes: AtomicUsize,
@@ -48,7 +49,7 @@ pub struct IngestGate {
 }
 
 /// Held while a body is processed; gives its share back when dropped.
-struct Admitted<'a> {
+pub(crate) struct Admitted<'a> {
     gate: &'a IngestGate,
     bytes: usize,
     _permit: OwnedSemaphorePermit,
@@ -148,14 +149,20 @@ fn derive_event_ids(key: &str, decoded: &mut DecodedBody) {
     }
 }
 
-async fn ingest(
-    State(state): State<AppState>,
-    principal: Option<axum::Extension<std::sync::Arc<tally_pipelines::access::Principal>>>,
-    origin: Option<axum::Extension<crate::access::Origin>>,
-    headers: HeaderMap,
+/// An admitted ingest body, read whole, and its format.
+pub(crate) struct IngestBody<'a> {
+    pub _admitted: Admitted<'a>,
+    pub bytes: axum::body::Bytes,
+    pub format: BodyFormat,
+}
+
+/// Admits (or sheds) a body before reading it, reads it within the size
+/// limit and picks its format: what every ingest route does first.
+pub(crate) async fn read_ingest_body<'a>(
+    state: &'a AppState,
+    headers: &HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Json<IngestResponse>), ApiError> {
-    let started = Instant::now();
+) -> Result<IngestBody<'a>, ApiError> {
     let limit = state.config.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -166,9 +173,8 @@ async fn ingest(
     }
     // Before the body is read: a body of unknown length counts as the
     // largest allowed.
-    let _admitted = state.ingest_gate.admit(declared.unwrap_or(limit))?;
-    let key = idempotency_key(&headers)?;
-    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let admitted = state.ingest_gate.admit(declared.unwrap_or(limit))?;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
         {
             ApiError::PayloadTooLarge { limit }
@@ -180,16 +186,38 @@ async fn ingest(
         .get(header::CONTENT_TYPE)
         .map(|v| v.to_str().unwrap_or("invalid"))
         .map(str::to_string);
-    let format = BodyFormat::from_content_type(content_type.as_deref(), &body)
+    let format = BodyFormat::from_content_type(content_type.as_deref(), &bytes)
         .map_err(|e| ApiError::UnsupportedMediaType(e.to_string()))?;
+    Ok(IngestBody {
+        _admitted: admitted,
+        bytes,
+        format,
+    })
+}
+
+async fn ingest(
+    State(state): State<AppState>,
+    principal: Option<axum::Extension<std::sync::Arc<tally_pipelines::access::Principal>>>,
+    origin: Option<axum::Extension<crate::access::Origin>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<IngestResponse>), ApiError> {
+    let started = Instant::now();
+    let key = idempotency_key(&headers)?;
+    let IngestBody {
+        _admitted,
+        bytes: body,
+        format,
+    } = read_ingest_body(&state, &headers, body).await?;
     let ctx = state.config.validation(state.config.clock.now_ms());
     let keep = state.config.max_errors_reported;
     // Decoding a large body is CPU work; keep it off the async workers.
-    let mut decoded =
-        tokio::task::spawn_blocking(move || decode_body_keeping(format, &body, &ctx, keep))
-            .await
-            .map_err(|e| ApiError::Internal(format!("decoder task failed: {e}")))?
-            .map_err(|e| ApiError::bad_request(e.to_string(), vec![]))?;
+    let mut decoded = tokio::task::spawn_blocking(move || {
+        decode_body_keeping::<RequestEvent>(format, &body, &ctx, keep)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("decoder task failed: {e}")))?
+    .map_err(|e| ApiError::bad_request(e.to_string(), vec![]))?;
     // A key limited to some clients posts for those only; one event for
     // another refuses the whole body, before anything is applied.
     if let Some(p) = principal
@@ -279,7 +307,7 @@ async fn ingest(
 
 /// The 503 of a body some or all of whose events were not applied: which
 /// were (by their index in the body) and which were not.
-fn not_applied(
+pub(crate) fn not_applied(
     indices: &[usize],
     applied: impl Fn(usize) -> bool,
     cause: String,

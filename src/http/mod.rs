@@ -18,6 +18,7 @@ pub mod ingest;
 pub mod keys;
 pub mod limits;
 pub mod page;
+pub mod telemetry;
 pub mod top;
 pub mod usage;
 pub mod webhooks;
@@ -157,6 +158,7 @@ pub fn app(state: AppState) -> Router {
         .merge(audit::router())
         .merge(billing::router())
         .merge(export::router())
+        .merge(telemetry::router(&state.config))
         // After routing (the rule is the route's), before any handler.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

@@ -73,7 +73,11 @@ pub(super) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiErro
         .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}"), vec![]))
 }
 
-fn instant(field: &str, value: Option<&str>, problems: &mut Vec<FieldProblem>) -> Option<i64> {
+pub(crate) fn instant(
+    field: &str,
+    value: Option<&str>,
+    problems: &mut Vec<FieldProblem>,
+) -> Option<i64> {
     match value.map(parse_instant) {
         Some(Ok(ms)) => Some(ms),
         Some(Err(e)) => {

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use tally_pipelines::ingest::FlushContent;
+use tally_pipelines::telemetry::ingest::{TelemetryFlush, TelemetryRules};
 use tally_pipelines::time::{Granularity, Period};
 use tally_pipelines::top::PeriodTotals;
 
@@ -16,7 +17,89 @@ use crate::keys::{self, CF_DEAD_LETTER, CF_DEDUPE, CF_LIMITS, CF_META, CF_STATS}
 use crate::limits::LimitWrites;
 use crate::snapshot::ChangedKey;
 use crate::store::{Checkpoint, CommitStats, DeadLetterRecord, Store};
+use crate::telemetry::TelemetryCheckpoint;
 use crate::Result;
+
+/// The telemetry part of a shard's flush. Not tracked for the changelog:
+/// telemetry is taken in embedded mode only (see `docs/api.md`).
+pub struct TelemetryWrite<'a> {
+    pub flush: &'a TelemetryFlush,
+    pub rules: &'a TelemetryRules,
+    /// Detector state of the series whose detectors changed, encoded.
+    pub detectors: &'a [(String, Vec<u8>)],
+    /// Advanced once the batch is written.
+    pub checkpoint: &'a mut TelemetryCheckpoint,
+}
+
+impl TelemetryWrite<'_> {
+    /// Adds the telemetry writes to `batch`; answers the checkpoint they
+    /// make.
+    fn add_to(
+        &self,
+        batch: &mut WriteBatch,
+        partition: u16,
+        dead_letter_seq: &mut u64,
+        now_ms: i64,
+    ) -> Result<TelemetryCheckpoint> {
+        let mut next = self.checkpoint.clone();
+        for delta in &self.flush.deltas {
+            // One encoded delta merged into every resolution's bucket.
+            let value = encode(&delta.bucket)?;
+            for (resolution, start) in delta.targets(self.rules) {
+                let key = keys::telemetry_key(partition, resolution, &delta.series, start);
+                batch.merge(CF_STATS, &key, &value);
+            }
+        }
+        for series in &self.flush.new_series {
+            batch.put(CF_META, &keys::telemetry_series_key(partition, series), &[]);
+        }
+        if let Some(newest) = self.flush.dedupe_claims.iter().map(|&(_, ts)| ts).max() {
+            let key = keys::telemetry_dedupe_segment_key(partition, newest, next.dedupe_seq);
+            batch.put(CF_DEDUPE, &key, &encode(&self.flush.dedupe_claims)?);
+            next.dedupe_seq += 1;
+        }
+        if let Some(cutoff) = self.flush.dedupe_cutoff_ms {
+            if cutoff >= next.dedupe_deleted_below_ms.saturating_add(60_000) {
+                batch.delete_range(
+                    CF_DEDUPE,
+                    &keys::telemetry_dedupe_segments_from(partition, 0),
+                    &keys::telemetry_dedupe_segments_from(partition, cutoff),
+                );
+                next.dedupe_deleted_below_ms = cutoff;
+            }
+        }
+        for dl in &self.flush.dead_letters {
+            let record = DeadLetterRecord {
+                partition,
+                sequence: *dead_letter_seq,
+                reason: dl.reason.clone(),
+                event_json: dl.event_json.clone(),
+                event_ms: dl.event_ms,
+                recorded_at_ms: now_ms,
+            };
+            batch.put(
+                CF_DEAD_LETTER,
+                &keys::dead_letter_key(partition, record.sequence),
+                &encode(&record)?,
+            );
+            *dead_letter_seq += 1;
+        }
+        for (series, state) in self.detectors {
+            batch.put(
+                CF_META,
+                &keys::telemetry_detector_key(partition, series),
+                state,
+            );
+        }
+        next.event_clock_ms = self.flush.event_clock_ms.max(next.event_clock_ms);
+        batch.put(
+            CF_META,
+            &keys::telemetry_checkpoint_key(partition),
+            &encode(&next)?,
+        );
+        Ok(next)
+    }
+}
 
 impl Store {
     /// Writes one flush of one partition atomically: stats deltas (merged),
@@ -44,6 +127,20 @@ impl Store {
         partition: u16,
         content: &FlushContent,
         limits: &LimitWrites,
+        checkpoint: &mut Checkpoint,
+        sync: bool,
+    ) -> Result<CommitStats> {
+        self.commit_flush(partition, content, limits, None, checkpoint, sync)
+    }
+
+    /// [`Store::commit_with`] plus the partition's telemetry, all in one
+    /// batch.
+    pub fn commit_flush(
+        &self,
+        partition: u16,
+        content: &FlushContent,
+        limits: &LimitWrites,
+        telemetry: Option<TelemetryWrite<'_>>,
         checkpoint: &mut Checkpoint,
         sync: bool,
     ) -> Result<CommitStats> {
@@ -124,6 +221,10 @@ impl Store {
             );
             next.dead_letter_seq += 1;
         }
+        let telemetry_next = match &telemetry {
+            Some(t) => Some(t.add_to(&mut batch, partition, &mut next.dead_letter_seq, now)?),
+            None => None,
+        };
         for (key, value) in limits.encoded(partition)? {
             batch.put(CF_LIMITS, &key, &value);
             if tracking {
@@ -151,6 +252,12 @@ impl Store {
             None => self.engine.write(batch, sync)?,
         }
         *checkpoint = next;
+        if let (Some(t), Some(next)) = (telemetry, telemetry_next) {
+            if let Some(ms) = next.event_clock_ms {
+                self.telemetry_clocks.advance(partition, ms);
+            }
+            *t.checkpoint = next;
+        }
         if let Some(ms) = checkpoint.event_clock_ms {
             self.clocks.advance(partition, ms);
         }

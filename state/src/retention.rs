@@ -23,7 +23,14 @@ pub struct Retention {
     /// Alert log entries are kept this long after they were logged (wall
     /// clock): how far back a subscriber can resume.
     pub alerts_ms: i64,
+    /// Telemetry buckets: `(resolution, retention)` in ms per stored
+    /// resolution (unused entries are `(0, 0)`), by the partition's
+    /// telemetry clock.
+    pub telemetry: [(u32, i64); MAX_TELEMETRY_RESOLUTIONS],
 }
+
+/// Stored telemetry resolutions at most.
+pub const MAX_TELEMETRY_RESOLUTIONS: usize = 8;
 
 impl Default for Retention {
     fn default() -> Self {
@@ -34,6 +41,16 @@ impl Default for Retention {
             dedupe_window_ms: HOUR_MS,
             dead_letter_ms: 7 * DAY_MS,
             alerts_ms: 7 * DAY_MS,
+            telemetry: [
+                (10_000, 2 * DAY_MS),
+                (60_000, 30 * DAY_MS),
+                (3_600_000, 400 * DAY_MS),
+                (86_400_000, 1_830 * DAY_MS),
+                (0, 0),
+                (0, 0),
+                (0, 0),
+                (0, 0),
+            ],
         }
     }
 }
@@ -70,6 +87,35 @@ impl Retention {
             None => keys::decode_period_totals_key(key)
                 .is_some_and(|k| self.period_expired(k.period, k.period_start_ms, clock_ms)),
         }
+    }
+
+    /// Whether a telemetry bucket has aged out, given its partition's
+    /// telemetry clock: it ended longer ago than its resolution's
+    /// retention. A resolution no longer configured keeps its buckets
+    /// (dropping history on a configuration edit would be worse).
+    pub fn telemetry_key_expired(&self, key: &[u8], clock_ms: Option<i64>) -> bool {
+        let Some((resolution, start)) = keys::decode_telemetry_key_time(key) else {
+            return false;
+        };
+        self.telemetry_bucket_expired(resolution, start, clock_ms)
+    }
+
+    pub fn telemetry_bucket_expired(
+        &self,
+        resolution_ms: u32,
+        start_ms: i64,
+        clock_ms: Option<i64>,
+    ) -> bool {
+        let Some(&(_, keep)) = self
+            .telemetry
+            .iter()
+            .find(|(r, _)| *r == resolution_ms && *r > 0)
+        else {
+            return false;
+        };
+        clock_ms.is_some_and(|now| {
+            start_ms.saturating_add(i64::from(resolution_ms)) <= now.saturating_sub(keep)
+        })
     }
 
     /// How far a partition's clock moves between two changelog sweeps for

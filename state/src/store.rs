@@ -117,6 +117,8 @@ pub struct Store {
     partitioner: Partitioner,
     retention: Retention,
     pub(crate) clocks: Arc<PartitionClocks>,
+    /// Each partition's telemetry clock (telemetry retention).
+    pub(crate) telemetry_clocks: Arc<PartitionClocks>,
     pub(crate) clock: SharedClock,
     /// Set in Kafka mode: which keys changed since the last changelog round.
     pub(crate) changes: OnceLock<ChangeTracker>,
@@ -126,6 +128,7 @@ pub struct Store {
 fn column_families(
     retention: Retention,
     clocks: Arc<PartitionClocks>,
+    telemetry_clocks: Arc<PartitionClocks>,
     clock: SharedClock,
 ) -> Vec<ColumnFamily> {
     let stats_clocks = clocks;
@@ -136,8 +139,13 @@ fn column_families(
         drop_on_compaction: Some((
             "tally.stats_retention",
             Box::new(move |key: &[u8], _value: &[u8]| {
-                keys::partition_of(key)
-                    .is_some_and(|p| retention.stats_key_expired(key, stats_clocks.drop_clock(p)))
+                keys::partition_of(key).is_some_and(|p| {
+                    if keys::is_telemetry_key(key) {
+                        retention.telemetry_key_expired(key, telemetry_clocks.get(p))
+                    } else {
+                        retention.stats_key_expired(key, stats_clocks.drop_clock(p))
+                    }
+                })
             }),
         )),
     };
@@ -196,6 +204,7 @@ impl Store {
             )));
         }
         let clocks = Arc::new(PartitionClocks::new(options.partitions));
+        let telemetry_clocks = Arc::new(PartitionClocks::new(options.partitions));
         let rocks = RocksEngine::open(
             path,
             RocksOptions {
@@ -203,7 +212,12 @@ impl Store {
                 wal: options.wal,
                 memtable_budget_bytes: options.memtable_budget_bytes,
             },
-            column_families(options.retention, clocks.clone(), options.clock.clone()),
+            column_families(
+                options.retention,
+                clocks.clone(),
+                telemetry_clocks.clone(),
+                options.clock.clone(),
+            ),
         )?;
         let engine: Box<dyn KvEngine> = match options.faults {
             Some(faults) => Box::new(FaultyEngine::new(Box::new(rocks), faults)),
@@ -215,6 +229,7 @@ impl Store {
             partitioner: options.partitioner,
             retention: options.retention,
             clocks,
+            telemetry_clocks,
             clock: options.clock,
             changes: OnceLock::new(),
         };
@@ -225,6 +240,9 @@ impl Store {
             // itself stays usable for every other partition.
             if let Ok(Some(ms)) = store.load_checkpoint(p).map(|c| c.event_clock_ms) {
                 store.clocks.advance(p, ms);
+            }
+            if let Ok(Some(ms)) = store.load_telemetry_checkpoint(p).map(|c| c.event_clock_ms) {
+                store.telemetry_clocks.advance(p, ms);
             }
         }
         Ok(store)
@@ -366,7 +384,7 @@ impl Store {
         for (_, claims) in self.scan_decoded::<Vec<(u128, i64)>>(
             CF_DEDUPE,
             keys::dedupe_segments_from(partition, cutoff),
-            keys::partition_end(partition),
+            keys::dedupe_segments_end(partition),
         )? {
             out.extend(claims.into_iter().filter(|&(_, ts)| ts >= cutoff));
         }

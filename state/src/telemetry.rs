@@ -4,14 +4,26 @@
 //! it; reads return whole buckets in time order, and the series of a
 //! partition are walked in key order without holding the list.
 
+use serde::{Deserialize, Serialize};
 use tally_pipelines::telemetry::Bucket;
 
 use crate::changelog::StateStore;
 use crate::codec::{decode, encode};
 use crate::engine::{Scan, WriteBatch};
-use crate::keys::{self, CF_STATS};
+use crate::keys::{self, CF_DEDUPE, CF_META, CF_STATS};
 use crate::store::Store;
 use crate::{Error, Result};
+
+/// What a partition has durably applied of telemetry, beside (and in the
+/// same batch as) its [`crate::Checkpoint`]: its own event-time clock, so
+/// that a backfill of request events and live telemetry never make each
+/// other late, and its own point-id segments.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TelemetryCheckpoint {
+    pub event_clock_ms: Option<i64>,
+    pub dedupe_seq: u64,
+    pub dedupe_deleted_below_ms: i64,
+}
 
 /// One bucket's delta: series, resolution (ms), bucket start (ms), stats.
 pub type Delta<'a> = (&'a str, u32, i64, &'a Bucket);
@@ -46,6 +58,93 @@ impl Store {
         Ok(())
     }
 
+    pub fn load_telemetry_checkpoint(&self, partition: u16) -> Result<TelemetryCheckpoint> {
+        match self
+            .engine
+            .get(CF_META, &keys::telemetry_checkpoint_key(partition))?
+        {
+            Some(v) => decode(&v).map_err(|e| {
+                Error::Corrupt(format!(
+                    "the telemetry checkpoint of partition {partition} cannot be decoded ({e})"
+                ))
+            }),
+            None => Ok(TelemetryCheckpoint::default()),
+        }
+    }
+
+    /// Point ids claimed at or after `cutoff_ms`.
+    pub fn load_telemetry_dedupe_claims(
+        &self,
+        partition: u16,
+        cutoff_ms: Option<i64>,
+    ) -> Result<Vec<(u128, i64)>> {
+        let cutoff = cutoff_ms.unwrap_or(0);
+        let mut out = Vec::new();
+        for (_, claims) in self.scan_decoded::<Vec<(u128, i64)>>(
+            CF_DEDUPE,
+            keys::telemetry_dedupe_segments_from(partition, cutoff),
+            keys::partition_end(partition),
+        )? {
+            out.extend(claims.into_iter().filter(|&(_, ts)| ts >= cutoff));
+        }
+        Ok(out)
+    }
+
+    /// The stored detector state of every series of `partition` that has
+    /// one: `(series, encoded state)`.
+    pub fn telemetry_detectors(&self, partition: u16) -> Result<Vec<(String, Vec<u8>)>> {
+        let prefix = keys::telemetry_detector_key(partition, "");
+        let end = keys::prefix_end(&prefix);
+        let mut out = Vec::new();
+        for item in self
+            .engine
+            .scan(CF_META, Scan::range(prefix.clone(), end))?
+        {
+            let (key, value) = item?;
+            let series = String::from_utf8(key[prefix.len()..].to_vec()).map_err(|_| {
+                Error::Corrupt(format!("undecodable telemetry detector key {key:?}"))
+            })?;
+            out.push((series, value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Every series the partition holds (its registry).
+    pub fn telemetry_series(&self, partition: u16) -> Result<Vec<String>> {
+        self.telemetry_series_page(partition, "", None, usize::MAX)
+    }
+
+    /// Up to `limit` series of `partition` starting with `prefix`, after
+    /// `after` (exclusive), in byte order.
+    pub fn telemetry_series_page(
+        &self,
+        partition: u16,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        let (mut from, to) = keys::telemetry_series_range(partition, prefix);
+        if let Some(after) = after {
+            let mut past = keys::telemetry_series_key(partition, after);
+            past.push(0);
+            from = from.max(past);
+        }
+        let mut out = Vec::new();
+        if from >= to {
+            return Ok(out);
+        }
+        for item in self.engine.scan(CF_META, Scan::range(from, to))? {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, _) = item?;
+            out.push(keys::decode_telemetry_series_key(&key).ok_or_else(|| {
+                Error::Corrupt(format!("undecodable telemetry series key {key:?}"))
+            })?);
+        }
+        Ok(out)
+    }
+
     /// A series' buckets at one resolution with start in `[from, to)`.
     pub fn read_telemetry(
         &self,
@@ -61,10 +160,19 @@ impl Store {
         let start = keys::telemetry_key(partition, resolution_ms, series, from_ms);
         let end = keys::telemetry_key(partition, resolution_ms, series, to_ms);
         let mut out = Vec::new();
+        let clock = self.telemetry_clocks.get(partition);
         for item in self.engine.scan(CF_STATS, Scan::range(start, end))? {
             let (key, value) = item?;
             let (_, start_ms) = keys::decode_telemetry_key(&key)
                 .ok_or_else(|| Error::Corrupt(format!("undecodable telemetry key {key:?}")))?;
+            // Reads apply retention as compaction does: answers never
+            // depend on when compaction ran.
+            if self
+                .retention()
+                .telemetry_bucket_expired(resolution_ms, start_ms, clock)
+            {
+                continue;
+            }
             let bucket: Bucket = decode(&value).map_err(|e| {
                 Error::Corrupt(format!(
                     "telemetry bucket of {series:?} at {start_ms} in partition {partition}: {e}"
@@ -108,7 +216,101 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::StoreOptions;
+    use crate::commit::TelemetryWrite;
+    use crate::limits::LimitWrites;
+    use crate::{Checkpoint, StoreOptions};
+    use tally_pipelines::dedupe::DedupeIndex;
+    use tally_pipelines::ingest::{FlushContent, PartitionRules};
+    use tally_pipelines::telemetry::ingest::{PartitionTelemetry, TelemetryRules};
+    use tally_pipelines::telemetry::Point;
+
+    #[test]
+    fn a_flush_keeps_telemetry_apart_and_retention_follows_its_own_clock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), StoreOptions::default()).expect("open");
+        let rules = TelemetryRules::default();
+        let mut partition = PartitionTelemetry::new(
+            PartitionRules {
+                allowed_lateness_ms: 60_000,
+                dedupe_window_ms: 3_600_000,
+            },
+            rules.clone(),
+            None,
+            DedupeIndex::new(100),
+            Vec::<String>::new(),
+        );
+        let day = 86_400_000i64;
+        let t0 = 20_000 * day;
+        let mut checkpoint = Checkpoint::default();
+        let mut telemetry = TelemetryCheckpoint::default();
+        let mut flush_points = |points: &[(i64, Option<&str>)],
+                                telemetry: &mut TelemetryCheckpoint,
+                                checkpoint: &mut Checkpoint| {
+            for (ts, id) in points {
+                let point = Point {
+                    series: "s".into(),
+                    timestamp_ms: *ts,
+                    value: 1.0,
+                    point_id: id.map(str::to_string),
+                };
+                partition.apply(&point, i64::MAX / 4);
+            }
+            let flush = partition.take_flush();
+            store
+                .commit_flush(
+                    0,
+                    &FlushContent::default(),
+                    &LimitWrites::default(),
+                    Some(TelemetryWrite {
+                        flush: &flush,
+                        rules: &rules,
+                        detectors: &[],
+                        checkpoint: telemetry,
+                    }),
+                    checkpoint,
+                    true,
+                )
+                .expect("commit");
+        };
+        flush_points(&[(t0, Some("a"))], &mut telemetry, &mut checkpoint);
+        assert_eq!(telemetry.event_clock_ms, Some(t0));
+        assert_eq!(telemetry.dedupe_seq, 1);
+        // The request events' clock and dedupe are untouched.
+        assert_eq!(checkpoint.event_clock_ms, None);
+        assert!(store
+            .load_dedupe_claims(0, None)
+            .expect("claims")
+            .is_empty());
+        assert_eq!(
+            store
+                .load_telemetry_dedupe_claims(0, None)
+                .expect("claims")
+                .len(),
+            1
+        );
+        assert_eq!(store.telemetry_series(0).expect("series"), ["s"]);
+        assert_eq!(
+            store.load_telemetry_checkpoint(0).expect("checkpoint"),
+            telemetry
+        );
+        let read = |resolution: u32| {
+            store
+                .read_telemetry(0, "s", resolution, 0, i64::MAX / 2)
+                .expect("read")
+                .len()
+        };
+        assert_eq!((read(10_000), read(60_000)), (1, 1));
+        // Three days on (10 s buckets are kept 48 h, minutes 30 days): the
+        // first 10 s bucket is gone, its minute is not.
+        flush_points(&[(t0 + 3 * day, None)], &mut telemetry, &mut checkpoint);
+        assert_eq!((read(10_000), read(60_000)), (1, 2));
+        assert!(store
+            .retention()
+            .telemetry_key_expired(&keys::telemetry_key(0, 10_000, "s", t0), Some(t0 + 3 * day)));
+        assert!(!store
+            .retention()
+            .telemetry_key_expired(&keys::telemetry_key(0, 60_000, "s", t0), Some(t0 + 3 * day)));
+    }
 
     fn bucket(points: &[(i64, f64)]) -> Bucket {
         let mut b = Bucket::default();

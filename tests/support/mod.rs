@@ -7,6 +7,7 @@
 
 pub mod billing;
 pub mod kafka;
+pub mod sse;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, BufReader};

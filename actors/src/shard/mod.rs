@@ -32,17 +32,26 @@ use tally_pipelines::dedupe::{DedupeBudget, DedupeIndex};
 use tally_pipelines::event::RequestEvent;
 use tally_pipelines::ingest::{PartitionIngest, PartitionRules, Verdict};
 use tally_pipelines::sample::RequestSampler;
+use tally_pipelines::telemetry::ingest::TelemetryRules;
+use tally_pipelines::telemetry::watch::WatchRules;
+use tally_state::commit::TelemetryWrite;
 use tally_state::{Checkpoint, Store};
 
 mod after_flush;
+mod points;
+
+pub use points::{TELEMETRY_ANOMALY, TELEMETRY_DRIFT};
 
 use crate::anomaly::{DetectSettings, ShardDetectors};
 use crate::limits::{lock, LimitSettings, SharedLimits};
-use crate::messages::{Ack, ApplyBatch, BatchOutcome, FlushNow, PartitionControl, Source, Urgency};
+use crate::messages::{
+    Ack, ApplyBatch, BatchOutcome, FlushNow, Items, PartitionControl, Source, Urgency,
+};
 use crate::status::ShardStatus;
 use crate::telemetry::{BatchApplied, FlushCompleted, FlushFailed, MailboxDepth, ShardRestarted};
 use crate::top::{lock_top, SharedTop};
 use crate::Error;
+use points::ShardPoints;
 
 /// Settings every shard shares.
 #[derive(Debug, Clone)]
@@ -71,6 +80,10 @@ pub struct ShardConfig {
     pub request_sampler: RequestSampler,
     /// The ingest clock: bounds the event-time clock, times idle closes.
     pub clock: SharedClock,
+    /// Telemetry resolutions and the series bound of a partition.
+    pub telemetry: TelemetryRules,
+    /// What telemetry series are watched for.
+    pub watch: Arc<WatchRules>,
 }
 
 impl Default for ShardConfig {
@@ -88,6 +101,8 @@ impl Default for ShardConfig {
             detect: DetectSettings::default(),
             request_sampler: RequestSampler::new(0.0),
             clock: tally_state::clock::system(),
+            telemetry: TelemetryRules::default(),
+            watch: Arc::new(WatchRules::default()),
         }
     }
 }
@@ -127,6 +142,8 @@ pub struct Shard {
     /// Sampled accepted events, published as `REQUEST_RECORDED` once the
     /// flush that makes them durable commits.
     sampled: Vec<RequestEvent>,
+    /// The partition's telemetry series.
+    points: ShardPoints,
 }
 
 /// Internal: flush once the mailbox is drained.
@@ -144,6 +161,7 @@ impl Shard {
         top: SharedTop,
     ) -> Self {
         let detectors = ShardDetectors::new(partition, store.clone(), config.detect.clone());
+        let points = ShardPoints::empty(&config);
         let mut shard = Shard {
             partition,
             ingest: PartitionIngest::new(
@@ -167,6 +185,7 @@ impl Shard {
             detectors,
             last_events_ms: 0,
             sampled: Vec::new(),
+            points,
             limits,
             top,
         };
@@ -223,13 +242,14 @@ impl Shard {
         lock(&self.limits).reset(quotas);
         self.detectors.reload(self.checkpoint.judged_before_ms)?;
         lock_top(&self.top).load(&self.store)?;
+        self.points = ShardPoints::load(&self.store, self.partition, &self.config)?;
         Ok(())
     }
 
     fn apply(
         &mut self,
         source: &Source,
-        events: &[RequestEvent],
+        items: &Items,
         positions: Option<&[u64]>,
         epoch: Option<u64>,
     ) -> Result<BatchOutcome, Error> {
@@ -255,7 +275,7 @@ impl Shard {
                     shard: self.partition,
                 });
             }
-            if positions.len() != events.len() {
+            if positions.len() != items.len() {
                 return Err(Error::InvalidBatch(
                     "positions and events differ in length".into(),
                 ));
@@ -265,26 +285,31 @@ impl Shard {
             }
             outcome.already_applied = start as u64;
         }
-        let events = &events[start..];
         let now_ms = self.config.clock.now_ms();
-        for event in events {
-            match self.ingest.apply(event, now_ms) {
-                Verdict::Accepted => {
-                    outcome.accepted += 1;
-                    if self.config.request_sampler.keep(event) {
-                        self.sampled.push(event.clone());
+        let applied = items.len() - start;
+        match items {
+            Items::Events(events) => {
+                for event in &events[start..] {
+                    match self.ingest.apply(event, now_ms) {
+                        Verdict::Accepted => {
+                            outcome.accepted += 1;
+                            if self.config.request_sampler.keep(event) {
+                                self.sampled.push(event.clone());
+                            }
+                        }
+                        Verdict::Duplicate => outcome.duplicates += 1,
+                        Verdict::Late { .. } => outcome.late += 1,
                     }
                 }
-                Verdict::Duplicate => outcome.duplicates += 1,
-                Verdict::Late { .. } => outcome.late += 1,
             }
+            Items::Points(points) => self.points.apply(&points[start..], now_ms, &mut outcome),
         }
         if let (Some(key), Some(&last)) = (position_key, positions.and_then(|p| p.last())) {
-            if !events.is_empty() {
+            if applied > 0 {
                 self.positions.insert(key.to_string(), last);
             }
         }
-        if !events.is_empty() {
+        if applied > 0 {
             self.dirty = true;
             self.last_events_ms = now_ms;
         }
@@ -324,12 +349,34 @@ impl Shard {
         next.positions = self.positions.clone();
         next.judged_before_ms = self.detectors.judged_before();
         let sync = self.config.sync_writes && self.sync_needed;
-        match self
-            .store
-            .commit_with(self.partition, &content, &limit_writes, &mut next, sync)
-        {
+        let (telemetry, detectors) = match self.points.take_write() {
+            Ok(write) => write,
+            Err(e) => {
+                // Nothing was written: restart from the last flush.
+                self.answer_waiters(Err(e.clone()));
+                ctx.stop();
+                return Err(e);
+            }
+        };
+        let mut telemetry_next = self.points.checkpoint.clone();
+        let telemetry_write = TelemetryWrite {
+            flush: &telemetry,
+            rules: &self.config.telemetry,
+            detectors: &detectors,
+            checkpoint: &mut telemetry_next,
+        };
+        match self.store.commit_flush(
+            self.partition,
+            &content,
+            &limit_writes,
+            Some(telemetry_write),
+            &mut next,
+            sync,
+        ) {
             Ok(stats) => {
                 self.checkpoint = next;
+                self.points.checkpoint = telemetry_next;
+                self.points.publish(self.config.detect.alerts.as_deref());
                 self.after_limits_flush(&content);
                 self.detectors.note_flushed(&content);
                 let needed = lock_top(&self.top).note_flushed(&content);
@@ -467,7 +514,7 @@ impl Handler<ApplyBatch> for Shard {
             }
             (Err(e), None) => tracing::error!(shard = self.partition, error = %e, "batch refused"),
         }
-        if self.ingest.pending_events() >= self.config.flush_max_events {
+        if self.ingest.pending_events() + self.points.pending() >= self.config.flush_max_events {
             let _ = self.flush(ctx);
         }
     }
@@ -520,6 +567,7 @@ impl Handler<PartitionControl> for Shard {
                 lock(&self.limits).clear();
                 self.detectors.clear();
                 lock_top(&self.top).clear();
+                self.points = ShardPoints::empty(&self.config);
                 self.released = true;
                 Ok(())
             }

@@ -98,7 +98,18 @@ impl DriftDetector {
             .filter(|s| *s > 0.0)
             .unwrap_or(f64::EPSILON * mean.abs().max(1.0));
         self.judged += 1;
-        let deviation = value - mean;
+        // A deviation counts for at most half the signal threshold: one
+        // outlier is an anomaly, not a change of level; a real shift
+        // still signals within a few points. Such an outlier is also kept
+        // out of the baseline, whose spread it would inflate.
+        let bound = 0.5
+            * sigma
+            * match config.method {
+                DriftMethod::Cusum { h_sigmas, .. } => h_sigmas,
+                DriftMethod::PageHinkley { lambda_sigmas, .. } => lambda_sigmas,
+            };
+        let raw = value - mean;
+        let deviation = raw.clamp(-bound, bound);
         let signal = match config.method {
             DriftMethod::Cusum { k_sigmas, h_sigmas } => {
                 let k = k_sigmas * sigma;
@@ -137,7 +148,7 @@ impl DriftDetector {
         // alone would sum to false alarms. A real shift still signals
         // first: it fills a sum in a few points, and moves a mean of
         // hundreds of points little.
-        if signal.is_none() && self.baseline.count() < LEARN_POINTS {
+        if signal.is_none() && raw.abs() <= bound && self.baseline.count() < LEARN_POINTS {
             self.baseline.insert(at_ms, value);
         }
         let direction = signal?;

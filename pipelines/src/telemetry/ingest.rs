@@ -115,6 +115,8 @@ pub struct PartitionTelemetry {
     new_series: Vec<String>,
     /// series -> (finest bucket start, points), a few buckets per series.
     pending: FxHashMap<String, Vec<(i64, Bucket)>>,
+    /// Points added to `pending` since the last flush.
+    pending_points: usize,
     dead_letters: Vec<DeadLetter>,
 }
 
@@ -141,6 +143,7 @@ impl PartitionTelemetry {
             known: known.into_iter().collect(),
             new_series: Vec::new(),
             pending: FxHashMap::default(),
+            pending_points: 0,
             dead_letters: Vec::new(),
         }
     }
@@ -153,6 +156,11 @@ impl PartitionTelemetry {
     fn dedupe_cutoff_ms(&self) -> Option<i64> {
         self.event_clock_ms
             .map(|m| m.saturating_sub(self.rules.dedupe_window_ms))
+    }
+
+    /// Points applied since the last flush.
+    pub fn pending_points(&self) -> usize {
+        self.pending_points
     }
 
     pub fn series_count(&self) -> usize {
@@ -210,6 +218,7 @@ impl PartitionTelemetry {
                 .unwrap_or(10_000),
         );
         let start = point.timestamp_ms - point.timestamp_ms.rem_euclid(finest);
+        self.pending_points += 1;
         let buckets = match self.pending.get_mut(point.series.as_str()) {
             Some(b) => b,
             None => self.pending.entry(point.series.clone()).or_default(),
@@ -228,6 +237,7 @@ impl PartitionTelemetry {
     /// What the next flush writes; the hot state is left empty.
     pub fn take_flush(&mut self) -> TelemetryFlush {
         let mut deltas = Vec::new();
+        self.pending_points = 0;
         for (series, buckets) in self.pending.drain() {
             for (start_ms, bucket) in buckets {
                 deltas.push(PointsDelta {

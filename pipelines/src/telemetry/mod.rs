@@ -23,6 +23,7 @@ pub mod moments;
 pub mod point;
 pub mod query;
 pub mod sketch;
+pub mod watch;
 
 use serde::{Deserialize, Serialize};
 

@@ -10,6 +10,7 @@
 //! | `stats`       | partition, period tag, period start (u64 ms), client len (u16), client | period totals (top consumers) |
 //! | `stats`       | partition, `0x21`, resolution (u32 ms), series len (u16), series, bucket start (u64 ms) | telemetry bucket |
 //! | `dedupe`      | partition, newest claim time (u64 ms), sequence (u64)   | claims of a flush  |
+//! | `dedupe`      | partition, `0xFF`, newest claim time (u64 ms), sequence (u64) | telemetry point ids of a flush |
 //! | `dead_letter` | partition, sequence (u64)                                | dead-letter record |
 //! | `limits`      | partition, kind (u8), client len (u16), client           | limit config, limiter state, quota config, quota marks, detector state |
 //! | `limits`      | partition, kind 7 / 8, client len (u16), client, period start (u64 ms) | closed billing report / its announcement, until logged |
@@ -17,6 +18,9 @@
 //! | `cluster_alerts` | alert topic partition, offset (u64)                    | event JSON (mirror) |
 //! | `meta`        | partition, `0x01`                                        | checkpoint         |
 //! | `meta`        | partition, `0x02`                                        | changelog mark     |
+//! | `meta`        | partition, `0x03`                                        | telemetry checkpoint |
+//! | `meta`        | partition, `0x04`, series                                | a series the partition holds (empty) |
+//! | `meta`        | partition, `0x05`, series                                | telemetry detector state |
 //! | `meta`        | `0xFFFF`, name                                           | store settings     |
 //! | `meta`        | `0xFFFF`, `webhook/` id                                  | webhook config     |
 //! | `meta`        | `0xFFFF`, `sink/` sink name                              | sink cursor        |
@@ -333,6 +337,15 @@ pub fn dedupe_segment_key(partition: u16, newest_claim_ms: i64, sequence: u64) -
 /// `ms` (and the end of those before it).
 pub fn dedupe_segments_from(partition: u16, ms: i64) -> Vec<u8> {
     dedupe_segment_key(partition, ms, 0)
+}
+
+/// The end of a partition's request-event dedupe segments: event times
+/// stay far below 2^56 ms, so their first time byte is never `0xFF`,
+/// where the telemetry segments start.
+pub fn dedupe_segments_end(partition: u16) -> Vec<u8> {
+    let mut key = partition.to_be_bytes().to_vec();
+    key.push(TELEMETRY_DEDUPE_TAG);
+    key
 }
 
 /// The first key after every key of `partition`.
