@@ -22,7 +22,7 @@ use tally_actors::telemetry::{EventsRejected, BATCH_DURATION};
 use tally_actors::Source;
 use tally_pipelines::decode::decode_body_keeping;
 use tally_pipelines::telemetry::correlate::{join, Correlation};
-use tally_pipelines::telemetry::query::{resolution_for, steps, Agg, Summary};
+use tally_pipelines::telemetry::query::{resolution_for, steps_of, Agg, Summary};
 use tally_pipelines::telemetry::{series_key, Bucket, Point};
 use tally_pipelines::time::{format_rfc3339_ms, Granularity, HOUR_MS};
 
@@ -275,7 +275,7 @@ async fn series_steps(
         store.read_telemetry(partition, &series, resolution, first, to)
     })
     .await?;
-    Ok(steps(&buckets, first, to, step))
+    Ok(steps_of(buckets, first, to, step))
 }
 
 #[derive(Debug, Deserialize)]

@@ -21,6 +21,15 @@ pub(crate) fn merge_stats(
     operands: &mut dyn Iterator<Item = &[u8]>,
 ) -> Option<Vec<u8>> {
     let operands: Vec<&[u8]> = operands.collect();
+    // One delta onto nothing is that delta: kept as written, without a
+    // decode and an encode (a bucket still in the memtable is read this
+    // way). A value of another version goes the whole way, to be kept
+    // poisoned if it does not decode.
+    if let ([only], None) = (operands.as_slice(), existing) {
+        if only.first() == Some(&crate::codec::VALUE_VERSION) {
+            return Some(only.to_vec());
+        }
+    }
     let merged = if keys::is_period_totals_key(key) {
         merge_as::<PeriodTotals>(existing, &operands, |a, b| a.add(b))
     } else if keys::is_telemetry_key(key) {
@@ -119,6 +128,9 @@ mod tests {
             &mut [b.as_slice(), c.as_slice()].into_iter(),
         );
         assert_eq!(requests(&merged.unwrap()), 6);
+        // One delta onto nothing is kept as written.
+        let alone = merge_stats(&key, None, &mut [a.as_slice()].into_iter());
+        assert_eq!(alone.as_deref(), Some(a.as_slice()));
     }
 
     /// An earlier main replaced an undecodable bucket with an empty one.

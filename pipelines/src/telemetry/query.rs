@@ -128,8 +128,19 @@ impl Summary {
 /// step) up to `to_ms`, each the merge of the buckets starting inside it
 /// (`buckets`: `(start, bucket)` in time order, at a resolution dividing
 /// the step), with the merge of all of them. Empty steps are left out.
-pub fn steps(
-    buckets: &[(i64, Bucket)],
+pub fn steps<'a>(
+    buckets: impl IntoIterator<Item = &'a (i64, Bucket)>,
+    from_ms: i64,
+    to_ms: i64,
+    step_ms: i64,
+) -> (Vec<(i64, Bucket)>, Bucket) {
+    steps_of(buckets.into_iter().cloned(), from_ms, to_ms, step_ms)
+}
+
+/// [`steps`] of buckets taken by value (a query's own read): a step of
+/// one bucket is that bucket, not a copy.
+pub fn steps_of(
+    buckets: impl IntoIterator<Item = (i64, Bucket)>,
     from_ms: i64,
     to_ms: i64,
     step_ms: i64,
@@ -141,15 +152,15 @@ pub fn steps(
     }
     let first = from_ms - from_ms.rem_euclid(step_ms);
     for (start, b) in buckets {
-        if *start < first || *start >= to_ms {
+        if start < first || start >= to_ms {
             continue;
         }
+        all.merge(&b);
         let window = start - (start - first).rem_euclid(step_ms);
         match out.last_mut() {
-            Some((w, merged)) if *w == window => merged.merge(b),
-            _ => out.push((window, b.clone())),
+            Some((w, merged)) if *w == window => merged.merge(&b),
+            _ => out.push((window, b)),
         }
-        all.merge(b);
     }
     (out, all)
 }
