@@ -430,6 +430,31 @@ async fn bad_points_are_refused_one_by_one_and_new_series_beyond_the_bound() {
     assert_eq!(json["points"][0]["value"], 9.0, "{json}");
     let (_, list) = get(&c, server.url("/v1/telemetry")).await;
     assert_eq!(list["series"], json!(["a", "b"]));
+    // A body without point ids, retried with its Idempotency-Key, counts
+    // once; the same points under another key are other points.
+    let body = format!(
+        "{}\n{}\n",
+        json!({"series":"a","timestamp":t + 10,"value":100}),
+        json!({"series":"a","timestamp":t + 11,"value":100})
+    );
+    let mut accepted = Vec::new();
+    for key in ["k-1", "k-1", "k-2"] {
+        let r: Value = c
+            .post(server.url("/v1/telemetry"))
+            .header("idempotency-key", key)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        accepted.push((r["accepted"].as_u64(), r["duplicates"].as_u64()));
+    }
+    assert_eq!(
+        accepted,
+        [(Some(2), Some(0)), (Some(0), Some(2)), (Some(2), Some(0))]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

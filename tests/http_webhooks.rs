@@ -241,25 +241,38 @@ async fn webhooks_survive_failures_and_restarts_and_deliver_everything_once() {
     assert!(*receiver.refused.lock().unwrap() >= 6);
 
     // Its circuit's transitions are events too: opened, probed, closed.
-    let transitions: Vec<(String, String)> = receiver
-        .accepted
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(_, e)| e["event_type"] == "CIRCUIT_STATE_CHANGED")
-        .filter(|(_, e)| e["details"]["webhook_id"] == "billing-hook")
-        .map(|(_, e)| {
-            (
-                e["details"]["from"].as_str().unwrap().to_string(),
-                e["details"]["to"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    for step in [
+    // Those of the closing are raised after the queued events and may
+    // arrive after them: wait for them as for the others.
+    let steps = [
         ("CLOSED", "OPEN"),
         ("OPEN", "HALF_OPEN"),
         ("HALF_OPEN", "CLOSED"),
-    ] {
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let transitions = loop {
+        let transitions: Vec<(String, String)> = receiver
+            .accepted
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, e)| e["event_type"] == "CIRCUIT_STATE_CHANGED")
+            .filter(|(_, e)| e["details"]["webhook_id"] == "billing-hook")
+            .map(|(_, e)| {
+                (
+                    e["details"]["from"].as_str().unwrap().to_string(),
+                    e["details"]["to"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let all = steps
+            .iter()
+            .all(|s| transitions.contains(&(s.0.to_string(), s.1.to_string())));
+        if all || Instant::now() > deadline {
+            break transitions;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for step in steps {
         assert!(
             transitions.contains(&(step.0.to_string(), step.1.to_string())),
             "{step:?} not in {transitions:?}"

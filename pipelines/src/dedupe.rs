@@ -54,6 +54,20 @@ pub fn derived_event_id(key: &str, index: usize, event: &crate::event::RequestEv
     format!("idem-{:032x}", h.digest128())
 }
 
+/// The `point_id` of a telemetry point sent without one in a body with an
+/// `Idempotency-Key`, as [`derived_event_id`] does for events.
+pub fn derived_point_id(key: &str, index: usize, point: &crate::telemetry::Point) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&(key.len() as u64).to_le_bytes());
+    h.update(key.as_bytes());
+    h.update(&(index as u64).to_le_bytes());
+    h.update(&(point.series.len() as u64).to_le_bytes());
+    h.update(point.series.as_bytes());
+    h.update(&point.timestamp_ms.to_le_bytes());
+    h.update(&point.value.to_bits().to_le_bytes());
+    format!("idem-{:032x}", h.digest128())
+}
+
 /// Fingerprints are already uniformly distributed; hashing them again
 /// would only cost time.
 #[derive(Default)]

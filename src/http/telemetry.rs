@@ -21,12 +21,13 @@ use serde::{Deserialize, Serialize};
 use tally_actors::telemetry::{EventsRejected, BATCH_DURATION};
 use tally_actors::Source;
 use tally_pipelines::decode::decode_body_keeping;
+use tally_pipelines::dedupe::derived_point_id;
 use tally_pipelines::telemetry::correlate::{join, Correlation};
 use tally_pipelines::telemetry::query::{resolution_for, steps_of, Agg, Summary};
 use tally_pipelines::telemetry::{series_key, Bucket, Point};
 use tally_pipelines::time::{format_rfc3339_ms, Granularity, HOUR_MS};
 
-use super::ingest::{not_applied, read_ingest_body, IngestError};
+use super::ingest::{idempotency_key, not_applied, read_ingest_body, IngestError};
 use super::AppState;
 use crate::config::Config;
 use crate::error::{ApiError, FieldProblem};
@@ -80,6 +81,7 @@ async fn ingest(
 ) -> Result<(StatusCode, Json<TelemetryIngestResponse>), ApiError> {
     embedded_only(&state)?;
     let started = Instant::now();
+    let key = idempotency_key(&headers)?;
     let body = read_ingest_body(&state, &headers, body).await?;
     let (bytes, format) = (body.bytes.clone(), body.format);
     let ctx = state.config.validation(state.config.clock.now_ms());
@@ -95,6 +97,14 @@ async fn ingest(
         count: decoded.rejected_total,
     }
     .emit();
+    if let Some(key) = &key {
+        // A body retried with the same key carries the same point ids.
+        for (point, index) in decoded.events.iter_mut().zip(&decoded.indices) {
+            if point.point_id.is_none() {
+                point.point_id = Some(derived_point_id(key, *index, point));
+            }
+        }
+    }
     let indices = std::mem::take(&mut decoded.indices);
     let points = std::mem::take(&mut decoded.events);
     let outcome = if points.is_empty() {
@@ -115,7 +125,7 @@ async fn ingest(
                 &indices,
                 |i| !failed[i],
                 first.error.to_string(),
-                false,
+                key.is_some(),
             ));
         }
         ingested.outcome
