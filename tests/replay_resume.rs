@@ -12,20 +12,7 @@ use serde_json::Value;
 use support::*;
 
 fn replay(file: &Path, data: &Path) -> Value {
-    let out = Command::new(tally_bin())
-        .arg("replay")
-        .arg(file)
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--json", "--log-format", "json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "replay failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    support::replay_json(file, data, &[])
 }
 
 /// Starts a replay and SIGKILLs it after it reported `progress_lines`

@@ -14,21 +14,7 @@ use serde_json::Value;
 use support::{client, encode_path, tally_bin, Server};
 
 fn replay(file: &Path, data: &Path) -> Value {
-    let out = Command::new(tally_bin())
-        .arg("replay")
-        .arg("--telemetry")
-        .arg(file)
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--json", "--log-format", "json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "replay failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    support::replay_json(file, data, &["--telemetry"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@
 //! once.
 
 mod settings;
+mod telemetry;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -171,37 +172,6 @@ impl Config {
             &s.limits.quota_reservation_ttl,
             "5m",
         );
-        let anomaly_cooldown = duration(
-            "telemetry.anomaly_cooldown",
-            &s.telemetry.anomaly_cooldown,
-            "1m",
-        );
-        let resolution_settings = s.telemetry.resolutions.clone().unwrap_or_else(|| {
-            [
-                ("10s", "48h"),
-                ("1m", "30days"),
-                ("1h", "400days"),
-                ("1d", "1830days"),
-            ]
-            .iter()
-            .map(|(w, r)| settings::ResolutionSetting {
-                width: w.to_string(),
-                retention: r.to_string(),
-            })
-            .collect()
-        });
-        let mut resolutions_ms = Vec::new();
-        let mut telemetry_retention = Vec::new();
-        for r in &resolution_settings {
-            let width = duration("telemetry.resolutions.width", &Some(r.width.clone()), "");
-            telemetry_retention.push(duration(
-                "telemetry.resolutions.retention",
-                &Some(r.retention.clone()),
-                "",
-            ));
-            resolutions_ms.push(u32::try_from(width.as_millis()).unwrap_or(u32::MAX));
-        }
-
         let listen_text = s.listen.clone().unwrap_or_else(|| "127.0.0.1:8080".into());
         let listen = listen_text.parse().unwrap_or_else(|e| {
             problems.push(format!(
@@ -349,42 +319,11 @@ impl Config {
                     restore_memory_bytes,
                 }
             });
-        let telemetry = tally_pipelines::telemetry::ingest::TelemetryRules {
-            resolutions_ms,
-            max_series: s.telemetry.max_series.unwrap_or(100_000),
-        };
-        if telemetry.resolutions_ms.is_empty()
-            || telemetry.resolutions_ms.len() > tally_state::retention::MAX_TELEMETRY_RESOLUTIONS
-        {
-            problems.push(format!(
-                "telemetry.resolutions: give 1..={} resolutions",
-                tally_state::retention::MAX_TELEMETRY_RESOLUTIONS
-            ));
-        } else if let Some(problem) = telemetry.problem() {
-            problems.push(format!("telemetry.resolutions: {problem}"));
-        }
-        if telemetry.max_series == 0 {
-            problems.push("telemetry.max_series must be at least 1".into());
-        }
-        let anomaly_k = s.telemetry.anomaly_k.unwrap_or(4.0);
-        if !(anomaly_k.is_finite() && anomaly_k > 0.0) {
-            problems.push(format!(
-                "telemetry.anomaly_k must be a positive number of standard deviations, got {anomaly_k}"
-            ));
-        }
-        let watch = tally_pipelines::telemetry::watch::WatchRules {
-            anomaly_k,
-            anomaly_cooldown_ms: ms(anomaly_cooldown),
-            drift: s
-                .telemetry
-                .drift
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|r| (r.pattern, r.detector))
-                .collect(),
-            ..Default::default()
-        };
+        let telemetry::Resolved {
+            rules: telemetry,
+            retention: telemetry_retention,
+            watch,
+        } = telemetry::resolve(&s.telemetry, &mut problems);
         if !problems.is_empty() {
             return Err(problems);
         }

@@ -263,34 +263,9 @@ async fn ingest(
         }
     } else {
         let events: Vec<RequestEvent> = std::mem::take(&mut decoded.events);
-        let ingested = state
-            .shards
-            .ingest_durable_parts(events, Source::Http)
-            .await?;
-        if let Some(first) = ingested.failed.first() {
-            let mut failed = vec![false; indices.len()];
-            for part in &ingested.failed {
-                for &i in &part.positions {
-                    failed[i] = true;
-                }
-            }
-            return Err(not_applied(
-                &indices,
-                |i| !failed[i],
-                first.error.to_string(),
-                key.is_some(),
-            ));
-        }
-        ingested.outcome
+        ingest_shards(&state, events, &indices, key.is_some()).await?
     };
-    let errors = decoded
-        .rejected
-        .iter()
-        .map(|(index, reason)| IngestError {
-            index: *index,
-            reason: reason.to_string(),
-        })
-        .collect();
+    let errors = reported_errors(&decoded);
     histogram!(BATCH_DURATION, "source" => "http").record(started.elapsed().as_secs_f64());
     Ok((
         StatusCode::ACCEPTED,
@@ -303,6 +278,48 @@ async fn ingest(
             errors_truncated: decoded.rejected_total > decoded.rejected.len() as u64,
         }),
     ))
+}
+
+/// Applies decoded items on their shards and answers once durable; a
+/// partition that applied nothing makes the whole answer the 503 of
+/// [`not_applied`] (`indices`: each item's position in the body).
+pub(crate) async fn ingest_shards<T: tally_actors::messages::Routable>(
+    state: &AppState,
+    items: Vec<T>,
+    indices: &[usize],
+    keyed: bool,
+) -> Result<BatchOutcome, ApiError> {
+    let ingested = state
+        .shards
+        .ingest_durable_parts(items, Source::Http)
+        .await?;
+    if let Some(first) = ingested.failed.first() {
+        let mut failed = vec![false; indices.len()];
+        for part in &ingested.failed {
+            for &i in &part.positions {
+                failed[i] = true;
+            }
+        }
+        return Err(not_applied(
+            indices,
+            |i| !failed[i],
+            first.error.to_string(),
+            keyed,
+        ));
+    }
+    Ok(ingested.outcome)
+}
+
+/// The rejections a body's answer lists, by index.
+pub(crate) fn reported_errors<T>(decoded: &DecodedBody<T>) -> Vec<IngestError> {
+    decoded
+        .rejected
+        .iter()
+        .map(|(index, reason)| IngestError {
+            index: *index,
+            reason: reason.to_string(),
+        })
+        .collect()
 }
 
 /// The 503 of a body some or all of whose events were not applied: which

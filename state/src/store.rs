@@ -380,13 +380,24 @@ impl Store {
         cutoff_ms: Option<i64>,
     ) -> Result<Vec<(u128, i64)>> {
         let cutoff = cutoff_ms.unwrap_or(0);
-        let mut out = Vec::new();
-        for (_, claims) in self.scan_decoded::<Vec<(u128, i64)>>(
-            CF_DEDUPE,
+        self.dedupe_claims_in(
             keys::dedupe_segments_from(partition, cutoff),
             keys::dedupe_segments_end(partition),
-        )? {
-            out.extend(claims.into_iter().filter(|&(_, ts)| ts >= cutoff));
+            cutoff,
+        )
+    }
+
+    /// The claims at or after `cutoff_ms` of the dedupe segments in
+    /// `[from, to)` (request events' or telemetry's).
+    pub(crate) fn dedupe_claims_in(
+        &self,
+        from: Vec<u8>,
+        to: Vec<u8>,
+        cutoff_ms: i64,
+    ) -> Result<Vec<(u128, i64)>> {
+        let mut out = Vec::new();
+        for (_, claims) in self.scan_decoded::<Vec<(u128, i64)>>(CF_DEDUPE, from, to)? {
+            out.extend(claims.into_iter().filter(|&(_, ts)| ts >= cutoff_ms));
         }
         Ok(out)
     }

@@ -10,7 +10,7 @@ use tally_pipelines::telemetry::Bucket;
 use crate::changelog::StateStore;
 use crate::codec::{decode, encode};
 use crate::engine::{Scan, WriteBatch};
-use crate::keys::{self, CF_DEDUPE, CF_META, CF_STATS};
+use crate::keys::{self, CF_META, CF_STATS};
 use crate::store::Store;
 use crate::{Error, Result};
 
@@ -79,15 +79,11 @@ impl Store {
         cutoff_ms: Option<i64>,
     ) -> Result<Vec<(u128, i64)>> {
         let cutoff = cutoff_ms.unwrap_or(0);
-        let mut out = Vec::new();
-        for (_, claims) in self.scan_decoded::<Vec<(u128, i64)>>(
-            CF_DEDUPE,
+        self.dedupe_claims_in(
             keys::telemetry_dedupe_segments_from(partition, cutoff),
             keys::partition_end(partition),
-        )? {
-            out.extend(claims.into_iter().filter(|&(_, ts)| ts >= cutoff));
-        }
-        Ok(out)
+            cutoff,
+        )
     }
 
     /// The stored detector state of every series of `partition` that has

@@ -8,6 +8,7 @@
 pub mod billing;
 pub mod kafka;
 pub mod sse;
+pub mod telemetry;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -545,4 +546,24 @@ pub fn offline_key(data_dir: &Path, extra: &[&str]) -> String {
     let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(key.starts_with("tly_") && key.len() == 54, "{key}");
     key
+}
+
+/// `tally replay FILE --data-dir DATA --json` with `extra` arguments; its
+/// summary, the run asserted successful.
+pub fn replay_json(file: &Path, data: &Path, extra: &[&str]) -> serde_json::Value {
+    let out = Command::new(tally_bin())
+        .arg("replay")
+        .args(extra)
+        .arg(file)
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--json", "--log-format", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "replay failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -25,14 +25,15 @@ use axum::{Json, Router};
 use metrics::histogram;
 use serde::Serialize;
 use tally_actors::telemetry::{EventsRejected, BATCH_DURATION};
-use tally_actors::Source;
 use tally_pipelines::decode::decode_body_keeping;
 use tally_pipelines::dedupe::derived_point_id;
 use tally_pipelines::telemetry::query::{resolution_for, steps_of};
 use tally_pipelines::telemetry::{series_key, Bucket, Point};
 use tally_pipelines::time::HOUR_MS;
 
-use super::ingest::{idempotency_key, not_applied, read_ingest_body, IngestError};
+use super::ingest::{
+    idempotency_key, ingest_shards, read_ingest_body, reported_errors, IngestError,
+};
 use super::AppState;
 use crate::config::Config;
 use crate::error::{ApiError, FieldProblem};
@@ -115,34 +116,9 @@ async fn ingest(
     let outcome = if points.is_empty() {
         Default::default()
     } else {
-        let ingested = state
-            .shards
-            .ingest_durable_parts(points, Source::Http)
-            .await?;
-        if let Some(first) = ingested.failed.first() {
-            let mut failed = vec![false; indices.len()];
-            for part in &ingested.failed {
-                for &i in &part.positions {
-                    failed[i] = true;
-                }
-            }
-            return Err(not_applied(
-                &indices,
-                |i| !failed[i],
-                first.error.to_string(),
-                key.is_some(),
-            ));
-        }
-        ingested.outcome
+        ingest_shards(&state, points, &indices, key.is_some()).await?
     };
-    let errors = decoded
-        .rejected
-        .iter()
-        .map(|(index, reason)| IngestError {
-            index: *index,
-            reason: reason.to_string(),
-        })
-        .collect();
+    let errors = reported_errors(&decoded);
     histogram!(BATCH_DURATION, "source" => "http_telemetry")
         .record(started.elapsed().as_secs_f64());
     Ok((
