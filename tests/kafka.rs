@@ -201,20 +201,6 @@ async fn http_ingest_in_kafka_mode_goes_through_the_topic() {
     wait_for_totals(&c, &mut server, &lines).await;
     check_every_client(&c, &server, &lines).await;
 
-    // Telemetry is an embedded-mode feature: refused here with why, not
-    // kept where the partition's next owner would never see it.
-    let r = c
-        .post(server.url("/v1/telemetry"))
-        .body(r#"{"series":"cpu","timestamp":1,"value":1}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 501);
-    let problem: Value = r.json().await.unwrap();
-    assert!(problem.to_string().contains("embedded mode"), "{problem}");
-    let r = c.get(server.url("/v1/telemetry")).send().await.unwrap();
-    assert_eq!(r.status(), 501);
-
     // The event channel is also on the alert topic: a client made rate
     // limited shows up there, keyed by its id.
     let one = serde_json::json!({"algorithm": "FIXED_WINDOW", "global_limit": {"requests": 1, "window_seconds": 3600}});

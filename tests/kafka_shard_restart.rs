@@ -77,6 +77,7 @@ fn kafka_config(broker: &Broker, group: &str, dead_letter_topic: &str) -> KafkaC
         brokers: broker.bootstrap(),
         group: group.into(),
         topic: TOPIC.into(),
+        telemetry_topic: format!("{TOPIC}.telemetry"),
         dead_letter_topic: dead_letter_topic.into(),
         batch_max: 500,
         batch_linger: Duration::from_millis(20),

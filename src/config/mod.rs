@@ -99,6 +99,16 @@ pub struct Config {
     pub secret_seal: crate::webhooks::sealed::SecretSeal,
 }
 
+/// `tally.telemetry` beside the default request topic, else
+/// `<topic>.telemetry`: instances sharing a broker under different request
+/// topics never share a telemetry topic.
+fn default_telemetry_topic(topic: &str) -> String {
+    match topic.strip_suffix(".requests") {
+        Some(stem) => format!("{stem}.telemetry"),
+        None => format!("{topic}.telemetry"),
+    }
+}
+
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -311,6 +321,11 @@ impl Config {
                         .dead_letter_topic
                         .clone()
                         .unwrap_or_else(|| format!("{topic}.dlq")),
+                    telemetry_topic: s
+                        .kafka
+                        .telemetry_topic
+                        .clone()
+                        .unwrap_or_else(|| default_telemetry_topic(&topic)),
                     topic,
                     batch_max: 50_000,
                     batch_linger: Duration::from_millis(20),
@@ -319,6 +334,12 @@ impl Config {
                     restore_memory_bytes,
                 }
             });
+        if let Some(k) = kafka.as_ref().filter(|k| k.telemetry_topic == k.topic) {
+            problems.push(format!(
+                "kafka.telemetry_topic: {:?} is the request topic; telemetry needs a topic of its own",
+                k.topic
+            ));
+        }
         let telemetry::Resolved {
             rules: telemetry,
             retention: telemetry_retention,
@@ -470,6 +491,24 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_telemetry_topic_sits_beside_the_request_topic() {
+        assert_eq!(default_telemetry_topic("tally.requests"), "tally.telemetry");
+        assert_eq!(default_telemetry_topic("acme.requests"), "acme.telemetry");
+        assert_eq!(default_telemetry_topic("gateway"), "gateway.telemetry");
+        let mut s = Settings::default();
+        s.kafka.brokers = Some("127.0.0.1:9092".into());
+        s.kafka.topic = Some("t".into());
+        s.kafka.telemetry_topic = Some("t".into());
+        let problems = Config::resolve(&s).err().unwrap_or_default();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("kafka.telemetry_topic")),
+            "{problems:?}"
+        );
+    }
 
     #[test]
     fn defaults_match_the_readme() {

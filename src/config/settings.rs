@@ -198,7 +198,7 @@ impl Settings {
             max_ingest_bytes, max_subscribers, max_webhooks, webhook_allow, log_format, request_timeout,
             max_errors_reported, anomaly_idle_close, detect, bootstrap_key, insecure, keyed_ops, audit_retention, billing_close_delay, jwt_hs256_secret,
             jwt_rs256_public_key, jwt_jwks, jwt_issuer, jwt_audience, secrets_key);
-        layer!(self.kafka, over.kafka; brokers, group, topic, dead_letter_topic, outage_grace,
+        layer!(self.kafka, over.kafka; brokers, group, topic, dead_letter_topic, telemetry_topic, outage_grace,
             changelog_interval, session_timeout);
         layer!(self.memory, over.memory; detectors, ranked_clients, memtable_bytes, block_cache_bytes, restore_bytes);
         layer!(self.retention, over.retention; minute, hour, day, dead_letter, alerts);
@@ -235,6 +235,15 @@ pub struct KafkaSettings {
         env = "TALLY_KAFKA_DLQ_TOPIC"
     )]
     pub dead_letter_topic: Option<String>,
+    /// Telemetry topic, keyed by series and partitioned like the request
+    /// topic [default: tally.telemetry beside tally.requests, else
+    /// <topic>.telemetry].
+    #[arg(
+        id = "kafka_telemetry_topic",
+        long = "kafka-telemetry-topic",
+        env = "TALLY_KAFKA_TELEMETRY_TOPIC"
+    )]
+    pub telemetry_topic: Option<String>,
     /// Not ready after the brokers have been unreachable this long [default: 30s].
     #[arg(
         id = "kafka_outage_grace",

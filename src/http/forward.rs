@@ -95,7 +95,7 @@ fn local_as_of(state: &AppState, partition: u16) -> Option<u64> {
     checkpoint.positions.get(&key).copied()
 }
 
-async fn forward(
+pub(crate) async fn forward(
     state: &AppState,
     me: &str,
     owner: &str,

@@ -242,25 +242,7 @@ async fn ingest(
     let outcome = if decoded.events.is_empty() {
         BatchOutcome::default()
     } else if let Some(kafka) = &state.kafka_ingest {
-        // Kafka mode: durable once the broker acknowledged each event;
-        // duplicates and lateness are judged when they are consumed.
-        let produced = kafka.produce(&decoded.events).await;
-        if let Some(error) = produced.first_error {
-            return Err(not_applied(
-                &indices,
-                |i| produced.delivered[i],
-                {
-                    // The broker's error is the operator's (the log).
-                    tracing::error!(error = %error, "producing ingested events to Kafka failed");
-                    "the Kafka broker did not take them".to_string()
-                },
-                key.is_some(),
-            ));
-        }
-        BatchOutcome {
-            accepted: produced.delivered.len() as u64,
-            ..Default::default()
-        }
+        produce_to_kafka(kafka, &decoded.events, &indices, key.is_some()).await?
     } else {
         let events: Vec<RequestEvent> = std::mem::take(&mut decoded.events);
         ingest_shards(&state, events, &indices, key.is_some()).await?
@@ -278,6 +260,33 @@ async fn ingest(
             errors_truncated: decoded.rejected_total > decoded.rejected.len() as u64,
         }),
     ))
+}
+
+/// Kafka mode: produced to the item's topic, durable once the broker
+/// acknowledged each; duplicates and lateness are judged when they are
+/// consumed. A broker that did not take some makes the answer the 503 of
+/// [`not_applied`].
+pub(crate) async fn produce_to_kafka<T: tally_actors::kafka::decode::FeedItem>(
+    kafka: &tally_actors::kafka::ingest::KafkaIngest,
+    items: &[T],
+    indices: &[usize],
+    keyed: bool,
+) -> Result<BatchOutcome, ApiError> {
+    let produced = kafka.produce(items).await;
+    if let Some(error) = produced.first_error {
+        // The broker's error is the operator's (the log).
+        tracing::error!(error = %error, "producing ingested items to Kafka failed");
+        return Err(not_applied(
+            indices,
+            |i| produced.delivered[i],
+            "the Kafka broker did not take them".to_string(),
+            keyed,
+        ));
+    }
+    Ok(BatchOutcome {
+        accepted: produced.delivered.len() as u64,
+        ..Default::default()
+    })
 }
 
 /// Applies decoded items on their shards and answers once durable; a

@@ -158,7 +158,7 @@ pub fn app(state: AppState) -> Router {
         .merge(audit::router())
         .merge(billing::router())
         .merge(export::router())
-        .merge(telemetry::router(&state.config))
+        .merge(telemetry::router(&state))
         // After routing (the rule is the route's), before any handler.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

@@ -22,7 +22,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::keys::{CF_ANOMALIES, CF_DEDUPE, CF_LIMITS, CF_STATS};
+use crate::keys::{self, CF_ANOMALIES, CF_DEDUPE, CF_LIMITS, CF_META, CF_STATS};
 use crate::store::Checkpoint;
 
 /// A state store with its own changelog topic.
@@ -37,10 +37,14 @@ pub enum StateStore {
     /// What the detectors found (they move with their partition, so the
     /// new owner answers for them).
     Anomalies,
+    /// A partition's telemetry bookkeeping in `meta`: its checkpoint,
+    /// series registry and detector state (its buckets are `stats` keys,
+    /// its point ids `dedupe` keys).
+    Telemetry,
 }
 
 /// How many state stores (and changelog topics) there are.
-pub const STATE_STORES: usize = 4;
+pub const STATE_STORES: usize = 5;
 
 impl StateStore {
     pub const ALL: [StateStore; STATE_STORES] = [
@@ -48,6 +52,7 @@ impl StateStore {
         StateStore::Dedupe,
         StateStore::Limits,
         StateStore::Anomalies,
+        StateStore::Telemetry,
     ];
 
     /// Position in [`StateStore::ALL`].
@@ -57,6 +62,7 @@ impl StateStore {
             StateStore::Dedupe => 1,
             StateStore::Limits => 2,
             StateStore::Anomalies => 3,
+            StateStore::Telemetry => 4,
         }
     }
 
@@ -67,6 +73,7 @@ impl StateStore {
             StateStore::Dedupe => "dedupe",
             StateStore::Limits => "limits",
             StateStore::Anomalies => "anomalies",
+            StateStore::Telemetry => "telemetry",
         }
     }
 
@@ -76,6 +83,21 @@ impl StateStore {
             StateStore::Dedupe => CF_DEDUPE,
             StateStore::Limits => CF_LIMITS,
             StateStore::Anomalies => CF_ANOMALIES,
+            StateStore::Telemetry => CF_META,
+        }
+    }
+
+    /// The keys of `partition` this store holds, `[from, to)`: what a
+    /// restore that replaces the partition clears first.
+    pub(crate) fn partition_range(self, partition: u16) -> (Vec<u8>, Vec<u8>) {
+        match self {
+            // Only the telemetry part of `meta`: the partition's
+            // checkpoint and changelog mark are the restore's own.
+            StateStore::Telemetry => keys::telemetry_meta_range(partition),
+            _ => (
+                keys::partition_start(partition),
+                keys::partition_end(partition),
+            ),
         }
     }
 }

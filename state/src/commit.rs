@@ -20,8 +20,9 @@ use crate::store::{Checkpoint, CommitStats, DeadLetterRecord, Store};
 use crate::telemetry::TelemetryCheckpoint;
 use crate::Result;
 
-/// The telemetry part of a shard's flush. Not tracked for the changelog:
-/// telemetry is taken in embedded mode only (see `docs/api.md`).
+/// The telemetry part of a shard's flush, tracked for the changelog like
+/// the rest: buckets as `stats` keys, point ids as `dedupe` keys, the
+/// checkpoint, registry and detectors as the `telemetry` store.
 pub struct TelemetryWrite<'a> {
     pub flush: &'a TelemetryFlush,
     pub rules: &'a TelemetryRules,
@@ -40,22 +41,35 @@ impl TelemetryWrite<'_> {
         partition: u16,
         dead_letter_seq: &mut u64,
         now_ms: i64,
+        changed: Option<&mut Vec<ChangedKey>>,
     ) -> Result<TelemetryCheckpoint> {
         let mut next = self.checkpoint.clone();
+        let mut tracked = Vec::new();
+        let track = changed.is_some();
         for delta in &self.flush.deltas {
             // One encoded delta merged into every resolution's bucket.
             let value = encode(&delta.bucket)?;
             for (resolution, start) in delta.targets(self.rules) {
                 let key = keys::telemetry_key(partition, resolution, &delta.series, start);
                 batch.merge(CF_STATS, &key, &value);
+                if track {
+                    tracked.push((StateStore::Stats, key));
+                }
             }
         }
         for series in &self.flush.new_series {
-            batch.put(CF_META, &keys::telemetry_series_key(partition, series), &[]);
+            let key = keys::telemetry_series_key(partition, series);
+            batch.put(CF_META, &key, &[]);
+            if track {
+                tracked.push((StateStore::Telemetry, key));
+            }
         }
         if let Some(newest) = self.flush.dedupe_claims.iter().map(|&(_, ts)| ts).max() {
             let key = keys::telemetry_dedupe_segment_key(partition, newest, next.dedupe_seq);
             batch.put(CF_DEDUPE, &key, &encode(&self.flush.dedupe_claims)?);
+            if track {
+                tracked.push((StateStore::Dedupe, key));
+            }
             next.dedupe_seq += 1;
         }
         if let Some(cutoff) = self.flush.dedupe_cutoff_ms {
@@ -85,18 +99,19 @@ impl TelemetryWrite<'_> {
             *dead_letter_seq += 1;
         }
         for (series, state) in self.detectors {
-            batch.put(
-                CF_META,
-                &keys::telemetry_detector_key(partition, series),
-                state,
-            );
+            let key = keys::telemetry_detector_key(partition, series);
+            batch.put(CF_META, &key, state);
+            if track {
+                tracked.push((StateStore::Telemetry, key));
+            }
         }
         next.event_clock_ms = self.flush.event_clock_ms.max(next.event_clock_ms);
-        batch.put(
-            CF_META,
-            &keys::telemetry_checkpoint_key(partition),
-            &encode(&next)?,
-        );
+        let key = keys::telemetry_checkpoint_key(partition);
+        batch.put(CF_META, &key, &encode(&next)?);
+        if let Some(changed) = changed {
+            changed.extend(tracked);
+            changed.push((StateStore::Telemetry, key));
+        }
         Ok(next)
     }
 }
@@ -222,7 +237,13 @@ impl Store {
             next.dead_letter_seq += 1;
         }
         let telemetry_next = match &telemetry {
-            Some(t) => Some(t.add_to(&mut batch, partition, &mut next.dead_letter_seq, now)?),
+            Some(t) => Some(t.add_to(
+                &mut batch,
+                partition,
+                &mut next.dead_letter_seq,
+                now,
+                tracking.then_some(&mut changed),
+            )?),
             None => None,
         };
         for (key, value) in limits.encoded(partition)? {

@@ -45,6 +45,8 @@ pub struct Round<'s> {
     /// The clock at which this round published every expired key, if it
     /// swept.
     pub swept_at: Option<i64>,
+    /// The same for telemetry buckets, by the telemetry clock.
+    pub telemetry_swept_at: Option<i64>,
     /// The changed keys, given back if the round is not published.
     changed: Vec<ChangedKey>,
 }
@@ -59,16 +61,16 @@ impl Round<'_> {
 impl Store {
     /// Takes a snapshot and the keys changed since the last round, and
     /// encodes round number `round` of `partition`. `at_marker` is the
-    /// snapshot of the previous round's marker; `swept` the clock of the
-    /// last sweep (`None`: sweep now, from scratch); `unburied` keys known
-    /// absent that still need a tombstone.
+    /// snapshot of the previous round's marker; `swept` the clocks (event,
+    /// telemetry) of the last sweeps (`None`: sweep now, from scratch);
+    /// `unburied` keys known absent that still need a tombstone.
     pub fn prepare_round<'s>(
         &'s self,
         partition: u16,
         at_marker: &StoreSnapshot<'_>,
         round: u64,
         source_key: &str,
-        swept: Option<i64>,
+        swept: Swept,
         unburied: &[ChangedKey],
     ) -> Result<Round<'s>> {
         let (snapshot, changed) = self.begin_round(partition);
@@ -97,6 +99,9 @@ impl Store {
         if let Some(clock) = round.swept_at {
             self.clocks.published_expiry(partition, clock);
         }
+        if let Some(clock) = round.telemetry_swept_at {
+            self.telemetry_clocks.published_expiry(partition, clock);
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -108,17 +113,24 @@ impl Store {
         changed: &[ChangedKey],
         round: u64,
         source_key: &str,
-        swept: Option<i64>,
+        swept: Swept,
         unburied: &[ChangedKey],
     ) -> Result<Round<'s>> {
         let retention = self.retention();
         let checkpoint = snapshot.checkpoint(p)?;
         let clock = checkpoint.event_clock_ms;
+        let telemetry = snapshot.telemetry_checkpoint(p)?;
+        let telemetry_clock = telemetry.event_clock_ms;
         // Key -> whether it counts as absent whatever the snapshot holds
         // (expired statistics are still on disk until compaction).
         let mut keys: BTreeMap<ChangedKey, bool> = BTreeMap::new();
         for (store, key) in changed {
-            let expired = *store == StateStore::Stats && retention.stats_key_expired(key, clock);
+            let expired = *store == StateStore::Stats
+                && if keys::is_telemetry_key(key) {
+                    retention.telemetry_key_expired(key, telemetry_clock)
+                } else {
+                    retention.stats_key_expired(key, clock)
+                };
             keys.insert((*store, key.clone()), expired);
         }
         let cut = at_marker.checkpoint(p)?.dedupe_deleted_below_ms;
@@ -132,12 +144,41 @@ impl Store {
                 keys.entry((StateStore::Dedupe, key)).or_insert(false);
             }
         }
+        // The same for the telemetry point-id segments, by their own cut.
+        let telemetry_cut = at_marker.telemetry_checkpoint(p)?.dedupe_deleted_below_ms;
+        if telemetry.dedupe_deleted_below_ms > telemetry_cut {
+            for key in scan_keys(
+                at_marker,
+                CF_DEDUPE,
+                keys::telemetry_dedupe_segments_from(p, 0),
+                keys::telemetry_dedupe_segments_from(p, telemetry.dedupe_deleted_below_ms),
+            )? {
+                keys.entry((StateStore::Dedupe, key)).or_insert(false);
+            }
+        }
+        let step = retention.sweep_step_ms();
         let swept_at = match clock {
-            Some(now)
-                if swept.is_none_or(|s| now >= s.saturating_add(retention.sweep_step_ms())) =>
-            {
-                for key in expired_since(&snapshot, p, &retention, swept, now)? {
+            Some(now) if swept.stats.is_none_or(|s| now >= s.saturating_add(step)) => {
+                for key in expired_since(&snapshot, p, &retention, swept.stats, now)? {
                     keys.insert((StateStore::Stats, key), true);
+                }
+                Some(now)
+            }
+            _ => None,
+        };
+        let telemetry_swept_at = match telemetry_clock {
+            Some(now)
+                if swept
+                    .telemetry
+                    .is_none_or(|s| now >= s.saturating_add(step)) =>
+            {
+                let (from, to) = keys::telemetry_range(p);
+                for key in scan_keys(&snapshot, CF_STATS, from, to)? {
+                    if retention.telemetry_key_expired(&key, Some(now))
+                        && !retention.telemetry_key_expired(&key, swept.telemetry)
+                    {
+                        keys.insert((StateStore::Stats, key), true);
+                    }
                 }
                 Some(now)
             }
@@ -175,9 +216,19 @@ impl Store {
             marker,
             tombstones,
             swept_at,
+            telemetry_swept_at,
             changed: Vec::new(),
         })
     }
+}
+
+/// The clocks of a partition's last sweeps for expired keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// By the event clock (request statistics).
+    pub stats: Option<i64>,
+    /// By the telemetry clock (telemetry buckets).
+    pub telemetry: Option<i64>,
 }
 
 fn scan_keys(

@@ -14,6 +14,7 @@ use crate::codec::{decode, encode};
 use crate::engine::{EngineSnapshot, Scan, ScanIter, WriteBatch};
 use crate::keys::{self, CF_META};
 use crate::store::{Checkpoint, Store};
+use crate::telemetry::TelemetryCheckpoint;
 use crate::Result;
 
 pub type ChangedKey = (StateStore, Vec<u8>);
@@ -62,6 +63,16 @@ impl StoreSnapshot<'_> {
             None => Ok(Checkpoint::default()),
         }
     }
+
+    pub fn telemetry_checkpoint(&self, partition: u16) -> Result<TelemetryCheckpoint> {
+        match self
+            .snapshot
+            .get(CF_META, &keys::telemetry_checkpoint_key(partition))?
+        {
+            Some(v) => decode(&v),
+            None => Ok(TelemetryCheckpoint::default()),
+        }
+    }
 }
 
 impl Store {
@@ -69,6 +80,7 @@ impl Store {
     pub fn track_changes(&self) {
         let _ = self.changes.set(ChangeTracker::new(self.partitions()));
         self.clocks.guard_with_changelog();
+        self.telemetry_clocks.guard_with_changelog();
     }
 
     pub fn snapshot(&self) -> StoreSnapshot<'_> {

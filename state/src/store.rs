@@ -141,7 +141,7 @@ fn column_families(
             Box::new(move |key: &[u8], _value: &[u8]| {
                 keys::partition_of(key).is_some_and(|p| {
                     if keys::is_telemetry_key(key) {
-                        retention.telemetry_key_expired(key, telemetry_clocks.get(p))
+                        retention.telemetry_key_expired(key, telemetry_clocks.drop_clock(p))
                     } else {
                         retention.stats_key_expired(key, stats_clocks.drop_clock(p))
                     }

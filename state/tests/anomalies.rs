@@ -108,7 +108,7 @@ fn found_anomalies_move_with_their_partition() {
     src.put_anomalies(2, &found).unwrap();
     src.put_anomalies(3, &[anomaly(3, "elsewhere", t)]).unwrap();
     let prepared = src
-        .prepare_round(2, &prev, 1, "kafka:t", None, &[])
+        .prepare_round(2, &prev, 1, "kafka:t", Default::default(), &[])
         .unwrap();
     let published: Vec<&(StateStore, Vec<u8>, Vec<u8>)> = prepared
         .changes

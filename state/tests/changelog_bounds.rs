@@ -101,7 +101,7 @@ fn a_compacted_changelog_holds_live_keys_plus_one_round_and_restores_exactly() {
     let mut checkpoint = Checkpoint::default();
     let mut log: Vec<Record> = Vec::new();
     let mut at_marker = src.snapshot();
-    let mut swept = None;
+    let mut swept = tally_state::round::Swept::default();
     let mut round = 1;
     let mut last_round_records = 0;
     let mut position = 0u64;
@@ -151,7 +151,7 @@ fn a_compacted_changelog_holds_live_keys_plus_one_round_and_restores_exactly() {
             }
             last_round_records = last_round_records.max(log.len() - before);
             src.round_delivered(P, &prepared);
-            swept = prepared.swept_at.or(swept);
+            swept.stats = prepared.swept_at.or(swept.stats);
             at_marker = prepared.snapshot;
             round += 1;
             // RocksDB compacts when it likes; here, every hour.

@@ -301,7 +301,7 @@ fn a_published_round_rebuilds_the_partition_elsewhere() {
 
     let mut log: Vec<(StateStore, Vec<u8>, Option<Vec<u8>>)> = Vec::new();
     let mut prev = src.snapshot();
-    let mut swept = None;
+    let mut swept = tally_state::round::Swept::default();
     let mut round = 1;
     for batch in [
         [("a", t, 10), ("b", t + MINUTE_MS, 11)],
@@ -336,7 +336,7 @@ fn a_published_round_rebuilds_the_partition_elsewhere() {
             Some(prepared.marker.clone()),
         ));
         src.round_delivered(2, &prepared);
-        swept = prepared.swept_at.or(swept);
+        swept.stats = prepared.swept_at.or(swept.stats);
         prev = prepared.snapshot;
         round += 1;
     }
@@ -469,7 +469,14 @@ fn a_judged_minute_mark_becomes_a_tombstone() {
             .commit_with(2, &FlushContent::default(), &writes, &mut cp, false)
             .unwrap();
         let prepared = store
-            .prepare_round(2, &at_marker, round as u64 + 1, "kafka:t", None, &[])
+            .prepare_round(
+                2,
+                &at_marker,
+                round as u64 + 1,
+                "kafka:t",
+                Default::default(),
+                &[],
+            )
             .unwrap();
         let published: Vec<&Vec<u8>> = prepared.changes.iter().map(|(_, k, _)| k).collect();
         assert_eq!(published, vec![&mark], "round {round}");

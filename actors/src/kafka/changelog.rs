@@ -2,7 +2,8 @@
 //! rebuilding a partition from them when this instance takes it over.
 //!
 //! One compacted topic per state store (`<topic>.changelog.stats`,
-//! `.dedupe`, `.limits`, `.anomalies`), partitioned like the request topic; the
+//! `.dedupe`, `.limits`, `.anomalies`, `.telemetry`), partitioned like the
+//! request topic; the
 //! rules that make a rebuild exact wherever a writer died are in
 //! [`tally_state::changelog`]. The writer is a plain thread: a round holds
 //! RocksDB snapshots from one round to the next, and the rebalance callback
@@ -24,7 +25,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tally_state::changelog::{ChangelogMark, StateStore, STATE_STORES};
 use tally_state::keys::changelog_marker_key;
 use tally_state::restore::{Restore, Restored};
-use tally_state::round::Round;
+use tally_state::round::{Round, Swept};
 use tally_state::snapshot::{ChangedKey, StoreSnapshot};
 use tally_state::Store;
 
@@ -148,9 +149,9 @@ struct Owned<'s> {
     /// End offsets of the changelog partitions after the last marker.
     ends: Option<[i64; STATE_STORES]>,
     published: Option<tally_state::Checkpoint>,
-    /// The clock of the last sweep for expired keys (`None`: the first
+    /// The clocks of the last sweeps for expired keys (`None`: the first
     /// round sweeps).
-    swept: Option<i64>,
+    swept: Swept,
     /// Keys a restore found absent without a tombstone.
     unburied: Vec<ChangedKey>,
 }
@@ -183,7 +184,7 @@ impl Publisher {
                             at_marker: store.snapshot(),
                             ends,
                             published: None,
-                            swept: None,
+                            swept: Swept::default(),
                             unburied,
                         },
                     );
@@ -257,7 +258,10 @@ impl Publisher {
                 }
                 .emit();
                 if round.swept_at.is_some() {
-                    owned.swept = round.swept_at;
+                    owned.swept.stats = round.swept_at;
+                }
+                if round.telemetry_swept_at.is_some() {
+                    owned.swept.telemetry = round.telemetry_swept_at;
                 }
                 owned.unburied.clear();
                 owned.next_round += 1;

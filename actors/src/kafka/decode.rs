@@ -8,13 +8,14 @@ use metrics::counter;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
-use tally_pipelines::decode::decode_event_bytes;
+use tally_pipelines::decode::BodyItem;
 use tally_pipelines::event::{RequestEvent, ValidationContext};
 use tally_pipelines::partitioner::Partitioner;
+use tally_pipelines::telemetry::Point;
 
 use crate::kafka::partitioning::{PartitionCheck, Placement, Verdict};
-use crate::kafka::source::KafkaConfig;
-use crate::messages::Source;
+use crate::kafka::source::{Feed, KafkaConfig};
+use crate::messages::{Routable, Source};
 use crate::telemetry::{EventsRejected, KAFKA_DEAD_LETTERS};
 use crate::Error;
 
@@ -36,25 +37,56 @@ pub(crate) fn take(
     }
 }
 
+/// What a topic carries: request events keyed by client, or telemetry
+/// points keyed by series.
+pub trait FeedItem: BodyItem + Routable {
+    /// The feed whose topic carries it.
+    const FEED: Feed;
+    /// What the routing key is, in a dead letter's reason.
+    const NOUN: &'static str;
+    /// The field producers must key records by.
+    const KEYED_BY: &'static str;
+    /// The record value that decodes back to it.
+    fn wire_json(&self) -> String;
+}
+
+impl FeedItem for RequestEvent {
+    const FEED: Feed = Feed::Events;
+    const NOUN: &'static str = "client";
+    const KEYED_BY: &'static str = "client_id";
+    fn wire_json(&self) -> String {
+        self.to_wire_json()
+    }
+}
+
+impl FeedItem for Point {
+    const FEED: Feed = Feed::Points;
+    const NOUN: &'static str = "series";
+    const KEYED_BY: &'static str = "series";
+    fn wire_json(&self) -> String {
+        self.to_wire_json()
+    }
+}
+
 /// What one message is.
-enum Classified {
-    Event(RequestEvent),
+enum Classified<T> {
+    Item(T),
     /// Decoded, but on a partition the configured partitioner does not
-    /// give its client.
+    /// give its key.
     Misplaced {
-        event: RequestEvent,
+        item: T,
         owner: u16,
     },
     Bad(String),
 }
 
-/// Decodes one message and checks it is on its client's partition.
-fn classify(
+/// Decodes one message and checks it is on its key's partition.
+fn classify<T: FeedItem>(
     m: &Received,
     partitions: u16,
     partitioner: Partitioner,
     ctx: &ValidationContext,
-) -> Classified {
+) -> Classified<T> {
     let (partition, _, _, payload) = m;
     let Some(p) = u16::try_from(*partition).ok().filter(|p| *p < partitions) else {
         return Classified::Bad(format!(
@@ -64,22 +96,22 @@ fn classify(
     let Some(bytes) = payload else {
         return Classified::Bad("empty message".to_string());
     };
-    let event = match decode_event_bytes(bytes, ctx) {
+    let item = match T::decode_json(bytes, ctx) {
         Ok(e) => e,
         Err(r) => return Classified::Bad(r.to_string()),
     };
-    let owner = partitioner.partition(&event.client_id, partitions);
+    let owner = partitioner.partition(item.routing_key(), partitions);
     if owner != p {
-        return Classified::Misplaced { event, owner };
+        return Classified::Misplaced { item, owner };
     }
-    Classified::Event(event)
+    Classified::Item(item)
 }
 
 /// One partition's round, decoded: what to apply, and where reading must
 /// stop (the record at `hold_from` and after are read again later, not
 /// applied or committed now).
-pub(crate) struct Decoded {
-    pub events: Vec<RequestEvent>,
+pub(crate) struct Decoded<T> {
+    pub items: Vec<T>,
     pub offsets: Vec<u64>,
     pub hold_from: Option<i64>,
     /// Why the dead-letter topic did not take the record at `hold_from`
@@ -92,22 +124,24 @@ pub(crate) struct Decoded {
 /// round stops at a message that cannot be set aside yet: a misplaced one
 /// while the partitioner check holds them, or one the dead-letter topic
 /// did not take.
-pub(crate) async fn decode_round(
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn decode_round<T: FeedItem>(
     config: &KafkaConfig,
+    topic: &str,
     source: &Source,
     partitions: u16,
     check: &PartitionCheck,
     producer: &FutureProducer,
     validation: &(dyn Fn() -> ValidationContext + Send + Sync),
     round: Vec<Received>,
-) -> Result<Decoded, Error> {
+) -> Result<Decoded<T>, Error> {
     let ctx = validation();
     let partitioner = check.configured();
     let decoded = tokio::task::spawn_blocking(move || {
         round
             .into_iter()
             .map(|m| {
-                let outcome = classify(&m, partitions, partitioner, &ctx);
+                let outcome = classify::<T>(&m, partitions, partitioner, &ctx);
                 (m, outcome)
             })
             .collect::<Vec<_>>()
@@ -115,7 +149,7 @@ pub(crate) async fn decode_round(
     .await
     .map_err(|e| Error::Kafka(format!("decoder task failed: {e}")))?;
     let mut out = Decoded {
-        events: Vec::with_capacity(decoded.len()),
+        items: Vec::with_capacity(decoded.len()),
         offsets: Vec::with_capacity(decoded.len()),
         hold_from: None,
         dead_letter_failure: None,
@@ -124,14 +158,14 @@ pub(crate) async fn decode_round(
     for ((partition, offset, key, payload), outcome) in decoded {
         let p = u16::try_from(partition).unwrap_or(u16::MAX);
         let reason = match outcome {
-            Classified::Event(event) => {
+            Classified::Item(item) => {
                 check.observe(p, offset, Placement::Fits);
-                out.events.push(event);
+                out.items.push(item);
                 out.offsets.push(u64::try_from(offset).unwrap_or(0));
                 continue;
             }
-            Classified::Misplaced { event, owner } => {
-                let fitting = Partitioner::fitting(&event.client_id, p, partitions);
+            Classified::Misplaced { item, owner } => {
+                let fitting = Partitioner::fitting(item.routing_key(), p, partitions);
                 let verdict = check.observe(p, offset, Placement::Misfits { fitting: &fitting });
                 if verdict != Verdict::Consistent {
                     out.hold_from = Some(offset);
@@ -139,19 +173,22 @@ pub(crate) async fn decode_round(
                 }
                 let others: Vec<&str> = fitting.iter().map(|f| f.name()).collect();
                 format!(
-                    "client {:?} belongs to partition {owner} under the {partitioner} partitioner, not {p}{}: key records by client_id and partition them with {partitioner}",
-                    event.client_id,
+                    "{} {:?} belongs to partition {owner} under the {partitioner} partitioner, not {p}{}: key records by {} and partition them with {partitioner}",
+                    T::NOUN,
+                    item.routing_key(),
                     if others.is_empty() {
                         String::new()
                     } else {
                         format!(" (the {} partitioner would put it here)", others.join(" or "))
-                    }
+                    },
+                    T::KEYED_BY,
                 )
             }
             Classified::Bad(reason) => reason,
         };
         let written = dead_letter(
             config,
+            topic,
             producer,
             partition,
             offset,
@@ -176,8 +213,10 @@ pub(crate) async fn decode_round(
     Ok(out)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn dead_letter(
     config: &KafkaConfig,
+    topic: &str,
     producer: &FutureProducer,
     partition: i32,
     offset: i64,
@@ -193,7 +232,7 @@ pub(crate) async fn dead_letter(
         })
         .insert(Header {
             key: "tally-source-topic",
-            value: Some(&config.topic),
+            value: Some(topic),
         })
         .insert(Header {
             key: "tally-source-partition",

@@ -11,18 +11,20 @@ use futures::StreamExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::Message;
+use tally_pipelines::event::RequestEvent;
+use tally_pipelines::telemetry::Point;
 use tokio::sync::{oneshot, watch};
 
 use crate::kafka::decode::dead_letter;
 use crate::kafka::health::KafkaHealth;
 use crate::kafka::membership::MEMBER_EXPIRY;
-use crate::kafka::partition_task::{self, Validation};
+use crate::kafka::partition_task::{PartitionReader, Validation};
 use crate::kafka::rebalance::GroupContext;
-use crate::kafka::source::KafkaConfig;
+use crate::kafka::source::{Feed, KafkaConfig};
 use crate::router::ShardRouter;
 
-/// Splits every partition's messages into its own queue, consumed by its
-/// own task: partitions proceed in parallel on all cores, and a shard that
+/// Splits every partition's messages (of each feed's topic) into its own
+/// queue, consumed by its own task: partitions proceed in parallel on all cores, and a shard that
 /// falls behind pauses only its partition. The main stream, which serves
 /// rebalances and errors, is polled on a thread of its own: a rebalance
 /// blocks while shards flush, changelogs are read into the store and last
@@ -40,22 +42,30 @@ pub(crate) async fn consume(
     let consumer = Arc::new(consumer);
     let config = Arc::new(config);
     let mut tasks = Vec::new();
-    for p in 0..router.partitions() {
-        let Some(queue) = consumer.split_partition_queue(&config.topic, i32::from(p)) else {
-            tracing::error!(partition = p, "cannot split partition queue");
-            continue;
-        };
-        tasks.push(tokio::spawn(partition_task::consume_partition(
-            p,
-            queue,
-            consumer.clone(),
-            config.clone(),
-            producer.clone(),
-            router.clone(),
-            validation.clone(),
-            stopped.clone(),
-            health.clone(),
-        )));
+    for feed in Feed::ALL {
+        for p in 0..router.partitions() {
+            let topic = config.topic_of(feed);
+            let Some(queue) = consumer.split_partition_queue(topic, i32::from(p)) else {
+                tracing::error!(topic, partition = p, "cannot split partition queue");
+                continue;
+            };
+            let reader = PartitionReader {
+                feed,
+                partition: p,
+                queue,
+                consumer: consumer.clone(),
+                config: config.clone(),
+                producer: producer.clone(),
+                router: router.clone(),
+                validation: validation.clone(),
+                stopped: stopped.clone(),
+                health: health.clone(),
+            };
+            tasks.push(match feed {
+                Feed::Events => tokio::spawn(reader.consume::<RequestEvent>()),
+                Feed::Points => tokio::spawn(reader.consume::<Point>()),
+            });
+        }
     }
     let (done, finished) = oneshot::channel();
     let thread = std::thread::Builder::new()
@@ -112,7 +122,7 @@ async fn serve_group(
                     tracing::warn!(?orphaned, "partitions without a live owner; rejoining the consumer group");
                     orphaned_since = None;
                     consumer.unsubscribe();
-                    if let Err(e) = consumer.subscribe(&[&config.topic]) {
+                    if let Err(e) = consumer.subscribe(&[&config.topic, &config.telemetry_topic]) {
                         tracing::error!(error = %e, "cannot resubscribe");
                     }
                 }
@@ -123,7 +133,7 @@ async fn serve_group(
                     let reason = format!("topic partition {} has no shard (instance has {})", m.partition(), router.partitions());
                     // Beyond the shards nothing is committed: a failed
                     // write is read again after the next restart.
-                    let _ = dead_letter(&config, &producer, m.partition(), m.offset(), m.key(), m.payload(), &reason).await;
+                    let _ = dead_letter(&config, m.topic(), &producer, m.partition(), m.offset(), m.key(), m.payload(), &reason).await;
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
                 None => break,

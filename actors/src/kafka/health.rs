@@ -12,6 +12,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::kafka::partitioning::{PartitionCheck, PartitioningView};
+use crate::kafka::source::Feed;
 use crate::telemetry::{KAFKA_CONSUMER_LAG, KAFKA_PARTITIONS_HELD};
 
 const CONNECTED: i64 = i64::MIN;
@@ -27,6 +28,8 @@ pub struct KafkaHealth {
     lag: Mutex<BTreeMap<i32, i64>>,
     /// Whether the records fit the configured partitioner.
     partitioning: PartitionCheck,
+    /// The same for the telemetry topic's records (keyed by series).
+    points_partitioning: PartitionCheck,
     /// partition -> the record it is held at because the dead-letter topic
     /// did not take it.
     held: Mutex<BTreeMap<i32, HeldPartition>>,
@@ -79,6 +82,7 @@ impl KafkaHealth {
     pub fn new(now_ms: i64, partitioning: PartitionCheck) -> Self {
         // Not connected until a broker answers.
         Self {
+            points_partitioning: partitioning.fresh(),
             partitioning,
             down_since_ms: AtomicI64::new(now_ms),
             ever_connected: AtomicBool::new(false),
@@ -195,6 +199,14 @@ impl KafkaHealth {
 
     pub fn partitioning(&self) -> &PartitionCheck {
         &self.partitioning
+    }
+
+    /// The partition check of a feed's topic.
+    pub fn partitioning_of(&self, feed: Feed) -> &PartitionCheck {
+        match feed {
+            Feed::Events => &self.partitioning,
+            Feed::Points => &self.points_partitioning,
+        }
     }
 }
 

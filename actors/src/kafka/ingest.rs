@@ -1,4 +1,5 @@
 //! HTTP ingest in Kafka mode: events are produced to the request topic
+//! (points to the telemetry topic)
 //! (idempotent producer, `acks=all`) and acknowledged once the broker has
 //! them; the Kafka source then counts them like any other message. Ingest
 //! never bypasses the topic, so the topic stays the one source of truth.
@@ -7,10 +8,10 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tally_pipelines::event::RequestEvent;
 use tally_pipelines::partitioner::Partitioner;
 
-use crate::kafka::source::KafkaConfig;
+use crate::kafka::decode::FeedItem;
+use crate::kafka::source::{Feed, KafkaConfig};
 use crate::Error;
 
 /// The producer settings of everything Tally must not lose or duplicate
@@ -29,7 +30,8 @@ pub(crate) fn acked_producer(brokers: &str) -> ClientConfig {
 
 pub struct KafkaIngest {
     producer: FutureProducer,
-    topic: String,
+    /// Per feed ([`Feed::index`]).
+    topics: [String; 2],
     partitions: u16,
     partitioner: Partitioner,
 }
@@ -45,15 +47,16 @@ impl KafkaIngest {
             .map_err(|e| Error::Kafka(e.to_string()))?;
         Ok(KafkaIngest {
             producer,
-            topic: config.topic.clone(),
+            topics: Feed::ALL.map(|f| config.topic_of(f).to_string()),
             partitions,
             partitioner,
         })
     }
 
-    /// Produces every event to its client's partition and waits until the
-    /// broker has acknowledged or refused each of them: which ones it has.
-    pub async fn produce(&self, events: &[RequestEvent]) -> Produced {
+    /// Produces every item to its key's partition of its feed's topic and
+    /// waits until the broker has acknowledged or refused each of them:
+    /// which ones it has.
+    pub async fn produce<T: FeedItem>(&self, events: &[T]) -> Produced {
         let mut produced = Produced {
             delivered: vec![false; events.len()],
             first_error: None,
@@ -67,18 +70,21 @@ impl KafkaIngest {
         produced
     }
 
-    async fn try_produce(&self, events: &[RequestEvent], out: &mut Produced) -> Result<(), Error> {
+    async fn try_produce<T: FeedItem>(
+        &self,
+        events: &[T],
+        out: &mut Produced,
+    ) -> Result<(), Error> {
+        let topic = &self.topics[T::FEED.index()];
         let mut deliveries = Vec::with_capacity(events.len());
         for event in events {
-            let payload = event.to_wire_json();
-            // Place explicitly: the shard of partition N must own the client.
-            let partition = i32::from(
-                self.partitioner
-                    .partition(&event.client_id, self.partitions),
-            );
-            let mut record = FutureRecord::to(&self.topic)
+            let payload = event.wire_json();
+            // Place explicitly: the shard of partition N must own the key.
+            let key = event.routing_key();
+            let partition = i32::from(self.partitioner.partition(key, self.partitions));
+            let mut record = FutureRecord::to(topic)
                 .partition(partition)
-                .key(event.client_id.as_str())
+                .key(key)
                 .payload(payload.as_str());
             loop {
                 match self.producer.send_result(record) {

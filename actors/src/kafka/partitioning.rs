@@ -117,6 +117,15 @@ impl PartitionCheck {
         }
     }
 
+    /// A check of another topic under the same partitioner and partitions.
+    pub fn fresh(&self) -> Self {
+        let partitions = self.tally.lock().map_or(0, |t| t.counted_to.len());
+        Self::new(
+            self.configured,
+            u16::try_from(partitions).unwrap_or(u16::MAX),
+        )
+    }
+
     pub fn configured(&self) -> Partitioner {
         self.configured
     }

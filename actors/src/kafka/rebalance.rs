@@ -26,6 +26,7 @@ use tally_state::Store;
 use crate::kafka::changelog::{ChangelogReader, ChangelogWriter};
 use crate::kafka::health::KafkaHealth;
 use crate::kafka::membership::Membership;
+use crate::kafka::source::Feed;
 use crate::messages::PartitionControl;
 use crate::router::ShardRouter;
 use crate::Error;
@@ -35,8 +36,11 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub(crate) struct GroupContext {
     pub store: Arc<Store>,
+    /// The request topic (its statistics are the lag reported).
     pub topic: String,
-    pub source_key: String,
+    /// Per feed ([`Feed::index`]): its topic and its position key.
+    pub topics: [String; 2],
+    pub source_keys: [String; 2],
     pub health: Arc<KafkaHealth>,
     pub router: ShardRouter,
     /// Ownership epoch per partition, shared with the partition tasks.
@@ -44,10 +48,10 @@ pub(crate) struct GroupContext {
     pub writer: Arc<ChangelogWriter>,
     pub reader: ChangelogReader,
     pub membership: Arc<Membership>,
-    /// Per partition, the offset the next record read must not be past
-    /// (set on assignment and every seek; -1: none). See
-    /// `source::check_expected`.
-    pub expected: Arc<Vec<AtomicI64>>,
+    /// Per partition and feed, the offset the next record read must not
+    /// be past (set on assignment and every seek; -1: none). See
+    /// `partition_task::check_expected`.
+    pub expected: Vec<[AtomicI64; 2]>,
     /// Revocations served so far: a stopping source waits for the one its
     /// unsubscribe causes, after which librdkafka sends LeaveGroup.
     pub revocations: AtomicU64,
@@ -84,32 +88,54 @@ impl ConsumerContext for GroupContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        // Both feeds' partition N move together (co-partitioned topics,
+        // range assignment): each partition is taken or let go once.
+        let elements: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        let partitions: BTreeSet<i32> = elements.iter().map(|(_, p)| *p).collect();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let mut assigned = TopicPartitionList::new();
                 let mut owned = BTreeSet::new();
                 for partition in partitions {
-                    let Ok(p) = u16::try_from(partition) else {
-                        continue;
-                    };
-                    if usize::from(p) >= self.epochs.len() {
+                    let shard = u16::try_from(partition)
+                        .ok()
+                        .filter(|p| usize::from(*p) < self.epochs.len());
+                    let taken = match shard {
                         // No shard: its messages go to the dead-letter topic.
-                        let _ =
-                            assigned.add_partition_offset(&self.topic, partition, Offset::Stored);
-                        continue;
+                        None => None,
+                        Some(p) => match self.take(p) {
+                            Ok(()) => Some(p),
+                            // Not consuming it is safe; consuming it on stale
+                            // state is not. The next rebalance retries.
+                            Err(e) => {
+                                tracing::error!(partition, error = %e, "cannot take partition; leaving it idle");
+                                continue;
+                            }
+                        },
+                    };
+                    for (topic, _) in elements.iter().filter(|(_, q)| *q == partition) {
+                        let offset = match (taken, self.feed_of(topic)) {
+                            (Some(p), Some(feed)) => match self.resume_offset(feed, p) {
+                                Ok(offset) => {
+                                    self.expect(feed, p, offset);
+                                    offset
+                                }
+                                Err(e) => {
+                                    tracing::error!(topic, partition, error = %e, "cannot read the stored position; leaving it idle");
+                                    continue;
+                                }
+                            },
+                            _ => Offset::Stored,
+                        };
+                        tracing::info!(topic, partition, ?offset, "partition assigned");
+                        let _ = assigned.add_partition_offset(topic, partition, offset);
                     }
-                    match self.take(p) {
-                        Ok(offset) => {
-                            tracing::info!(topic = %self.topic, partition, ?offset, "partition assigned");
-                            let _ = assigned.add_partition_offset(&self.topic, partition, offset);
-                            owned.insert(p);
-                        }
-                        // Not consuming it is safe; consuming it on stale
-                        // state is not. The next rebalance retries.
-                        Err(e) => {
-                            tracing::error!(partition, error = %e, "cannot take partition; leaving it idle")
-                        }
+                    if let Some(p) = taken {
+                        owned.insert(p);
                     }
                 }
                 if let Err(e) = consumer.assign(&assigned) {
@@ -158,13 +184,20 @@ impl GroupContext {
             .map_or(0, |e| e.fetch_add(1, Ordering::SeqCst) + 1)
     }
 
-    /// The offset to resume `partition` from: right after the stored one.
-    pub fn resume_offset(&self, partition: u16) -> Result<Offset, Error> {
+    fn feed_of(&self, topic: &str) -> Option<Feed> {
+        Feed::ALL
+            .into_iter()
+            .find(|f| self.topics[f.index()] == topic)
+    }
+
+    /// The offset to resume `feed` of `partition` from: right after the
+    /// stored one.
+    pub fn resume_offset(&self, feed: Feed, partition: u16) -> Result<Offset, Error> {
         let stored = self
             .store
             .load_checkpoint(partition)?
             .positions
-            .get(&self.source_key)
+            .get(&self.source_keys[feed.index()])
             .copied();
         Ok(match stored.and_then(|o| i64::try_from(o).ok()) {
             Some(o) => Offset::Offset(o + 1),
@@ -174,7 +207,7 @@ impl GroupContext {
 
     /// Makes the shard of `partition` current (restoring from the
     /// changelog if needed) and starts publishing its changelog.
-    fn take(&self, p: u16) -> Result<Offset, Error> {
+    fn take(&self, p: u16) -> Result<(), Error> {
         let epoch = self.next_epoch(p);
         let ends = self.reader.ends(p)?;
         let local = self.store.load_checkpoint(p)?;
@@ -198,14 +231,20 @@ impl GroupContext {
         };
         futures::executor::block_on(self.router.control(p, PartitionControl::Adopt { epoch }))?;
         self.writer.adopt(p, next_round, writer_ends, unburied);
-        let offset = self.resume_offset(p)?;
-        self.expect(p, offset);
-        Ok(offset)
+        Ok(())
     }
 
-    /// Records that reading `partition` now starts at `offset`.
-    pub fn expect(&self, partition: u16, offset: Offset) {
-        if let (Some(e), Offset::Offset(o)) = (self.expected.get(usize::from(partition)), offset) {
+    /// The offset the next record of `feed` read from `partition` must not
+    /// be past.
+    pub fn expected(&self, feed: Feed, partition: u16) -> Option<&AtomicI64> {
+        self.expected
+            .get(usize::from(partition))
+            .map(|e| &e[feed.index()])
+    }
+
+    /// Records that reading `feed` of `partition` now starts at `offset`.
+    pub fn expect(&self, feed: Feed, partition: u16, offset: Offset) {
+        if let (Some(e), Offset::Offset(o)) = (self.expected(feed, partition), offset) {
             e.store(o, Ordering::SeqCst);
         }
     }

@@ -46,6 +46,9 @@ pub struct KafkaConfig {
     pub brokers: String,
     pub group: String,
     pub topic: String,
+    /// Telemetry points, keyed by series; partitioned like `topic`, so
+    /// the instance that owns partition N of one owns it of both.
+    pub telemetry_topic: String,
     pub dead_letter_topic: String,
     /// Most messages gathered into one round of batches.
     pub batch_max: usize,
@@ -73,6 +76,65 @@ impl KafkaConfig {
     pub fn position_key(&self) -> String {
         format!("kafka:{}", self.topic)
     }
+
+    /// The topic a feed reads.
+    pub fn topic_of(&self, feed: Feed) -> &str {
+        match feed {
+            Feed::Events => &self.topic,
+            Feed::Points => &self.telemetry_topic,
+        }
+    }
+
+    /// The feed that reads `topic`, if any.
+    pub fn feed_of(&self, topic: &str) -> Option<Feed> {
+        Feed::ALL.into_iter().find(|f| self.topic_of(*f) == topic)
+    }
+
+    /// The source (and position key) of a feed's batches.
+    pub fn feed_source(&self, feed: Feed) -> Source {
+        Source::Kafka {
+            id: format!("kafka:{}", self.topic_of(feed)),
+        }
+    }
+}
+
+/// One topic read into the shards: request events, or telemetry points.
+/// Both keep their own offset in the shard's checkpoint and move with
+/// their partition number together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Feed {
+    Events,
+    Points,
+}
+
+impl Feed {
+    pub const ALL: [Feed; 2] = [Feed::Events, Feed::Points];
+
+    pub fn index(self) -> usize {
+        match self {
+            Feed::Events => 0,
+            Feed::Points => 1,
+        }
+    }
+}
+
+/// How many partitions `topic` has (`None`: it does not exist).
+fn topic_partitions(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+) -> Result<Option<usize>, Error> {
+    // Every topic's metadata: asking for one by name may make a broker
+    // with auto-creation create it, with its default partition count.
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(|e| Error::Kafka(format!("metadata of {topic}: {e}")))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len())
+        .filter(|n| *n > 0))
 }
 
 /// A running Kafka source.
@@ -122,10 +184,22 @@ impl KafkaSource {
             })
             .collect();
         // The alert and billing topics are event streams, not state: plain
-        // retention.
+        // retention. So is the telemetry topic, partitioned like the
+        // request topic (range assignment then gives partition N of both
+        // to one instance).
         let alerts = crate::kafka::alert_topic::alerts_topic(&config.topic);
         let billing = crate::kafka::alert_topic::billing_topic(&config.topic);
+        let request_partitions = topic_partitions(&admin, &config.topic)?;
         let mut topics = topics;
+        if request_partitions.is_none() {
+            tracing::warn!(topic = %config.topic, "the request topic does not exist yet; the telemetry topic gets {partitions} partitions");
+        }
+        topics.push(NewTopic::new(
+            &config.telemetry_topic,
+            i32::try_from(request_partitions.unwrap_or(usize::from(partitions)))
+                .unwrap_or(i32::MAX),
+            TopicReplication::Fixed(1),
+        ));
         for stream in [&alerts, &billing] {
             topics.push(NewTopic::new(
                 stream,
@@ -147,6 +221,17 @@ impl KafkaSource {
                 Err((name, code)) => {
                     return Err(Error::Kafka(format!("cannot create topic {name}: {code}")))
                 }
+            }
+        }
+        // Co-partitioned or refused: a series and its partition's state
+        // must be owned by the instance that owns the partition's requests.
+        let telemetry_partitions = topic_partitions(&admin, &config.telemetry_topic)?;
+        if let (Some(r), Some(t)) = (request_partitions, telemetry_partitions) {
+            if r != t {
+                return Err(Error::Kafka(format!(
+                    "the telemetry topic {} has {t} partitions and the request topic {} has {r}: they must have as many (partition N of both is one shard's)",
+                    config.telemetry_topic, config.topic
+                )));
             }
         }
         Ok(())
@@ -209,7 +294,14 @@ impl KafkaSource {
         let context = GroupContext {
             store,
             topic: config.topic.clone(),
-            source_key,
+            topics: Feed::ALL.map(|f| config.topic_of(f).to_string()),
+            source_keys: Feed::ALL.map(|f| {
+                config
+                    .feed_source(f)
+                    .position_key()
+                    .unwrap_or_default()
+                    .to_string()
+            }),
             health: health.clone(),
             router: router.clone(),
             epochs: Arc::new(
@@ -226,11 +318,9 @@ impl KafkaSource {
             )?,
             membership: membership.clone(),
             revocations: AtomicU64::new(0),
-            expected: Arc::new(
-                (0..router.partitions())
-                    .map(|_| AtomicI64::new(-1))
-                    .collect(),
-            ),
+            expected: (0..router.partitions())
+                .map(|_| [AtomicI64::new(-1), AtomicI64::new(-1)])
+                .collect(),
         };
         let mut consumer_config = ClientConfig::new();
         // librdkafka's own debug contexts (e.g. "cgrp,fetch") for operators.
@@ -262,7 +352,9 @@ impl KafkaSource {
             .set("reconnect.backoff.max.ms", "2000")
             .create_with_context(context)
             .map_err(kafka)?;
-        consumer.subscribe(&[&config.topic]).map_err(kafka)?;
+        consumer
+            .subscribe(&[&config.topic, &config.telemetry_topic])
+            .map_err(kafka)?;
         // Dead letters: a write that fails holds its partition and is tried
         // again, so it must fail within a bounded time (librdkafka's default
         // is five minutes).

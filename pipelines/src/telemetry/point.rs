@@ -73,6 +73,74 @@ pub fn series_key(name: &str, tags: &BTreeMap<String, String>) -> String {
     key
 }
 
+/// The name and tags of a series key: the inverse of [`series_key`].
+pub fn split_series_key(key: &str) -> Option<(String, BTreeMap<String, String>)> {
+    // Unescaped text up to a structural character (or the end).
+    fn part(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> String {
+        let mut out = String::new();
+        while let Some(&c) = chars.peek() {
+            match c {
+                '\\' => {
+                    chars.next();
+                    if let Some(escaped) = chars.next() {
+                        out.push(escaped);
+                    }
+                }
+                '{' | '}' | ',' | '=' => break,
+                _ => {
+                    out.push(c);
+                    chars.next();
+                }
+            }
+        }
+        out
+    }
+    let mut chars = key.chars().peekable();
+    let name = part(&mut chars);
+    let mut tags = BTreeMap::new();
+    match chars.next() {
+        None => return Some((name, tags)),
+        Some('{') => {}
+        Some(_) => return None,
+    }
+    loop {
+        let k = part(&mut chars);
+        if chars.next() != Some('=') {
+            return None;
+        }
+        let v = part(&mut chars);
+        tags.insert(k, v);
+        match chars.next() {
+            Some(',') => continue,
+            Some('}') if chars.next().is_none() => return Some((name, tags)),
+            _ => return None,
+        }
+    }
+}
+
+impl Point {
+    /// The point as one JSON object that decodes back to it (the record
+    /// of the Kafka telemetry topic).
+    pub fn to_wire_json(&self) -> String {
+        let (name, tags) = split_series_key(&self.series)
+            .unwrap_or_else(|| (self.series.clone(), BTreeMap::new()));
+        let mut value = serde_json::json!({
+            "series": name,
+            "timestamp": self.timestamp_ms,
+            "value": self.value,
+        });
+        if let Some(obj) = value.as_object_mut() {
+            if !tags.is_empty() {
+                obj.insert("tags".into(), serde_json::json!(tags));
+            }
+            if let Some(id) = &self.point_id {
+                obj.insert("point_id".into(), serde_json::json!(id));
+            }
+        }
+        value.to_string()
+    }
+}
+
 fn text<'a>(
     value: Option<Cow<'a, str>>,
     field: &'static str,
@@ -196,6 +264,30 @@ impl BodyItem for Point {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_point_survives_its_wire_form_with_structural_characters_in_names_and_tags() {
+        let mut tags = BTreeMap::new();
+        tags.insert("ho{st".to_string(), "a=b,c".to_string());
+        tags.insert("region".to_string(), "eu\\west}".to_string());
+        tags.insert("empty".to_string(), String::new());
+        for (name, tags) in [("cpu", BTreeMap::new()), ("c,p{u}=\\", tags)] {
+            let point = Point {
+                series: series_key(name, &tags),
+                timestamp_ms: 1_699_999_999_123,
+                value: -0.1 + 1e-17,
+                point_id: Some("p-1".into()),
+            };
+            assert_eq!(
+                split_series_key(&point.series),
+                Some((name.to_string(), tags.clone()))
+            );
+            let back = decode_point(&point.to_wire_json(), &ctx()).unwrap();
+            assert_eq!(back, point);
+        }
+        assert_eq!(split_series_key("cpu{host"), None);
+        assert_eq!(split_series_key("cpu}x"), None);
+    }
 
     fn ctx() -> ValidationContext {
         ValidationContext {

@@ -8,7 +8,7 @@ use tally_pipelines::telemetry::correlate::{join, Correlation};
 use tally_pipelines::telemetry::query::Agg;
 use tally_pipelines::time::{format_rfc3339_ms, Granularity};
 
-use super::{embedded_only, format_step, range_of, series_steps, Range, DEFAULT_PAGE, MAX_PAGE};
+use super::{format_step, range_of, series_steps, Range, DEFAULT_PAGE, MAX_PAGE};
 use crate::error::{ApiError, FieldProblem};
 use crate::http::AppState;
 
@@ -147,7 +147,6 @@ pub(super) async fn correlate(
     State(state): State<AppState>,
     Query(params): Query<CorrelateParams>,
 ) -> Result<Json<CorrelateResponse>, ApiError> {
-    embedded_only(&state)?;
     let mut problems = Vec::new();
     let mut side = |field: &str, value: Option<&String>| match value.map(|v| side_of(v)) {
         Some(Ok(side)) => Some(side),

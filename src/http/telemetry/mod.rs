@@ -4,9 +4,12 @@
 //! `GET /v1/telemetry` (the series, paginated) and
 //! `GET /v1/telemetry/correlate` (two series joined by time, Pearson's r).
 //!
-//! Telemetry is taken in embedded mode; a Kafka-mode instance refuses it
-//! (501) rather than keep series that its partitions' changelog would not
-//! carry to the next owner.
+//! In Kafka mode points are produced to the telemetry topic (keyed by
+//! series) and counted when consumed; a series' query is answered by the
+//! instance that owns its partition (forwarded there), the series list
+//! gathers every owner's page, and a correlation is answered by the
+//! instance that owns both sides (refused with 501 when two instances
+//! do).
 //!
 //! - [`series`]: one series downsampled, and the list of series.
 //! - [`correlate`]: two series joined by time.
@@ -18,8 +21,10 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics::histogram;
@@ -31,11 +36,12 @@ use tally_pipelines::telemetry::query::{resolution_for, steps_of};
 use tally_pipelines::telemetry::{series_key, Bucket, Point};
 use tally_pipelines::time::HOUR_MS;
 
+use super::forward::{forward, owner_of};
 use super::ingest::{
-    idempotency_key, ingest_shards, read_ingest_body, reported_errors, IngestError,
+    idempotency_key, ingest_shards, produce_to_kafka, read_ingest_body, reported_errors,
+    IngestError,
 };
 use super::AppState;
-use crate::config::Config;
 use crate::error::{ApiError, FieldProblem};
 
 /// Points one query answers at most.
@@ -46,24 +52,112 @@ const MAX_BUCKETS_READ: i64 = 500_000;
 const DEFAULT_PAGE: usize = 1_000;
 const MAX_PAGE: usize = 10_000;
 
-pub fn router(config: &Config) -> Router<AppState> {
+pub fn router(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/v1/telemetry", post(ingest).get(series::list))
-        .route("/v1/telemetry/correlate", get(correlate::correlate))
-        .route("/v1/telemetry/{series}", get(series::query))
-        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .merge(
+            Router::new()
+                .route("/v1/telemetry/correlate", get(correlate::correlate))
+                .route_layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    to_correlation_owner,
+                )),
+        )
+        .merge(
+            Router::new()
+                .route("/v1/telemetry/{series}", get(series::query))
+                .route_layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    to_series_owner,
+                )),
+        )
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
 }
 
-fn embedded_only(state: &AppState) -> Result<(), ApiError> {
-    if state.kafka_ingest.is_some() {
-        return Err(ApiError::Http {
-            status: StatusCode::NOT_IMPLEMENTED,
-            detail:
-                "telemetry is taken by instances in embedded mode; this instance runs in Kafka mode"
-                    .into(),
-        });
+/// Kafka mode: a series' query is answered by the instance that owns its
+/// partition, forwarded there once from whichever instance received it
+/// (as a client's usage is, see [`super::forward`]).
+async fn to_series_owner(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(params): Query<BTreeMap<String, String>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(membership) = &state.membership else {
+        return next.run(req).await;
+    };
+    let series = series_of(&name, &params);
+    match owner_of(&state, &series, req.headers()) {
+        Ok(None) => next.run(req).await,
+        Ok(Some(owner)) => match forward(&state, membership.address(), &owner, req).await {
+            Ok(response) => response,
+            Err(detail) => ApiError::OwnerUnreachable {
+                partition: state.shards.partition_of(&series),
+                owner,
+                detail,
+            }
+            .into_response(),
+        },
+        Err(e) => e.into_response(),
     }
-    Ok(())
+}
+
+/// Kafka mode: a correlation is answered by the instance that owns both
+/// sides' partitions (forwarded there); two sides owned by two instances
+/// are refused (501), since neither holds the other's buckets.
+async fn to_correlation_owner(
+    State(state): State<AppState>,
+    Query(params): Query<BTreeMap<String, String>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(membership) = &state.membership else {
+        return next.run(req).await;
+    };
+    // A side's routing key: the series, or the client of `usage:`.
+    let key = |side: &str| match side.strip_prefix("usage:") {
+        Some(rest) => rest
+            .rsplit_once(':')
+            .map_or(rest, |(client, _)| client)
+            .to_string(),
+        None => side.to_string(),
+    };
+    let (Some(a), Some(b)) = (
+        params.get("a").map(|s| key(s)),
+        params.get("b").map(|s| key(s)),
+    ) else {
+        // The handler says what is missing.
+        return next.run(req).await;
+    };
+    let owners = (
+        owner_of(&state, &a, req.headers()),
+        owner_of(&state, &b, req.headers()),
+    );
+    match owners {
+        (Ok(None), Ok(None)) => next.run(req).await,
+        (Ok(Some(x)), Ok(Some(y))) if x == y => {
+            match forward(&state, membership.address(), &x, req).await {
+                Ok(response) => response,
+                Err(detail) => ApiError::OwnerUnreachable {
+                    partition: state.shards.partition_of(&a),
+                    owner: x,
+                    detail,
+                }
+                .into_response(),
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => e.into_response(),
+        _ => ApiError::Http {
+            status: StatusCode::NOT_IMPLEMENTED,
+            detail: format!(
+                "{a:?} and {b:?} are owned by two instances of the Kafka group (partitions {} and {}); a correlation is answered where one instance owns both",
+                state.shards.partition_of(&a),
+                state.shards.partition_of(&b)
+            ),
+        }
+        .into_response(),
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -85,7 +179,6 @@ async fn ingest(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<TelemetryIngestResponse>), ApiError> {
-    embedded_only(&state)?;
     let started = Instant::now();
     let key = idempotency_key(&headers)?;
     let body = read_ingest_body(&state, &headers, body).await?;
@@ -115,6 +208,8 @@ async fn ingest(
     let points = std::mem::take(&mut decoded.events);
     let outcome = if points.is_empty() {
         Default::default()
+    } else if let Some(kafka) = &state.kafka_ingest {
+        produce_to_kafka(kafka, &points, &indices, key.is_some()).await?
     } else {
         ingest_shards(&state, points, &indices, key.is_some()).await?
     };

@@ -1,17 +1,18 @@
 //! `GET /v1/telemetry/{series}` and `GET /v1/telemetry`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use tally_actors::kafka::membership::Owner;
 use tally_pipelines::telemetry::query::{Agg, Summary};
 use tally_pipelines::time::format_rfc3339_ms;
 
-use super::{
-    embedded_only, format_step, range_of, series_of, series_steps, DEFAULT_PAGE, MAX_PAGE,
-};
+use super::{format_step, range_of, series_of, series_steps, DEFAULT_PAGE, MAX_PAGE};
 use crate::error::{ApiError, FieldProblem};
+use crate::http::forward::{send, FORWARDED_BY};
 use crate::http::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -52,7 +53,6 @@ pub(super) async fn query(
     Path(name): Path<String>,
     Query(params): Query<QueryParams>,
 ) -> Result<Json<QueryResponse>, ApiError> {
-    embedded_only(&state)?;
     let mut problems = Vec::new();
     let agg = match params.agg.as_deref() {
         None => Some(Agg::Mean),
@@ -113,7 +113,7 @@ pub(super) struct ListParams {
     limit: Option<usize>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub(super) struct ListResponse {
     series: Vec<String>,
     /// Pass as `cursor` for the next page; absent on the last.
@@ -121,11 +121,40 @@ pub(super) struct ListResponse {
     next_cursor: Option<String>,
 }
 
+/// Kafka mode: the partitions this instance answers for, and the other
+/// owners to ask for theirs. A request forwarded by a member is answered
+/// from this instance's own partitions only.
+fn list_plan(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(Vec<u16>, BTreeSet<String>), ApiError> {
+    let all = 0..state.store.partitions();
+    let Some(membership) = &state.membership else {
+        return Ok((all.collect(), BTreeSet::new()));
+    };
+    if headers.contains_key(&FORWARDED_BY) {
+        return Ok((membership.owned().into_iter().collect(), BTreeSet::new()));
+    }
+    let (mut local, mut remote) = (Vec::new(), BTreeSet::new());
+    for p in all {
+        match membership.owner(p) {
+            Owner::Local => local.push(p),
+            Owner::Remote(owner) => {
+                remote.insert(owner);
+            }
+            Owner::Unknown => return Err(ApiError::PartitionMoving { partition: p }),
+        }
+    }
+    Ok((local, remote))
+}
+
 pub(super) async fn list(
     State(state): State<AppState>,
     Query(params): Query<ListParams>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
 ) -> Result<Json<ListResponse>, ApiError> {
-    embedded_only(&state)?;
+    let (partitions, others) = list_plan(&state, &headers)?;
     let limit = params.limit.unwrap_or(DEFAULT_PAGE);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::bad_request(
@@ -138,20 +167,68 @@ pub(super) async fn list(
     }
     let prefix = params.prefix.unwrap_or_default();
     let cursor = params.cursor;
-    let partitions = state.store.partitions();
     let store = state.store.clone();
     // Each partition's first `limit + 1` after the cursor, merged: the
-    // page is the first `limit` of all of them.
+    // page is the first `limit` of all of them (and each other owner's
+    // page, which is the same merge of its partitions).
     let mut all = crate::http::blocking(move || {
         let mut all = Vec::new();
-        for p in 0..partitions {
+        for p in partitions {
             all.extend(store.telemetry_series_page(p, &prefix, cursor.as_deref(), limit + 1)?);
         }
         Ok(all)
     })
     .await?;
+    let mut remote_more = false;
+    if let Some(membership) = &state.membership {
+        let path = uri
+            .path_and_query()
+            .map_or_else(|| uri.path().to_string(), |p| p.as_str().to_string());
+        let pages = futures::future::join_all(others.iter().map(|owner| {
+            send(
+                &state,
+                membership.address(),
+                owner,
+                &axum::http::Method::GET,
+                &path,
+                &headers,
+                axum::body::Bytes::new(),
+            )
+        }))
+        .await;
+        for (owner, page) in others.iter().zip(pages) {
+            let page = match page {
+                Ok(response) if response.status().is_success() => {
+                    axum::body::to_bytes(response.into_body(), 64 << 20)
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|b| {
+                            serde_json::from_slice::<ListResponse>(&b).map_err(|e| e.to_string())
+                        })
+                }
+                Ok(response) => Err(format!("answered {}", response.status())),
+                Err(e) => Err(e),
+            };
+            match page {
+                Ok(page) => {
+                    // Its unseen series come after its last one, which is
+                    // at or after the end of the merged page.
+                    remote_more |= page.next_cursor.is_some();
+                    all.extend(page.series);
+                }
+                Err(detail) => {
+                    tracing::warn!(owner, detail, "a member did not list its series");
+                    return Err(ApiError::Unavailable(
+                        "an instance owning some partitions did not list its series; retry shortly"
+                            .into(),
+                    ));
+                }
+            }
+        }
+    }
     all.sort_unstable();
-    let more = all.len() > limit;
+    all.dedup();
+    let more = all.len() > limit || remote_more;
     all.truncate(limit);
     Ok(Json(ListResponse {
         next_cursor: more.then(|| all.last().cloned()).flatten(),

@@ -41,6 +41,16 @@ pub fn telemetry_dedupe_segments_from(partition: u16, ms: i64) -> Vec<u8> {
     telemetry_dedupe_segment_key(partition, ms, 0)
 }
 
+/// Every telemetry key of `partition` in `meta` (checkpoint, registry,
+/// detectors): `[from, to)`.
+pub fn telemetry_meta_range(partition: u16) -> (Vec<u8>, Vec<u8>) {
+    let mut from = partition.to_be_bytes().to_vec();
+    let mut to = from.clone();
+    from.push(META_TELEMETRY_CHECKPOINT);
+    to.push(META_TELEMETRY_DETECTOR + 1);
+    (from, to)
+}
+
 pub fn telemetry_checkpoint_key(partition: u16) -> Vec<u8> {
     let mut key = partition.to_be_bytes().to_vec();
     key.push(META_TELEMETRY_CHECKPOINT);
@@ -129,6 +139,15 @@ pub fn decode_telemetry_key_time(key: &[u8]) -> Option<(u32, i64)> {
     let start = key.len().checked_sub(8).and_then(|at| key.get(at..))?;
     let start = i64::try_from(u64::from_be_bytes(start.try_into().ok()?)).ok()?;
     Some((resolution, start))
+}
+
+/// Every telemetry bucket of `partition`: `[from, to)`.
+pub fn telemetry_range(partition: u16) -> (Vec<u8>, Vec<u8>) {
+    let mut from = partition.to_be_bytes().to_vec();
+    let mut to = from.clone();
+    from.push(TELEMETRY_TAG);
+    to.push(TELEMETRY_TAG + 1);
+    (from, to)
 }
 
 pub fn is_telemetry_key(key: &[u8]) -> bool {

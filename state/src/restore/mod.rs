@@ -209,10 +209,7 @@ impl<'s> Restore<'s> {
             batch.delete(CF_META, &keys::checkpoint_key(p));
             batch.delete(CF_META, &keys::changelog_mark_key(p));
             if self.replace {
-                let (start, end) = (keys::partition_start(p), keys::partition_end(p));
-                for store in StateStore::ALL {
-                    batch.delete_range(store.column_family(), &start, &end);
-                }
+                clear_partition(&mut batch, p);
             }
             self.store.engine.write(batch, false)?;
             self.spilled = true;
@@ -286,10 +283,7 @@ impl<'s> Restore<'s> {
         let mut uncommitted: Vec<ChangedKey> = Vec::new();
         let mut batch = WriteBatch::default();
         if self.replace && !self.spilled {
-            let (start, end) = (keys::partition_start(p), keys::partition_end(p));
-            for store in StateStore::ALL {
-                batch.delete_range(store.column_family(), &start, &end);
-            }
+            clear_partition(&mut batch, p);
         }
         let mut pending: Vec<(ChangedKey, Pending)> =
             std::mem::take(&mut self.pending).into_iter().collect();
@@ -344,6 +338,15 @@ impl<'s> Restore<'s> {
             self.store.clocks.advance(p, ms);
         }
         self.store.clocks.forget_published_expiry(p);
+        // The telemetry clock restored with the partition's telemetry.
+        if let Ok(Some(ms)) = self
+            .store
+            .load_telemetry_checkpoint(p)
+            .map(|c| c.event_clock_ms)
+        {
+            self.store.telemetry_clocks.advance(p, ms);
+        }
+        self.store.telemetry_clocks.forget_published_expiry(p);
         Ok(Restored {
             round,
             mark,
@@ -353,6 +356,14 @@ impl<'s> Restore<'s> {
             undecodable: self.undecodable,
             spilled: self.spilled,
         })
+    }
+}
+
+/// Removes everything of `p` the changelog restores.
+fn clear_partition(batch: &mut WriteBatch, p: u16) {
+    for store in StateStore::ALL {
+        let (start, end) = store.partition_range(p);
+        batch.delete_range(store.column_family(), &start, &end);
     }
 }
 
