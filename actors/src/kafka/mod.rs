@@ -4,8 +4,10 @@
 //!   start and stop.
 //! - `group`: the main stream (rebalances, errors) on a thread of its own,
 //!   and the hand-over and clean leave.
-//! - `partition_task`: one task per partition: positions from the store,
-//!   offsets committed after the flush, re-reads when a read went wrong.
+//! - `partition_task`: one task per partition of each topic (request
+//!   events, telemetry points): offsets committed after the flush.
+//! - `positioning`: where such a task reads from (the stored position,
+//!   re-reads when a read went wrong).
 //! - [`decode`]: records to shard batches; the partition check; dead
 //!   letters with their reason and origin.
 //! - [`partitioning`]: whether the producers use the configured
@@ -37,5 +39,6 @@ mod log_end;
 pub mod membership;
 mod partition_task;
 pub mod partitioning;
+mod positioning;
 pub mod rebalance;
 pub mod source;
