@@ -122,7 +122,8 @@ async fn detailed(State(state): State<AppState>) -> impl IntoResponse {
                     "last_error": v.last_error,
                     "consumer_lag": v.lag,
                     "partitioning": v.partitioning,
-                    "held_partitions": v.held.iter().map(|(p, h)| json!({
+                    "held_partitions": v.held.iter().map(|((topic, p), h)| json!({
+                        "topic": topic,
                         "partition": p,
                         "offset": h.offset,
                         "since": format_rfc3339_ms(h.since_ms),

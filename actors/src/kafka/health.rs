@@ -30,9 +30,9 @@ pub struct KafkaHealth {
     partitioning: PartitionCheck,
     /// The same for the telemetry topic's records (keyed by series).
     points_partitioning: PartitionCheck,
-    /// partition -> the record it is held at because the dead-letter topic
+    /// (topic, partition) -> the record it is held at because the dead-letter topic
     /// did not take it.
-    held: Mutex<BTreeMap<i32, HeldPartition>>,
+    held: Mutex<BTreeMap<(String, i32), HeldPartition>>,
 }
 
 /// A partition that stopped at a record it could not set aside: nothing
@@ -53,7 +53,8 @@ pub struct KafkaHealthView {
     pub last_error: Option<String>,
     pub lag: BTreeMap<i32, i64>,
     pub partitioning: PartitioningView,
-    pub held: BTreeMap<i32, HeldPartition>,
+    /// By (topic, partition): the request or the telemetry topic.
+    pub held: BTreeMap<(String, i32), HeldPartition>,
 }
 
 impl KafkaHealthView {
@@ -65,9 +66,9 @@ impl KafkaHealthView {
             .held
             .iter()
             .filter(|(_, h)| now_ms.saturating_sub(h.since_ms) > grace_ms)
-            .map(|(p, h)| {
+            .map(|((topic, p), h)| {
                 format!(
-                    "partition {p} held at offset {} for {} s: the dead-letter topic does not take its record ({}); nothing after it is counted until it does",
+                    "{topic} partition {p} held at offset {} for {} s: the dead-letter topic does not take its record ({}); nothing after it is counted until it does",
                     h.offset,
                     now_ms.saturating_sub(h.since_ms) / 1000,
                     h.reason
@@ -94,10 +95,11 @@ impl KafkaHealth {
 
     /// `partition` stopped at `offset`: the dead-letter topic refused it.
     /// Held again at the same record, it keeps the time of the first try.
-    pub fn hold(&self, partition: i32, offset: i64, reason: &str, now_ms: i64) {
+    pub fn hold(&self, topic: &str, partition: i32, offset: i64, reason: &str, now_ms: i64) {
         let Ok(mut held) = self.held.lock() else {
             return;
         };
+        let partition = (topic.to_string(), partition);
         let since_ms = match held.get(&partition) {
             Some(h) if h.offset == offset => h.since_ms,
             _ => now_ms,
@@ -115,11 +117,11 @@ impl KafkaHealth {
 
     /// `partition` went past its held record, or is no longer this
     /// instance's.
-    pub fn release_hold(&self, partition: i32) {
+    pub fn release_hold(&self, topic: &str, partition: i32) {
         let Ok(mut held) = self.held.lock() else {
             return;
         };
-        if held.remove(&partition).is_some() {
+        if held.remove(&(topic.to_string(), partition)).is_some() {
             gauge!(KAFKA_PARTITIONS_HELD).set(held.len() as f64);
         }
     }
@@ -232,21 +234,26 @@ mod tests {
     #[test]
     fn a_hold_is_timed_from_its_first_attempt_and_stalls_readiness_past_the_grace() {
         let h = KafkaHealth::new(0, PartitionCheck::new(Default::default(), 4));
-        h.hold(2, 100, "unknown topic", 1_000);
-        h.hold(2, 100, "timed out", 20_000);
+        let key = ("t".to_string(), 2);
+        h.hold("t", 2, 100, "unknown topic", 1_000);
+        h.hold("t", 2, 100, "timed out", 20_000);
+        // The other topic's partition 2 is held and released apart.
+        h.hold("t.telemetry", 2, 7, "timed out", 25_000);
         let v = h.view();
-        assert_eq!(v.held[&2].since_ms, 1_000);
-        assert_eq!(v.held[&2].reason, "timed out");
+        assert_eq!(v.held[&key].since_ms, 1_000);
+        assert_eq!(v.held[&key].reason, "timed out");
         assert_eq!(v.held_reason(31_000, 30_000), None);
         let reason = v.held_reason(31_001, 30_000).unwrap();
         assert!(
-            reason.contains("partition 2 held at offset 100 for 30 s"),
+            reason.contains("t partition 2 held at offset 100 for 30 s"),
             "{reason}"
         );
+        h.release_hold("t.telemetry", 2);
+        assert_eq!(h.view().held.len(), 1);
         // A later record held starts its own clock.
-        h.hold(2, 250, "timed out", 40_000);
-        assert_eq!(h.view().held[&2].since_ms, 40_000);
-        h.release_hold(2);
+        h.hold("t", 2, 250, "timed out", 40_000);
+        assert_eq!(h.view().held[&key].since_ms, 40_000);
+        h.release_hold("t", 2);
         assert!(h.view().held.is_empty());
         assert_eq!(h.view().held_reason(i64::MAX, 0), None);
     }

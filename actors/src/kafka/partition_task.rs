@@ -65,9 +65,6 @@ impl PartitionReader {
         let topic = config.topic_of(feed).to_string();
         let topic = topic.as_str();
         let source = config.feed_source(feed);
-        // Holds are reported per partition for the request topic; a held
-        // telemetry record is logged (see `decode_round`).
-        let reports_holds = feed == Feed::Events;
         let partitions = router.partitions();
         let mut stream = queue.stream();
         // The epoch this reader last positioned itself in. The partition
@@ -103,9 +100,7 @@ impl PartitionReader {
             let epoch = consumer.context().epoch(partition);
             if held_epoch.is_some_and(|e| e != epoch) {
                 // Moved or resumed since: the hold is the new owner's to report.
-                if reports_holds {
-                    health.release_hold(i32::from(partition));
-                }
+                health.release_hold(topic, i32::from(partition));
                 held_epoch = None;
             }
             if epoch != positioned {
@@ -171,24 +166,20 @@ impl PartitionReader {
                     hold_from = decoded.hold_from;
                     match (&decoded.dead_letter_failure, hold_from) {
                         (Some(reason), Some(offset)) => {
-                            if reports_holds {
-                                health.hold(i32::from(partition), offset, reason, wall_clock_ms());
-                            } else {
-                                tracing::warn!(
-                                    topic,
-                                    partition,
-                                    offset,
-                                    reason,
-                                    "held at a record the dead-letter topic does not take"
-                                );
-                            }
+                            health.hold(
+                                topic,
+                                i32::from(partition),
+                                offset,
+                                reason,
+                                wall_clock_ms(),
+                            );
                             held_epoch = Some(epoch);
                         }
                         // Every record read was applied or set aside (or is
                         // held by the partitioner check, reported apart).
                         _ => {
-                            if held_epoch.take().is_some() && reports_holds {
-                                health.release_hold(i32::from(partition));
+                            if held_epoch.take().is_some() {
+                                health.release_hold(topic, i32::from(partition));
                             }
                         }
                     }
@@ -282,9 +273,7 @@ impl PartitionReader {
                 }
             }
         }
-        if reports_holds {
-            health.release_hold(i32::from(partition));
-        }
+        health.release_hold(topic, i32::from(partition));
         let current = consumer.context().epoch(partition);
         commit_acknowledged(&consumer, topic, &mut pending, current);
     }
