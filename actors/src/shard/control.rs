@@ -58,8 +58,9 @@ impl Handler<PartitionControl> for Shard {
                         shard: self.partition,
                     });
                 }
-                // Positioned sources are per partition (the Kafka topic):
-                // the one resuming is the one that lost events.
+                // Both Kafka topics of the partition resume: each reader
+                // sees the new epoch and reads again from its own stored
+                // offset (see `PartitionReader::consume`).
                 self.broken_sources.clear();
                 self.epoch = epoch;
                 Ok(())
