@@ -105,6 +105,21 @@ async fn a_killed_instance_restarts_without_an_outage() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // And once a changelog round has carried that state: the restarted
+    // instance, whose local state is ahead of its last round, takes its
+    // partitions back from the changelog, and a round from before the
+    // first flush would leave a partition with no position to answer as
+    // of while the others are taken. Two rounds of every partition after
+    // this point include a whole one.
+    let rounds = |text: &str| metric_value(text, "tally_changelog_rounds_total", "").unwrap_or(0.0);
+    let from = rounds(&metrics_text(&c, &first).await);
+    while rounds(&metrics_text(&c, &first).await) < from + 24.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no changelog round after every client counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     first.kill();
     let killed_at = Instant::now();
@@ -142,7 +157,8 @@ async fn a_killed_instance_restarts_without_an_outage() {
                 .await
                 .unwrap_or_default();
             panic!(
-                "a read for {client} during the restart was refused ({code}); asked again: {again}"
+                "a read for {client} during the restart was refused ({code}); asked again: {again}; {}",
+                server.report()
             );
         }
         assert!(total <= want);
