@@ -397,6 +397,27 @@ async fn keys_made_offline_and_webhook_changes_reach_every_instance_once() {
             &seen[seen.len().saturating_sub(5)..]
         )
     });
+    // The telemetry series list gathers B's page, judged there against
+    // the caller's address too (not A's, which the key does not list).
+    let started = Instant::now();
+    loop {
+        let resp = allowed
+            .get(a.url("/v1/telemetry"))
+            .bearer_auth(&listed)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        if status == 200 {
+            break;
+        }
+        let body = resp.text().await.unwrap_or_default();
+        assert!(
+            status == 503 && started.elapsed() < Duration::from_secs(10),
+            "the series list at A: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // From another address: refused at A; and a caller that claims the
     // allowed address itself, straight to B, is not a member: refused.
     let resp = other
