@@ -158,15 +158,7 @@ async fn export(
         };
         plan.push((p, source));
     }
-    let mut pass_on = headers.clone();
-    pass_on.remove(&PEER_IP);
-    if let Some(ip) = origin
-        .as_ref()
-        .and_then(|o| o.ip.as_deref())
-        .and_then(|ip| HeaderValue::from_str(ip).ok())
-    {
-        pass_on.insert(PEER_IP, ip);
-    }
+    let pass_on = super::forward::with_caller_address(&headers, origin.as_deref());
     let job = Job {
         me: state
             .membership

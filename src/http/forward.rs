@@ -124,6 +124,23 @@ pub(crate) async fn forward(
     send(state, me, owner, &method, &path, &headers, body).await
 }
 
+/// `headers` to pass on to another member: the caller's address as this
+/// instance judged it (`origin`), never a caller's own header of that name.
+pub fn with_caller_address(
+    headers: &HeaderMap,
+    origin: Option<&crate::access::Origin>,
+) -> HeaderMap {
+    let mut pass_on = headers.clone();
+    pass_on.remove(&PEER_IP);
+    if let Some(ip) = origin
+        .and_then(|o| o.ip.as_deref())
+        .and_then(|ip| HeaderValue::from_str(ip).ok())
+    {
+        pass_on.insert(PEER_IP, ip);
+    }
+    pass_on
+}
+
 /// Where a request about `client` must be answered: `Ok(None)` here,
 /// `Ok(Some(owner))` at another instance, `Err` nowhere right now.
 pub fn owner_of(

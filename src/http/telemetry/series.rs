@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::HeaderMap;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use tally_actors::kafka::membership::Owner;
@@ -12,7 +12,7 @@ use tally_pipelines::time::format_rfc3339_ms;
 
 use super::{format_step, range_of, series_of, series_steps, DEFAULT_PAGE, MAX_PAGE};
 use crate::error::{ApiError, FieldProblem};
-use crate::http::forward::{send, FORWARDED_BY, PEER_IP};
+use crate::http::forward::{send, with_caller_address, FORWARDED_BY};
 use crate::http::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -181,17 +181,8 @@ pub(super) async fn list(
     })
     .await?;
     let mut remote_more = false;
-    // The caller's address as this instance judged it, for the owners'
-    // key allowlists (a caller's own header of that name is not passed).
-    let mut pass_on = headers.clone();
-    pass_on.remove(&PEER_IP);
-    if let Some(ip) = origin
-        .as_ref()
-        .and_then(|o| o.ip.as_deref())
-        .and_then(|ip| HeaderValue::from_str(ip).ok())
-    {
-        pass_on.insert(PEER_IP, ip);
-    }
+    // The caller's address, for the owners' key allowlists.
+    let pass_on = with_caller_address(&headers, origin.as_deref());
     if let Some(membership) = &state.membership {
         let path = uri
             .path_and_query()
